@@ -1,0 +1,95 @@
+"""The `binarize` command line: parse, call the library, print. Nothing else lives here.
+
+Each command is a thin function in :mod:`binarize_cli.commands`; the library raises
+:class:`~binarize_cli.errors.BinarizeError` s, which :func:`main` turns into one line on
+stderr and exit code 2 (bad input) or 1 (failure). ``BINARIZE_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from binarize_cli import __version__
+from binarize_cli.commands import convert, export, report, run, verify
+from binarize_cli.errors import BinarizeError
+
+app = typer.Typer(
+    name="binarize",
+    help="Post-convert pretrained CNNs into multiple-binary networks (PA-Net, ABC-Net), "
+    "report what that buys, and export packed weights and ONNX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"binarize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """binarize: multiple-binary networks from pretrained checkpoints."""
+
+
+app.command("convert")(convert.convert)
+app.command("report")(report.report)
+app.command("export")(export.export)
+app.command("verify")(verify.verify)
+app.command("run")(run.run)
+
+
+def _error_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"binarize: error: {text}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    debug = os.environ.get("BINARIZE_DEBUG") == "1"
+    try:
+        app(args=argv, standalone_mode=False)
+    except BinarizeError as exc:
+        if debug:
+            raise
+        print(_error_line(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("binarize: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("binarize: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.UsageError):
+            if debug:
+                raise
+            msg = exc.format_message()
+            print(f"binarize: error: {' '.join(msg.split())}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        print(_error_line(exc) + " (set BINARIZE_DEBUG=1 for a traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
