@@ -37,7 +37,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
 ) -> None:
     """binarize: multiple-binary networks from pretrained checkpoints."""
@@ -73,23 +75,19 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("binarize: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
-            if debug:
-                raise
-            msg = exc.format_message()
-            print(f"binarize: error: {' '.join(msg.split())}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: bad option values, missing arguments
+        if debug:
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            app(args=[*(argv or sys.argv[1:]), "--help"], standalone_mode=True)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"binarize: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(int(getattr(exc, "exit_code", 2)))
+    except Exception as exc:  # anything unexpected: still one line unless debugging
         if debug:
             raise
         print(_error_line(exc) + " (set BINARIZE_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(1)
-
 
 if __name__ == "__main__":  # pragma: no cover
     main()

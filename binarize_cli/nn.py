@@ -115,7 +115,9 @@ class BinarizedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_hat = self.activation_quantizer(x)
         w_hat = self.quantized_weight()
-        return F.conv2d(x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(
+            x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -1,10 +1,176 @@
-"""`binarize convert`: load, baseline, surgery, calibrate, fine-tune, save (issue: convert)."""
+"""`binarize convert`: load, baseline, surgery, calibrate, fine-tune, save."""
 
 from __future__ import annotations
 
-from binarize_cli.errors import NotImplementedYetError
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from binarize_cli.commands._common import console, err_console
+from binarize_cli.errors import BadInputError
 
 
-def convert(model: str) -> None:
-    """Convert MODEL into a multiple-binary network."""
-    raise NotImplementedYetError("`binarize convert` is not implemented yet")
+class RichReporter:
+    """Shows pipeline stages and a fine-tuning progress bar (loss, accuracy, images/s)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def stage(self, text: str) -> None:
+        if self.enabled:
+            self._close()
+            err_console.print(f"[bold cyan]>[/] {text}")
+
+    def epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
+        if not self.enabled:
+            return
+        self._close()
+        self.progress = Progress(
+            TextColumn(f"fine-tune epoch {epoch + 1}/{num_epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("finetune", total=steps, info="")
+
+    def step(self, step: int, total: int, loss: float, acc: float, images_per_s: float) -> None:
+        if self.progress is not None:
+            info = f"loss {loss:.3f}  acc {acc:5.1f}%  {images_per_s:6.0f} img/s"
+            self.progress.update(self.task, completed=step, total=total, info=info)
+
+    def epoch_end(self, epoch: int, seconds: float) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    close = _close
+
+
+def _decisions_table(decisions: list[Any]) -> Table:
+    table = Table(title="Graph surgery", show_lines=False)
+    for col in ("layer", "kind", "shape", "precision", "why"):
+        table.add_column(col)
+    for d in decisions:
+        k = d.kernel_size if isinstance(d.kernel_size, int) else "x".join(map(str, d.kernel_size))
+        shape = f"{d.in_channels}->{d.out_channels} k{k} s{d.stride if isinstance(d.stride, int) else d.stride[0]}"
+        if d.groups != 1:
+            shape += f" g{d.groups}"
+        precision = "[green]binarized[/]" if d.binarized else "full precision"
+        table.add_row(d.name, d.kind, shape, precision, d.reason)
+    return table
+
+
+def _accuracy_table(meta: dict[str, Any]) -> Table:
+    table = Table(title=f"{meta['model']}  {meta['scheme']}  M={meta['M']} N={meta['N']}  on {meta['data']}")
+    table.add_column("model")
+    table.add_column("top-1", justify="right")
+    table.add_column("top-5", justify="right")
+    table.add_column("gap top-1", justify="right")
+    acc = meta["accuracy"]
+    fp1 = acc["fp"]["top1"]
+    for key, label in (("fp", "full precision"), ("calibrated", "calibrated (no training)"), ("binarized", "fine-tuned")):
+        row = acc[key]
+        gap = "" if key == "fp" else f"{row['top1'] - fp1:+.2f}"
+        table.add_row(label, f"{row['top1']:.2f}%", f"{row['top5']:.2f}%", gap)
+    return table
+
+
+def convert(
+    model: Annotated[str | None, typer.Argument(help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe.")] = None,
+    scheme: Annotated[str | None, typer.Option(help="pa | abc | bnn | xnor | bireal | dorefa")] = None,
+    m: Annotated[int | None, typer.Option("-M", help="Weight bases (PA: even number of endpoints).")] = None,
+    n: Annotated[int | None, typer.Option("-N", help="Activation bases; 0 keeps activations full precision.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True).")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Download pretrained weights from the hub (needs internet).")] = None,
+    data: Annotated[str | None, typer.Option(help="digits (default) | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake")] = None,
+    input_size: Annotated[int | None, typer.Option(help="Input resolution (default: the data's or the model's).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Fine-tune epochs (fractional allowed; 0 = calibrate only).")] = None,
+    baseline_epochs: Annotated[int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (paper: 64).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Fine-tune learning rate (Adam).")] = None,
+    calib_batches: Annotated[int | None, typer.Option(help="Batches used for calibration.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases).")] = None,
+    weight_endpoints: Annotated[str | None, typer.Option(help="PA weight endpoints in std units, comma separated (overrides the rule).")] = None,
+    distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Add a distillation loss from the full-precision model.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tune from its last epoch checkpoint.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Run directory (default runs/<model>-<scheme>-M<M>N<N>).")] = None,
+) -> None:
+    """Convert MODEL into a multiple-binary network and save a run directory."""
+    from binarize_cli.pipeline import run_convert
+    from binarize_cli.recipe import load_recipe, merge_settings
+
+    recipe_data = load_recipe(recipe) if recipe is not None else None
+    options: dict[str, Any] = {}
+    if weight_endpoints is not None:
+        try:
+            options["weight_endpoints"] = [float(x) for x in weight_endpoints.split(",") if x.strip()]
+        except ValueError:
+            raise BadInputError(
+                f"--weight-endpoints must be comma-separated numbers (got {weight_endpoints!r})"
+            ) from None
+    settings = merge_settings(
+        recipe_data,
+        {
+            "model": model,
+            "scheme": scheme,
+            "M": m,
+            "N": n,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "pretrained": pretrained,
+            "data": data,
+            "input_size": input_size,
+            "epochs": epochs,
+            "baseline_epochs": baseline_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "calib_batches": calib_batches,
+            "seed": seed,
+            "keep": list(keep) if keep else None,
+            "distill": distill,
+            "scheme_options": options or None,
+        },
+    )
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    reporter = RichReporter(enabled=is_main)
+    try:
+        result = run_convert(
+            settings, out_dir=output, resume=resume, reporter=reporter, progress_console=err_console if is_main else None
+        )
+    finally:
+        reporter.close()
+    if not is_main:
+        return
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    console.print(_decisions_table(result.decisions))
+    console.print(_accuracy_table(result.meta))
+    t = result.meta["timings"]
+    if t["baseline_epoch_s"] and t["finetune_epoch_s"]:
+        ratio = (sum(t["finetune_epoch_s"]) / len(t["finetune_epoch_s"])) / (
+            sum(t["baseline_epoch_s"]) / len(t["baseline_epoch_s"])
+        )
+        console.print(f"fine-tune epoch time / full-precision epoch time: {ratio:.2f}x")
+    console.print(f"run written to [bold]{result.run_dir}[/]  (next: binarize report; binarize export --target onnx)")

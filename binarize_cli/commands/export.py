@@ -1,4 +1,4 @@
-"""`binarize export`: packed safetensors or ONNX (issues: packed runtime, ONNX export)."""
+"""`binarize export`: packed safetensors (bitwise runtime) or ONNX."""
 
 from __future__ import annotations
 
@@ -7,13 +7,42 @@ from typing import Annotated
 
 import typer
 
-from binarize_cli.errors import NotImplementedYetError
+from binarize_cli.commands._common import console
+from binarize_cli.errors import BadInputError
+
+TARGETS = ("onnx", "onnx-float", "packed")
 
 
 def export(
-    run_dir: Annotated[Path | None, typer.Argument(help="Run directory; default: the most recent run.")] = None,
-    target: Annotated[str, typer.Option(help="onnx | onnx-float | packed")] = "onnx",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output file.")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="Run directory; default: the most recent run.")
+    ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="onnx (packed bit-planes unpacked in-graph) | onnx-float (plain dequantized graph) | packed (safetensors for the bitwise runtime)"
+        ),
+    ] = "onnx",
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Output file; default: inside the run directory."),
+    ] = None,
 ) -> None:
     """Export a converted run as packed bit-planes (safetensors) or ONNX."""
-    raise NotImplementedYetError(f"`binarize export --target {target}` is not implemented yet")
+    if target not in TARGETS:
+        raise BadInputError(
+            f"unknown export target {target!r}; choose one of: {', '.join(TARGETS)}"
+        )
+    from binarize_cli.rundir import resolve_run
+
+    run_path = resolve_run(run_dir)
+    if target == "packed":
+        from binarize_cli.packed import export_packed
+
+        written = export_packed(run_path, output)
+    else:
+        from binarize_cli.onnx_export import export_onnx
+
+        written = export_onnx(run_path, output, float_weights=(target == "onnx-float"))
+    size = written.stat().st_size
+    console.print(f"wrote {written} ({size / 1e6:.2f} MB, target {target})")

@@ -37,7 +37,7 @@ from torch import nn
 from binarize_cli.errors import SchemeError
 
 
-class Domain(str, enum.Enum):
+class Domain(enum.StrEnum):
     """How a stored bit is read: {0,1} (AND+popcount) or {-1,+1} (XNOR+popcount)."""
 
     ZERO_ONE = "zero_one"

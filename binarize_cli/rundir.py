@@ -1,0 +1,217 @@
+"""Run directories: where `convert` leaves its result and `report`/`export`/`verify` find it.
+
+A run directory holds exactly two files:
+
+* ``model.safetensors``: the converted model's state dict (latent weights, quantizer
+  endpoints/levels, batch-norm statistics);
+* ``binarize.json``: what was run and what it measured. Contract keys (BRIEF section 2):
+  ``model``, ``scheme``, ``M``, ``N``, ``data``, ``recipe``, ``accuracy`` (``fp``,
+  ``calibrated``, ``binarized``, each ``top1``/``top5``), ``timings`` (``baseline_epoch_s``,
+  ``finetune_epoch_s``, ``calibrate_s``); plus what is needed to rebuild the model without
+  the network: ``num_classes``, ``keep``, ``scheme_options``, ``input_size``, ``mean``,
+  ``std``, ``first_conv``, ``classifier``.
+
+Both files are written to temporary names and renamed into place, ``binarize.json`` last, so a
+directory with a ``binarize.json`` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from binarize_cli.errors import RunDirError
+
+META_FILE = "binarize.json"
+WEIGHTS_FILE = "model.safetensors"
+RUN_FORMAT = "binarize-run"
+RUN_FORMAT_VERSION = 1
+DEFAULT_RUNS_ROOT = Path("runs")
+
+REQUIRED_KEYS = (
+    "model",
+    "scheme",
+    "M",
+    "N",
+    "data",
+    "recipe",
+    "accuracy",
+    "timings",
+    "num_classes",
+)
+
+
+@dataclass
+class Run:
+    """A loaded run: its directory, its metadata and the rebuilt model (eval mode)."""
+
+    path: Path
+    meta: dict[str, Any]
+    model: nn.Module
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def find_latest_run(root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """The most recently completed run under ``root`` (by ``binarize.json`` mtime)."""
+    candidates = [p.parent for p in root.glob(f"*/{META_FILE}") if is_run_dir(p.parent)]
+    if not candidates:
+        raise RunDirError(
+            f"no run found under {root}/; run `binarize convert MODEL` first or pass a run directory"
+        )
+    return max(candidates, key=lambda p: (p / META_FILE).stat().st_mtime)
+
+
+def resolve_run(path: str | Path | None) -> Path:
+    """A run directory from a user argument; ``None`` means the most recent run."""
+    if path is None:
+        return find_latest_run()
+    p = Path(path)
+    if not p.exists():
+        raise RunDirError(f"run directory {p} does not exist")
+    if not p.is_dir():
+        raise RunDirError(
+            f"{p} is not a directory; pass a run directory written by `binarize convert`"
+        )
+    if not (p / META_FILE).is_file():
+        raise RunDirError(
+            f"{p} is not a binarize run (no {META_FILE}); pass a directory written by `binarize convert`"
+        )
+    if not (p / WEIGHTS_FILE).is_file():
+        raise RunDirError(f"{p} is an incomplete run (no {WEIGHTS_FILE}); rerun `binarize convert`")
+    return p
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Read and check ``binarize.json``."""
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(
+            f"{meta_path} is unreadable or not JSON ({exc.__class__.__name__}); rerun `binarize convert`"
+        ) from None
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{meta_path} is not a binarize run record")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise RunDirError(
+            f"{meta_path} lacks keys {', '.join(missing)}; it was not written by `binarize convert`"
+        )
+    version = meta.get("format_version", RUN_FORMAT_VERSION)
+    if version != RUN_FORMAT_VERSION:
+        raise RunDirError(
+            f"{meta_path} has run format version {version}; this binarize reads version {RUN_FORMAT_VERSION}"
+        )
+    return meta
+
+
+def build_model_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the converted architecture (random weights) described by a run's metadata."""
+    from binarize_cli.models import create_architecture
+    from binarize_cli.surgery import binarize_model
+
+    loaded = create_architecture(str(meta["model"]), num_classes=int(meta["num_classes"]))
+    result = binarize_model(
+        loaded.model,
+        str(meta["scheme"]),
+        int(meta["M"]),
+        int(meta["N"]),
+        keep=tuple(meta.get("keep") or ()),
+        first_conv=meta.get("first_conv", loaded.first_conv),
+        classifier=meta.get("classifier", loaded.classifier),
+        options=dict(meta.get("scheme_options") or {}),
+    )
+    return result.model
+
+
+def load_run(path: str | Path | None) -> Run:
+    """Load a run directory: metadata plus the converted model with its weights, in eval mode."""
+    from safetensors.torch import load_file
+
+    run_path = resolve_run(path)
+    meta = read_meta(run_path)
+    model = build_model_from_meta(meta)
+    try:
+        state = load_file(str(run_path / WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise RunDirError(
+            f"{run_path / WEIGHTS_FILE} is corrupt ({exc}); rerun `binarize convert`"
+        ) from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        first = ", ".join((list(missing) + list(unexpected))[:3])
+        raise RunDirError(
+            f"{run_path / WEIGHTS_FILE} does not match its binarize.json (first keys: {first})"
+        )
+    model.eval()
+    return Run(path=run_path, meta=meta, model=model)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_state_dict_atomic(
+    path: Path, state: Mapping[str, Any], metadata: dict[str, str] | None = None
+) -> None:
+    """Save a tensor dict as safetensors atomically (contiguous copies, shared storage broken)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def write_run(path: Path, state: Mapping[str, Any], meta: dict[str, Any]) -> Path:
+    """Write a complete run directory atomically.
+
+    Both files are written into a fresh sibling directory which is then renamed into place;
+    an existing run at ``path`` is moved aside first and removed only after the new one is in
+    place, so at every instant ``path`` is either the old complete run or the new one.
+    """
+    full_meta = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **meta}
+    missing = [k for k in REQUIRED_KEYS if k not in full_meta]
+    if missing:
+        raise ValueError(f"run metadata lacks {missing}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    try:
+        save_state_dict_atomic(staging / WEIGHTS_FILE, state, metadata={"format": RUN_FORMAT})
+        atomic_write_json(staging / META_FILE, full_meta)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old.rmdir()
+            os.replace(path, old)
+        os.replace(staging, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
