@@ -126,25 +126,37 @@ def calibrate_model(
     samples_per_layer: int = DEFAULT_SAMPLES_PER_LAYER,
     seed: int = 0,
     reestimate_bn: bool = True,
+    refinements: int = 1,
 ) -> CalibrationStats:
     """Calibrate the binarized ``model`` against its full-precision ``reference``.
 
     ``reference`` must have the same module names as ``model`` (it is the model before
     surgery). ``batches`` are input tensors (no labels).
+
+    Round 0 fits every activation quantizer on the reference model's inputs, then
+    re-estimates batch norm. Binarizing upstream layers changes the scale of what reaches a
+    layer (the re-estimated batch norms renormalise the *outputs* of binarized convs, not the
+    inputs the next quantizer sees through residual sums), so each of the ``refinements``
+    further rounds refits the quantizers on the binarized model's own inputs and re-estimates
+    batch norm again.
     """
     start = time.perf_counter()
     batch_list = list(batches)
     layers = _binarized_layers(model)
     to_calibrate = {n: m for n, m in layers.items() if m.activation_bases > 0}
-    samples = collect_input_samples(
-        reference, to_calibrate, batch_list, samples_per_layer=samples_per_layer, seed=seed
-    )
-    for name, layer in layers.items():
+    for layer in layers.values():
         layer.weight_quantizer.calibrate(layer.weight.detach())
-        if name in to_calibrate:
+    for round_index in range(1 + max(0, refinements)):
+        source = reference if round_index == 0 else model
+        samples = collect_input_samples(
+            source, to_calibrate, batch_list, samples_per_layer=samples_per_layer, seed=seed
+        )
+        for name, layer in to_calibrate.items():
             layer.activation_quantizer.calibrate(samples[name])
-    if reestimate_bn:
-        reestimate_batchnorm(model, batch_list)
+        if reestimate_bn:
+            reestimate_batchnorm(model, batch_list)
+        if not to_calibrate:
+            break
     return CalibrationStats(
         layers=len(layers), batches=len(batch_list), seconds=time.perf_counter() - start
     )

@@ -109,7 +109,7 @@ def finetune(
     lr: float,
     weight_decay: float = 0.0,
     teacher: nn.Module | None = None,
-    distill_weight: float = 1.0,
+    distill_weight: float = 0.5,
     temperature: float = 1.0,
     device: str = "cpu",
     work_dir: Path | None = None,

@@ -145,6 +145,8 @@ def run_convert(
             mean=loaded.mean,
             std=loaded.std,
             seed=settings.seed,
+            model_input_size=loaded.input_size,
+            crop_pct=loaded.crop_pct,
         )
         if data.num_classes != loaded.num_classes:
             loaded = load_model(

@@ -30,6 +30,7 @@ SCHEME_OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "lambda_a": (int, float),
     "lambda_delta": (int, float),
     "weight_endpoints": (list,),
+    "weight_clip_std": (int, float),
 }
 
 
@@ -46,7 +47,7 @@ class ConvertSettings:
     data: str = "digits"
     input_size: int | None = None
     epochs: float = 2.0
-    baseline_epochs: int = 8
+    baseline_epochs: int = 4
     batch_size: int = 64
     lr: float = 1e-4
     baseline_lr: float = 2e-3
@@ -55,7 +56,7 @@ class ConvertSettings:
     seed: int = 0
     keep: list[str] = field(default_factory=list)
     distill: bool = False
-    distill_weight: float = 1.0
+    distill_weight: float = 0.5
     temperature: float = 1.0
     scheme_options: dict[str, Any] = field(default_factory=dict)
 

@@ -200,6 +200,9 @@ def write_run(path: Path, state: Mapping[str, Any], meta: dict[str, Any]) -> Pat
         raise ValueError(f"run metadata lacks {missing}")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a run dir gets normal permissions
     try:
         save_state_dict_atomic(staging / WEIGHTS_FILE, state, metadata={"format": RUN_FORMAT})
         atomic_write_json(staging / META_FILE, full_meta)

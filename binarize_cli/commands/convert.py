@@ -72,8 +72,11 @@ def _decisions_table(decisions: list[Any]) -> Table:
     for col in ("layer", "kind", "shape", "precision", "why"):
         table.add_column(col)
     for d in decisions:
-        k = d.kernel_size if isinstance(d.kernel_size, int) else "x".join(map(str, d.kernel_size))
-        shape = f"{d.in_channels}->{d.out_channels} k{k} s{d.stride if isinstance(d.stride, int) else d.stride[0]}"
+        shape = f"{d.in_channels}->{d.out_channels}"
+        if d.kernel_size:
+            shape += " k" + "x".join(map(str, d.kernel_size))
+        if d.stride and max(d.stride) > 1:
+            shape += " s" + "x".join(map(str, d.stride))
         if d.groups != 1:
             shape += f" g{d.groups}"
         precision = "[green]binarized[/]" if d.binarized else "full precision"
@@ -82,14 +85,20 @@ def _decisions_table(decisions: list[Any]) -> Table:
 
 
 def _accuracy_table(meta: dict[str, Any]) -> Table:
-    table = Table(title=f"{meta['model']}  {meta['scheme']}  M={meta['M']} N={meta['N']}  on {meta['data']}")
+    table = Table(
+        title=f"{meta['model']}  {meta['scheme']}  M={meta['M']} N={meta['N']}  on {meta['data']}"
+    )
     table.add_column("model")
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
     table.add_column("gap top-1", justify="right")
     acc = meta["accuracy"]
     fp1 = acc["fp"]["top1"]
-    for key, label in (("fp", "full precision"), ("calibrated", "calibrated (no training)"), ("binarized", "fine-tuned")):
+    for key, label in (
+        ("fp", "full precision"),
+        ("calibrated", "calibrated (no training)"),
+        ("binarized", "fine-tuned"),
+    ):
         row = acc[key]
         gap = "" if key == "fp" else f"{row['top1'] - fp1:+.2f}"
         table.add_row(label, f"{row['top1']:.2f}%", f"{row['top5']:.2f}%", gap)
@@ -97,26 +106,87 @@ def _accuracy_table(meta: dict[str, Any]) -> Table:
 
 
 def convert(
-    model: Annotated[str | None, typer.Argument(help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe.")] = None,
-    scheme: Annotated[str | None, typer.Option(help="pa | abc | bnn | xnor | bireal | dorefa")] = None,
-    m: Annotated[int | None, typer.Option("-M", help="Weight bases (PA: even number of endpoints).")] = None,
-    n: Annotated[int | None, typer.Option("-N", help="Activation bases; 0 keeps activations full precision.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True).")] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Download pretrained weights from the hub (needs internet).")] = None,
-    data: Annotated[str | None, typer.Option(help="digits (default) | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake")] = None,
-    input_size: Annotated[int | None, typer.Option(help="Input resolution (default: the data's or the model's).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Fine-tune epochs (fractional allowed; 0 = calibrate only).")] = None,
-    baseline_epochs: Annotated[int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe."
+        ),
+    ] = None,
+    scheme: Annotated[
+        str | None, typer.Option(help="pa | abc | bnn | xnor | bireal | dorefa")
+    ] = None,
+    m: Annotated[
+        int | None, typer.Option("-M", help="Weight bases (PA: even number of endpoints).")
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("-N", help="Activation bases; 0 keeps activations full precision.")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True)."
+        ),
+    ] = None,
+    pretrained: Annotated[
+        bool | None,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            help="Download pretrained weights from the hub (needs internet).",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="digits (default) | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake"
+        ),
+    ] = None,
+    input_size: Annotated[
+        int | None, typer.Option(help="Input resolution (default: the data's or the model's).")
+    ] = None,
+    epochs: Annotated[
+        float | None,
+        typer.Option(help="Fine-tune epochs (fractional allowed; 0 = calibrate only)."),
+    ] = None,
+    baseline_epochs: Annotated[
+        int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (paper: 64).")] = None,
     lr: Annotated[float | None, typer.Option(help="Fine-tune learning rate (Adam).")] = None,
     calib_batches: Annotated[int | None, typer.Option(help="Batches used for calibration.")] = None,
-    recipe: Annotated[Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    keep: Annotated[list[str] | None, typer.Option(help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases).")] = None,
-    weight_endpoints: Annotated[str | None, typer.Option(help="PA weight endpoints in std units, comma separated (overrides the rule).")] = None,
-    distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Add a distillation loss from the full-precision model.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted fine-tune from its last epoch checkpoint.")] = False,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Run directory (default runs/<model>-<scheme>-M<M>N<N>).")] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases)."
+        ),
+    ] = None,
+    weight_endpoints: Annotated[
+        str | None,
+        typer.Option(
+            help="PA weight endpoints in std units, comma separated (overrides the rule)."
+        ),
+    ] = None,
+    distill: Annotated[
+        bool | None,
+        typer.Option(
+            "--distill/--no-distill", help="Add a distillation loss from the full-precision model."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted fine-tune from its last epoch checkpoint."
+        ),
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Run directory (default runs/<model>-<scheme>-M<M>N<N>)."
+        ),
+    ] = None,
 ) -> None:
     """Convert MODEL into a multiple-binary network and save a run directory."""
     from binarize_cli.pipeline import run_convert
@@ -126,7 +196,9 @@ def convert(
     options: dict[str, Any] = {}
     if weight_endpoints is not None:
         try:
-            options["weight_endpoints"] = [float(x) for x in weight_endpoints.split(",") if x.strip()]
+            options["weight_endpoints"] = [
+                float(x) for x in weight_endpoints.split(",") if x.strip()
+            ]
         except ValueError:
             raise BadInputError(
                 f"--weight-endpoints must be comma-separated numbers (got {weight_endpoints!r})"
@@ -157,7 +229,11 @@ def convert(
     reporter = RichReporter(enabled=is_main)
     try:
         result = run_convert(
-            settings, out_dir=output, resume=resume, reporter=reporter, progress_console=err_console if is_main else None
+            settings,
+            out_dir=output,
+            resume=resume,
+            reporter=reporter,
+            progress_console=err_console if is_main else None,
         )
     finally:
         reporter.close()
@@ -173,4 +249,6 @@ def convert(
             sum(t["baseline_epoch_s"]) / len(t["baseline_epoch_s"])
         )
         console.print(f"fine-tune epoch time / full-precision epoch time: {ratio:.2f}x")
-    console.print(f"run written to [bold]{result.run_dir}[/]  (next: binarize report; binarize export --target onnx)")
+    console.print(
+        f"run written to [bold]{result.run_dir}[/]  (next: binarize report; binarize export --target onnx)"
+    )

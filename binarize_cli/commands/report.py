@@ -1,27 +1,159 @@
-"""`binarize report`: memory, FLOPs/BOPs and accuracy (issue: report)."""
+"""`binarize report`: memory, FLOPs/BOPs and accuracy, full precision vs binarized.
+
+Modes (the library does the work: :mod:`binarize_cli.report`, tables in
+:mod:`binarize_cli.render`, figures in :mod:`binarize_cli.plots`):
+
+* ``binarize report MODEL --scheme pa -M 4 -N 5 --input-size 224``: analytic (random
+  weights, no data);
+* ``binarize report [RUN_DIR]``: a run (default: the most recent under ./runs), with
+  accuracies and per-layer approximation errors;
+* ``--compare RUN_DIR`` (repeatable; RUN_DIR, when given, comes first): one table across runs;
+* ``--paper``: ResNet18/34/50 beside the paper's Table 7;
+* ``--plot DIR``: PNG figures of a run (weight and activation histograms, accuracy/memory).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from binarize_cli.errors import NotImplementedYetError
+from binarize_cli.commands._common import console, err_console
+from binarize_cli.errors import BadInputError
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _emit_json(obj: Any) -> None:
+    typer.echo(json.dumps(_clean(obj), indent=2))
+
+
+def _is_run_target(target: str | None) -> bool:
+    """No target (the most recent run), an existing path, or something path-like is a run;
+    a name, or a ``family:name`` spec, is a model for analytic mode."""
+    if target is None:
+        return True
+    if Path(target).exists():
+        return True
+    if ":" in target:
+        return False
+    return "/" in target or "\\" in target or target.startswith(".")
 
 
 def report(
     target: Annotated[
-        str | None, typer.Argument(help="A run directory, or a model name for analytic mode; default: the most recent run.")
+        str | None,
+        typer.Argument(
+            help="A run directory, or a model name for analytic mode; default: the most recent run."
+        ),
     ] = None,
-    scheme: Annotated[str, typer.Option(help="Scheme for analytic mode.")] = "pa",
+    scheme: Annotated[
+        str | None, typer.Option(help="Scheme for analytic mode (default pa).")
+    ] = None,
     m: Annotated[int | None, typer.Option("-M", help="Weight bases (analytic mode).")] = None,
-    n: Annotated[int | None, typer.Option("-N", help="Activation bases; 0 = full precision (analytic mode).")] = None,
-    input_size: Annotated[int | None, typer.Option(help="Input resolution (analytic mode).")] = None,
+    n: Annotated[
+        int | None, typer.Option("-N", help="Activation bases; 0 = full precision (analytic mode).")
+    ] = None,
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Input resolution (analytic mode; for a run, profiles at this size instead of the run's)."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    compare: Annotated[list[Path] | None, typer.Option(help="Run directories to compare in one table.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write PNG figures into this directory.")] = None,
-    paper: Annotated[bool, typer.Option("--paper", help="ResNet18/34/50 beside the paper's Table 7.")] = False,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(help="Run directories to compare in one table (repeatable)."),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write PNG figures of the run into this directory: weight and activation histograms against their approximations, accuracy against memory."
+        ),
+    ] = None,
+    paper: Annotated[
+        bool, typer.Option("--paper", help="ResNet18/34/50 beside the paper's Table 7.")
+    ] = False,
 ) -> None:
     """Report memory, FLOPs/BOPs and accuracy, full precision vs binarized."""
-    raise NotImplementedYetError("`binarize report` is not implemented yet (report issue)")
+    from binarize_cli import render
+    from binarize_cli import report as lib
+
+    if input_size is not None and input_size < 1:
+        raise BadInputError(f"--input-size must be a positive integer (got {input_size})")
+
+    if paper:
+        rows = lib.paper_comparison(input_size=input_size or 224)
+        if json_out:
+            _emit_json({"paper": [r.to_dict() for r in rows]})
+        else:
+            console.print(render.paper_table(rows))
+        return
+
+    figures: list[Path] = []
+    if compare:
+        from binarize_cli.rundir import load_run
+
+        paths: list[str | Path] = ([target] if target is not None else []) + list(compare)
+        runs = [load_run(p) for p in paths]
+        reports = [lib.report_for_run(r, input_size=input_size, errors=False) for r in runs]
+        rows = lib.compare_reports(reports)
+        if plot is not None:
+            from binarize_cli.plots import write_figures
+
+            figures = write_figures(lib.plot_data(runs[0], reports), plot)
+        if json_out:
+            out: dict[str, Any] = {"runs": [r.to_dict() for r in rows]}
+            if plot is not None:
+                out["figures"] = [str(f) for f in figures]
+            _emit_json(out)
+        else:
+            console.print(render.compare_table(rows))
+            for f in figures:
+                err_console.print(f"wrote {f}")
+        return
+
+    if _is_run_target(target):
+        given = [flag for flag, v in (("--scheme", scheme), ("-M", m), ("-N", n)) if v is not None]
+        if given:
+            raise BadInputError(
+                f"{', '.join(given)} apply to analytic mode (a MODEL name), not to a run directory; "
+                "drop them or pass a model name"
+            )
+        from binarize_cli.rundir import load_run
+
+        run = load_run(target)
+        rep = lib.report_for_run(run, input_size=input_size)
+        if plot is not None:
+            from binarize_cli.plots import write_figures
+
+            figures = write_figures(lib.plot_data(run, [rep]), plot)
+    else:
+        if plot is not None:
+            raise BadInputError(
+                "--plot needs a run directory (trained weights and real activations), "
+                "not a model name; run `binarize convert` first"
+            )
+        rep = lib.analytic_report(target or "", scheme or "pa", m, n, input_size=input_size)
+
+    if json_out:
+        data = rep.to_dict()
+        if plot is not None:
+            data["figures"] = [str(f) for f in figures]
+        _emit_json(data)
+    else:
+        console.print(render.render_report(rep))
+        for f in figures:
+            err_console.print(f"wrote {f}")
