@@ -1,17 +1,42 @@
-"""The `convert` pipeline: load -> baseline -> evaluate -> surgery -> calibrate -> evaluate ->
-fine-tune -> evaluate -> save.
+"""The `convert` pipeline: validate -> load -> baseline -> evaluate -> surgery -> calibrate ->
+evaluate -> fine-tune -> evaluate -> save.
 
 Every stage is a library call that returns data; progress is reported through an optional
 :class:`Reporter` (the CLI implements it with rich). The run directory is written once, at the
 end, atomically (:func:`binarize_cli.rundir.write_run`); while fine-tuning, per-epoch
 checkpoints live in a hidden sibling work directory ``.<run>.partial`` that ``--resume``
 picks up and a successful run removes.
+
+Reliability contract (docs/reliability.md):
+
+* **Bad input fails first.** :func:`validate_settings` checks every setting that can be
+  checked without loading anything (scheme, M/N, numbers, ``--keep`` regexes, scheme options,
+  the checkpoint file's existence, the data spec's name); then the output location is checked
+  (writable, not a foreign directory), the resume checkpoint (readable, same settings), the
+  model (name, checkpoint contents) and the data (path, layout). All of this happens before
+  the first progress line and before any directory is created, so bad input prints exactly
+  one line (exit 2) and writes nothing. Only the baseline cache (``$BINARIZE_CACHE``) may be
+  created by a run that later fails.
+* **Interruption.** Ctrl-C (and SIGTERM, see :mod:`binarize_cli.cli`) during fine-tuning
+  raises :class:`ConvertInterrupted` (exit 130) saying how to resume; a SIGKILL loses at most
+  the epoch in progress, since checkpoints are written atomically after each epoch.
+  ``--resume`` refuses a checkpoint written with different settings (:data:`RESUME_KEYS`);
+  ``lr`` and ``epochs`` may change (the rest of the schedule is retargeted).
+* **Divergence.** A non-finite loss or weights stops with
+  :class:`~binarize_cli.errors.TrainingDivergedError` (exit 1) naming the kept checkpoint;
+  no run directory is written.
+* **Determinism.** The same settings and seed on the same machine (CPU, same torch and
+  thread count) give a bit-identical ``model.safetensors``: all randomness comes from
+  ``torch.manual_seed(seed)`` and seeded ``torch.Generator`` s (loaders per epoch,
+  calibration sampling); the weights file holds no timestamps (``binarize.json`` does).
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +46,45 @@ import torch
 from torch import nn
 
 from binarize_cli import __version__
-from binarize_cli.errors import BadInputError, RunDirError
+from binarize_cli.errors import (
+    BadInputError,
+    BinarizeError,
+    CheckpointError,
+    DataError,
+    RunDirError,
+)
 from binarize_cli.recipe import ConvertSettings
-from binarize_cli.rundir import DEFAULT_RUNS_ROOT, is_run_dir, write_run
+from binarize_cli.rundir import DEFAULT_RUNS_ROOT, check_writable_dir, is_run_dir, write_run
+
+#: Settings a resumed fine-tune must share with the interrupted one (``lr`` and ``epochs``
+#: may change: the rest of the schedule is retargeted; ``calib_batches`` is not used when
+#: resuming).
+RESUME_KEYS = (
+    "model",
+    "checkpoint",
+    "pretrained",
+    "scheme",
+    "M",
+    "N",
+    "data",
+    "input_size",
+    "keep",
+    "scheme_options",
+    "batch_size",
+    "seed",
+    "baseline_epochs",
+    "baseline_lr",
+    "weight_decay",
+    "distill",
+    "distill_weight",
+    "temperature",
+)
+
+
+class ConvertInterrupted(BinarizeError):
+    """Ctrl-C or SIGTERM during `convert`; the message says what was kept (exit 130)."""
+
+    exit_code = 130
 
 
 class Reporter(Protocol):
@@ -80,6 +141,134 @@ def _check_output_dir(run_dir: Path) -> None:
             f"output directory {run_dir} exists, is not empty and is not a binarize run; "
             "choose another -o (binarize never overwrites other files)"
         )
+    # The run, its staging directory and the work directory are all created in the parent.
+    check_writable_dir(run_dir.parent, "-o")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(float(value)):
+        raise BadInputError(f"{name} must be a finite number (got {value})")
+
+
+def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
+    """Check every setting that needs no loading; returns ``(scheme, M, N)``.
+
+    Raises a one-line BadInputError subclass for the first problem found.
+    """
+    from binarize_cli.data import DATA_SPECS
+    from binarize_cli.policy import LayerPolicy
+    from binarize_cli.schemes import get_scheme
+
+    if not settings.model or not str(settings.model).strip():
+        raise BadInputError(
+            "no model given; pass MODEL (e.g. resnet18) or set `model` in the recipe"
+        )
+    scheme = get_scheme(settings.scheme)
+    m = settings.M if settings.M is not None else scheme.default_m
+    n = settings.N if settings.N is not None else scheme.default_n
+    scheme.check(m, n)
+    _finite("--epochs", settings.epochs)
+    _finite("--lr", settings.lr)
+    _finite("baseline_lr", settings.baseline_lr)
+    if settings.epochs < 0:
+        raise BadInputError(f"--epochs must be >= 0 (got {settings.epochs})")
+    if settings.baseline_epochs < 0:
+        raise BadInputError(f"--baseline-epochs must be >= 0 (got {settings.baseline_epochs})")
+    if settings.batch_size < 1:
+        raise BadInputError(f"--batch-size must be >= 1 (got {settings.batch_size})")
+    if settings.calib_batches < 1:
+        raise BadInputError(f"--calib-batches must be >= 1 (got {settings.calib_batches})")
+    if settings.lr <= 0:
+        raise BadInputError(f"--lr must be > 0 (got {settings.lr})")
+    if settings.baseline_lr <= 0:
+        raise BadInputError(f"baseline_lr must be > 0 (got {settings.baseline_lr})")
+    if not (math.isfinite(settings.weight_decay) and settings.weight_decay >= 0):
+        raise BadInputError(f"weight_decay must be >= 0 (got {settings.weight_decay})")
+    if not 0.0 <= settings.distill_weight <= 1.0:
+        raise BadInputError(f"distill_weight must be in [0, 1] (got {settings.distill_weight})")
+    if not (math.isfinite(settings.temperature) and settings.temperature > 0):
+        raise BadInputError(f"temperature must be > 0 (got {settings.temperature})")
+    if not 0 <= settings.seed < 2**63:
+        raise BadInputError(f"--seed must be in [0, 2**63) (got {settings.seed})")
+    if settings.input_size is not None and settings.input_size < 1:
+        raise BadInputError(f"--input-size must be a positive integer (got {settings.input_size})")
+    LayerPolicy(keep_patterns=tuple(settings.keep))  # compiles every --keep regex
+    options = dict(settings.scheme_options)
+    scheme.weight_quantizer(m, options)  # each factory rejects bad or unknown options
+    if n > 0:
+        scheme.activation_quantizer(n, options)
+    if settings.checkpoint is not None:
+        ckpt = Path(settings.checkpoint).expanduser()
+        if not ckpt.exists():
+            raise CheckpointError(f"checkpoint {ckpt} does not exist; check the --checkpoint path")
+        if not ckpt.is_file():
+            raise CheckpointError(
+                f"checkpoint {ckpt} is not a file; pass a .safetensors or .pt file"
+            )
+    data_name = re.split(r":", str(settings.data or "digits").strip(), maxsplit=1)[0].lower()
+    known = {d.split("[")[0].split(":")[0] for d in DATA_SPECS} | {"fashion_mnist", "fashionmnist"}
+    if data_name not in known:
+        raise DataError(f"unknown data spec {settings.data!r}; use one of: {', '.join(DATA_SPECS)}")
+    return scheme, m, n
+
+
+def resume_fingerprint(settings: ConvertSettings, scheme: str, m: int, n: int) -> dict[str, Any]:
+    """The settings a resumed fine-tune must share with the interrupted one."""
+    values = {**settings.to_dict(), "scheme": scheme, "M": m, "N": n}
+    return {k: values[k] for k in RESUME_KEYS}
+
+
+def _same(a: Any, b: Any) -> bool:
+    number = (int, float)
+    if isinstance(a, number) and isinstance(b, number) and not isinstance(a, bool | type(None)):
+        return not isinstance(b, bool) and float(a) == float(b)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_resume(saved: dict[str, Any], fingerprint: dict[str, Any], work_dir: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings (one line, exit 2)."""
+    extra = saved.get("extra")
+    if not isinstance(extra, dict) or "calibrated" not in extra or "calibrate_s" not in extra:
+        raise CheckpointError(
+            f"the fine-tune checkpoint in {work_dir} lacks its calibration record; "
+            f"delete {work_dir} or rerun without --resume"
+        )
+    before = extra.get("settings")
+    if not isinstance(before, dict):
+        return  # written by an older binarize: nothing to compare
+    diffs = [
+        f"{k}={before.get(k)!r} (now {fingerprint[k]!r})"
+        for k in fingerprint
+        if k in before and not _same(before[k], fingerprint[k])
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"the interrupted fine-tune in {work_dir} used other settings: {'; '.join(diffs[:3])}; "
+            "rerun with its settings to resume, or without --resume to start over"
+        )
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p``; returns the directories created (outermost first) for clean-up."""
+    created: list[Path] = []
+    p = path
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return list(reversed(created))
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _calibration_batches(loader: Any, count: int) -> list[torch.Tensor]:
@@ -99,43 +288,37 @@ def run_convert(
     reporter: Reporter | None = None,
     progress_console: Any = None,
 ) -> ConvertResult:
-    """Run the whole conversion; returns the run directory and its metadata."""
+    """Run the whole conversion; returns the run directory and its metadata.
+
+    Raises BadInputError subclasses (before any output or directory) for bad input,
+    TrainingDivergedError, ConvertInterrupted, or other BinarizeErrors for failures.
+    """
     from binarize_cli import distributed
     from binarize_cli.baseline import ensure_baseline
     from binarize_cli.calibrate import calibrate_model
-    from binarize_cli.data import load_data, make_loader
-    from binarize_cli.finetune import finetune, load_checkpoint
+    from binarize_cli.data import describe, load_data, make_loader
+    from binarize_cli.finetune import CHECKPOINT_FILE, finetune, load_checkpoint
     from binarize_cli.models import load_model
-    from binarize_cli.schemes import get_scheme
     from binarize_cli.surgery import binarize_model
     from binarize_cli.training import evaluate
 
     rep: Reporter = reporter or _Silent()
-    if not settings.model:
-        raise BadInputError(
-            "no model given; pass MODEL (e.g. resnet18) or set `model` in the recipe"
-        )
-    scheme = get_scheme(settings.scheme)
-    m = settings.M if settings.M is not None else scheme.default_m
-    n = settings.N if settings.N is not None else scheme.default_n
-    scheme.check(m, n)
-    if settings.epochs < 0:
-        raise BadInputError(f"--epochs must be >= 0 (got {settings.epochs})")
-    if settings.batch_size < 1:
-        raise BadInputError(f"--batch-size must be >= 1 (got {settings.batch_size})")
-    if settings.calib_batches < 1:
-        raise BadInputError(f"--calib-batches must be >= 1 (got {settings.calib_batches})")
-    if settings.lr <= 0:
-        raise BadInputError(f"--lr must be > 0 (got {settings.lr})")
+    # 0. validate everything that can be validated, silently, before writing anything.
+    scheme, m, n = validate_settings(settings)
+    assert settings.model is not None
     run_dir = out_dir or default_run_dir(settings.model, scheme.name, m, n)
     _check_output_dir(run_dir)
     work_dir = work_dir_for(run_dir)
+    fingerprint = resume_fingerprint(settings, scheme.name, m, n)
+    saved = load_checkpoint(work_dir) if resume else None
+    if saved is not None:
+        check_resume(saved, fingerprint, work_dir)
 
     ctx = distributed.setup()
     torch.manual_seed(settings.seed)
+    created: list[Path] = []
     try:
         # 1. load: model first (its normalisation and input size shape RGB data), then data.
-        rep.stage(f"loading {settings.model}")
         loaded = load_model(
             settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint
         )
@@ -154,6 +337,14 @@ def run_convert(
                 pretrained=settings.pretrained,
                 checkpoint=settings.checkpoint,
                 num_classes=data.num_classes,
+            )
+        rep.stage(f"loaded {loaded.spec} ({loaded.weights} weights); data {describe(data)}")
+        if resume and saved is None:
+            rep.stage(f"nothing to resume in {work_dir}; starting from the beginning")
+        elif not resume and (work_dir / CHECKPOINT_FILE).is_file():
+            rep.stage(
+                f"an interrupted fine-tune is in {work_dir}; starting over "
+                "(pass --resume to continue it instead)"
             )
 
         # 2. full-precision baseline (adapted and cached when needed); rank 0 trains first.
@@ -201,7 +392,6 @@ def run_convert(
         )
         student = surgery.model.to(ctx.device)
 
-        saved = load_checkpoint(work_dir) if resume else None
         if saved is not None:
             extra = saved["extra"]
             cal_acc = extra["calibrated"]
@@ -224,8 +414,8 @@ def run_convert(
             rep.stage("evaluating the calibrated model")
             cal_acc = evaluate(student, val_loader, device=ctx.device).to_dict()
             resumed_from = 0
-            if ctx.is_main and settings.epochs > 0:
-                work_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main and settings.epochs > 0:
+            created = _make_dirs(work_dir)
 
         # 5. fine-tune.
         teacher = fp_model if settings.distill else None
@@ -243,24 +433,39 @@ def run_convert(
                 distributed=ctx.enabled,
             )
 
-        state = finetune(
-            student,
-            make_train_loader=make_train_loader,
-            epochs=settings.epochs,
-            lr=settings.lr,
-            weight_decay=settings.weight_decay,
-            teacher=teacher,
-            distill_weight=settings.distill_weight,
-            temperature=settings.temperature,
-            device=ctx.device,
-            work_dir=work_dir if settings.epochs > 0 else None,
-            resume=resume,
-            is_main=ctx.is_main,
-            checkpoint_extra={"calibrated": cal_acc, "calibrate_s": calibrate_s},
-            on_epoch_start=rep.epoch_start,
-            on_step=rep.step,
-            train_module=train_module,
-        )
+        try:
+            state = finetune(
+                student,
+                make_train_loader=make_train_loader,
+                epochs=settings.epochs,
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+                teacher=teacher,
+                distill_weight=settings.distill_weight,
+                temperature=settings.temperature,
+                device=ctx.device,
+                work_dir=work_dir if settings.epochs > 0 else None,
+                resume=resume,
+                is_main=ctx.is_main,
+                checkpoint_extra={
+                    "calibrated": cal_acc,
+                    "calibrate_s": calibrate_s,
+                    "settings": fingerprint,
+                },
+                on_epoch_start=rep.epoch_start,
+                on_step=rep.step,
+                train_module=train_module,
+                resume_state=saved,
+            )
+        except KeyboardInterrupt:
+            if (work_dir / CHECKPOINT_FILE).is_file():
+                raise ConvertInterrupted(
+                    f"interrupted; the completed fine-tune epochs are saved in {work_dir}: rerun "
+                    "the same command with --resume to continue"
+                ) from None
+            raise ConvertInterrupted(
+                "interrupted before the first fine-tune epoch completed; nothing was saved"
+            ) from None
 
         # 6. evaluate and save.
         rep.stage("evaluating the fine-tuned model")
@@ -284,8 +489,9 @@ def run_convert(
             "num_classes": data.num_classes,
             "keep": list(settings.keep),
             "scheme_options": dict(settings.scheme_options),
-            "first_conv": loaded.first_conv,
-            "classifier": loaded.classifier,
+            "first_conv": surgery.first_conv,
+            "classifier": surgery.classifier,
+            "policy": surgery.policy.to_dict(),
             "input_size": data.input_size,
             "mean": list(data.mean),
             "std": list(data.std),
@@ -307,5 +513,12 @@ def run_convert(
             warnings=list(surgery.warnings),
             resumed_from_epoch=resumed_from,
         )
+    except BaseException:
+        # Keep a work directory that holds a checkpoint (``--resume`` needs it); remove the
+        # directories this call created if nothing worth keeping is in them.
+        if created and not (work_dir / CHECKPOINT_FILE).is_file():
+            shutil.rmtree(work_dir, ignore_errors=True)
+            _remove_if_empty(created[:-1])
+        raise
     finally:
         distributed.teardown(ctx)

@@ -49,13 +49,13 @@ class ConvertSettings:
     epochs: float = 2.0
     baseline_epochs: int = 4
     batch_size: int = 64
-    lr: float = 1e-4
+    lr: float = 5e-4
     baseline_lr: float = 2e-3
     weight_decay: float = 0.0
     calib_batches: int = 8
     seed: int = 0
     keep: list[str] = field(default_factory=list)
-    distill: bool = False
+    distill: bool = True
     distill_weight: float = 0.5
     temperature: float = 1.0
     scheme_options: dict[str, Any] = field(default_factory=dict)

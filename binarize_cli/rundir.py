@@ -13,10 +13,20 @@ A run directory holds exactly two files:
 
 Both files are written to temporary names and renamed into place, ``binarize.json`` last, so a
 directory with a ``binarize.json`` is always complete.
+
+Writing safely (used by every command that writes): :func:`atomic_write_bytes` writes a
+temporary file in the target's directory and ``os.replace`` s it into place, so a file appears
+whole or not at all, and an existing file is either kept or replaced, never half-overwritten.
+:func:`check_writable_dir` / :func:`check_writable_file` check an output location *before*
+any work, creating nothing (a probe file is created and removed at once), and raise a one-line
+:class:`~binarize_cli.errors.BadInputError` naming the path and the option to change.
+Files and directories get the usual ``0o666``/``0o777`` modes minus the umask (not the
+``0o600``/``0o700`` of ``tempfile``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,7 +38,7 @@ from typing import Any
 
 from torch import nn
 
-from binarize_cli.errors import RunDirError
+from binarize_cli.errors import BadInputError, BinarizeError, RunDirError
 
 META_FILE = "binarize.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -64,7 +74,12 @@ def is_run_dir(path: Path) -> bool:
 
 def find_latest_run(root: Path = DEFAULT_RUNS_ROOT) -> Path:
     """The most recently completed run under ``root`` (by ``binarize.json`` mtime)."""
-    candidates = [p.parent for p in root.glob(f"*/{META_FILE}") if is_run_dir(p.parent)]
+    # Hidden siblings (``.NAME.*.staging``/``.old``, ``.NAME.partial``) are work areas, never runs.
+    candidates = [
+        p.parent
+        for p in root.glob(f"*/{META_FILE}")
+        if not p.parent.name.startswith(".") and is_run_dir(p.parent)
+    ]
     if not candidates:
         raise RunDirError(
             f"no run found under {root}/; run `binarize convert MODEL` first or pass a run directory"
@@ -77,6 +92,7 @@ def resolve_run(path: str | Path | None) -> Path:
     if path is None:
         return find_latest_run()
     p = Path(path)
+    recover_moved_aside(p)
     if not p.exists():
         raise RunDirError(f"run directory {p} does not exist")
     if not p.is_dir():
@@ -158,16 +174,113 @@ def load_run(path: str | Path | None) -> Run:
     return Run(path=run_path, meta=meta, model=model)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+#: errno values that mean "this location cannot be written" (the user picks another).
+_LOCATION_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
+}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _location_error(path: Path, exc: OSError, flag: str) -> BinarizeError:
+    """A one-line error for a failed write: bad input when the location is wrong, else failure."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in _LOCATION_ERRNOS:
+        return BadInputError(f"cannot write to {path} ({reason}); choose another {flag}")
+    return BinarizeError(
+        f"writing {path} failed: {reason}; free some space or choose another {flag}"
+    )
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable_dir(directory: str | os.PathLike[str], flag: str = "-o") -> None:
+    """Raise BadInputError unless files can be created in ``directory``.
+
+    A directory that does not exist yet is checked through its nearest existing ancestor
+    (where it would be created). Nothing is left behind: a probe file is created and removed.
+    """
+    d = Path(directory)
+    base = _nearest_existing(d)
+    if not base.is_dir():
+        raise BadInputError(
+            f"cannot write into {d}: {base} is not a directory; choose another {flag}"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".binarize-probe.", dir=base)
+    except OSError as exc:
+        raise _location_error(d, exc, flag) from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
+def check_writable_file(path: str | os.PathLike[str], flag: str = "-o") -> None:
+    """Raise BadInputError unless ``path`` can be written as a file (its directory must exist)."""
+    p = Path(path)
+    if p.is_dir():
+        raise BadInputError(f"{p} is a directory; pass a file name to {flag}")
+    if not p.parent.is_dir():
+        if p.parent.exists():
+            raise BadInputError(f"{p.parent} is not a directory; choose another {flag}")
+        raise BadInputError(
+            f"directory {p.parent} does not exist; create it or choose another {flag}"
+        )
+    check_writable_dir(p.parent, flag)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (best effort: some filesystems cannot fsync directories)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, flag: str = "-o") -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename.
+
+    The file appears whole or not at all; an existing file is replaced only once the new one
+    is complete. An unwritable location raises a one-line BadInputError (``flag`` names the
+    option to change), a failed write (disk full) a BinarizeError; the temporary file is
+    removed either way.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _location_error(path, exc, flag) from None
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _location_error(path, exc, flag) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -187,22 +300,50 @@ def save_state_dict_atomic(
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+def recover_moved_aside(path: Path) -> bool:
+    """Put back a complete run that :func:`write_run` moved aside and could not replace.
+
+    :func:`write_run` replaces an existing run by renaming it to ``.NAME.*.old`` and the new
+    one into place; a process killed between the two renames leaves no ``NAME`` but a complete
+    ``.NAME.*.old``. If ``path`` is missing, the newest such run is renamed back. Returns
+    whether something was recovered.
+    """
+    if path.exists() or not path.parent.is_dir():
+        return False
+    olds = [d for d in path.parent.glob(f".{path.name}.*.old") if is_run_dir(d)]
+    if not olds:
+        return False
+    newest = max(olds, key=lambda d: (d / META_FILE).stat().st_mtime)
+    try:
+        os.replace(newest, path)
+    except OSError:
+        return False
+    return True
+
+
 def write_run(path: Path, state: Mapping[str, Any], meta: dict[str, Any]) -> Path:
     """Write a complete run directory atomically.
 
     Both files are written into a fresh sibling directory which is then renamed into place;
     an existing run at ``path`` is moved aside first and removed only after the new one is in
-    place, so at every instant ``path`` is either the old complete run or the new one.
+    place, so ``path`` is never a half-written run: it is the old complete run, the new one,
+    or (for a process killed between the two renames) missing, with the old run in
+    ``.NAME.*.old`` where :func:`recover_moved_aside` finds it. An unwritable location is a
+    one-line BadInputError.
     """
     full_meta = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **meta}
     missing = [k for k in REQUIRED_KEYS if k not in full_meta]
     if missing:
         raise ValueError(f"run metadata lacks {missing}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a run dir gets normal permissions
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent)
+        )
+    except OSError as exc:
+        raise _location_error(path, exc, "-o") from None
+    recover_moved_aside(path)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a run dir gets normal permissions
     try:
         save_state_dict_atomic(staging / WEIGHTS_FILE, state, metadata={"format": RUN_FORMAT})
         atomic_write_json(staging / META_FILE, full_meta)

@@ -117,7 +117,7 @@ def test_cli_convert_and_refuses_foreign_output_dir(tmp_path, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     assert "Graph surgery" in result.output
-    assert (tmp_path / "runs" / "timm-resnet18-xnor-M1N1" / "binarize.json").is_file()
+    assert (tmp_path / "runs" / "resnet18-xnor-M1N1" / "binarize.json").is_file()
 
 
 @pytest.mark.slow

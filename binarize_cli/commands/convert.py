@@ -172,7 +172,8 @@ def convert(
     distill: Annotated[
         bool | None,
         typer.Option(
-            "--distill/--no-distill", help="Add a distillation loss from the full-precision model."
+            "--distill/--no-distill",
+            help="Distil from the full-precision model during fine-tuning (default: on).",
         ),
     ] = None,
     resume: Annotated[

@@ -33,9 +33,14 @@ def export(
         raise BadInputError(
             f"unknown export target {target!r}; choose one of: {', '.join(TARGETS)}"
         )
-    from binarize_cli.rundir import resolve_run
+    from binarize_cli.rundir import check_writable_dir, check_writable_file, resolve_run
 
     run_path = resolve_run(run_dir)
+    # Check the destination before the (slow) export: one line, exit 2, nothing written.
+    if output is None or output.is_dir():
+        check_writable_dir(output or run_path, "-o")
+    else:
+        check_writable_file(output, "-o")
     if target == "packed":
         from binarize_cli.packed import export_packed
 

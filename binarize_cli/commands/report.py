@@ -93,6 +93,12 @@ def report(
 
     if input_size is not None and input_size < 1:
         raise BadInputError(f"--input-size must be a positive integer (got {input_size})")
+    if plot is not None:
+        from binarize_cli.rundir import check_writable_dir
+
+        if plot.exists() and not plot.is_dir():
+            raise BadInputError(f"--plot {plot} is a file; pass a directory for the figures")
+        check_writable_dir(plot, "--plot")
 
     if paper:
         rows = lib.paper_comparison(input_size=input_size or 224)

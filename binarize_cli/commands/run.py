@@ -1,19 +1,42 @@
-"""`binarize run`: evaluate a packed file with the torch-free runtime (issue: packed runtime)."""
+"""`binarize run`: evaluate a packed file with the bitwise runtime (the model runs without torch)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from binarize_cli.errors import NotImplementedYetError
+from binarize_cli.commands._common import console
 
 
 def run(
-    packed_file: Annotated[Path, typer.Argument(help="A packed .safetensors file from `binarize export --target packed`.")],
+    packed_file: Annotated[
+        Path,
+        typer.Argument(help="A packed .safetensors file from `binarize export --target packed`."),
+    ],
     data: Annotated[str, typer.Option(help="Data spec to evaluate on.")] = "digits",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per runtime call.")] = 64,
+    samples: Annotated[
+        int | None, typer.Option(help="Evaluate only the first N validation images.")
+    ] = None,
+    kernel: Annotated[
+        str, typer.Option(help="Bitwise kernel: auto (C if it builds), c or numpy.")
+    ] = "auto",
 ) -> None:
-    """Evaluate a packed model with the bitwise runtime alone (no torch)."""
-    raise NotImplementedYetError("`binarize run` is not implemented yet (packed runtime issue)")
+    """Evaluate a packed model with the bitwise runtime alone (no torch in the model path)."""
+    from binarize_cli.packed import evaluate_packed_file
+
+    result = evaluate_packed_file(
+        packed_file, data, batch_size=batch_size, samples=samples, backend=kernel
+    )
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"{result['file']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"on {result['samples']} images of {result['data']}  "
+        f"({result['images_per_s']:.1f} images/s, kernel {result['backend']})"
+    )

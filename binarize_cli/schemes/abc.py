@@ -89,6 +89,7 @@ from binarize_cli.schemes.base import (
     Domain,
     Scheme,
     WeightQuantizer,
+    mean_std,
     register_scheme,
 )
 
@@ -167,7 +168,7 @@ def least_squares_scales(planes: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 
 def _weight_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return w.mean(), w.std(correction=0)
+    return mean_std(w)
 
 
 def _plane_table(cuts: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

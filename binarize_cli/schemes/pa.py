@@ -55,6 +55,7 @@ from binarize_cli.schemes.base import (
     Domain,
     Scheme,
     WeightQuantizer,
+    mean_std,
     register_scheme,
 )
 
@@ -351,7 +352,7 @@ def _take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def weight_endpoints(weight: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     """``u_k = mean(W) + c_k * std(W)`` (population std), in the accumulation dtype."""
     acc = _acc_dtype(weight)
-    std, mean = torch.std_mean(weight.detach().to(acc), correction=0)
+    mean, std = mean_std(weight.detach().to(acc))
     return mean + multipliers.detach().to(device=weight.device, dtype=acc) * std
 
 

@@ -1,0 +1,78 @@
+"""Regenerate docs/benchmarks.md from the benchmark scripts.
+
+Each benchmark writes one markdown section (date, machine, exact command, results, target)
+into ``benchmarks/results/<name>.md``; this script reruns the benchmarks named on the command
+line (default: none, just reassemble) and concatenates every section into
+``docs/benchmarks.md``.
+
+Usage::
+
+    python benchmarks/make_page.py                      # reassemble from benchmarks/results/
+    python benchmarks/make_page.py --run step_time      # rerun one benchmark, then reassemble
+    python benchmarks/make_page.py --run all            # rerun everything (hours on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+
+#: name -> command (the section file is passed with --out / --output).
+BENCHMARKS: dict[str, list[str]] = {
+    "step_time": ["benchmarks/bench_step_time.py", "--sizes", "32", "224", "--batch", "64"],
+    "accuracy": ["benchmarks/bench_accuracy.py"],
+    "runtime": ["benchmarks/bench_runtime.py"],
+    "onnx": ["benchmarks/bench_onnx.py"],
+}
+ORDER = ("accuracy", "step_time", "runtime", "onnx")
+OUT_FLAG = {"runtime": "--output"}
+
+HEADER = """# Benchmarks
+
+Every figure here was measured by a script in `benchmarks/`; each section gives its date,
+machine, exact command and the target it is held against. Speed is always a ratio against a
+reference run in the same process (these machines are shared and noisy). Regenerate with
+`python benchmarks/make_page.py --run all` (or `--run NAME` for one section).
+
+"""
+
+
+def run(name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, *BENCHMARKS[name], OUT_FLAG.get(name, "--out"), str(RESULTS / f"{name}.md")]
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def assemble() -> str:
+    parts = [HEADER]
+    for name in ORDER:
+        section = RESULTS / f"{name}.md"
+        if section.is_file():
+            parts.append(section.read_text().rstrip() + "\n\n")
+        else:
+            parts.append(f"## {name}\n\nNot measured yet: run `python benchmarks/make_page.py --run {name}`.\n\n")
+    return "".join(parts).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", nargs="*", default=[], help=f"benchmarks to rerun: {', '.join(BENCHMARKS)} or all")
+    args = parser.parse_args()
+    names = list(BENCHMARKS) if "all" in args.run else args.run
+    for name in names:
+        if name not in BENCHMARKS:
+            raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+        run(name)
+    PAGE.write_text(assemble())
+    print(f"wrote {PAGE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Constants and checks of the packed file format (``docs/format.md`` is the specification).
+
+A packed file is a safetensors file. Its string metadata holds the format name and version,
+the run's scheme, M, N, source model, input geometry and normalisation, and ``graph``: the
+network as JSON (an ordered op list naming the safetensors tensors each op reads). This
+module is shared by the writer (:mod:`binarize_cli.packed`, torch side) and the reader
+(:mod:`binarize_cli.runtime.model`, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from binarize_cli.errors import FormatError
+
+FORMAT_NAME = "binarize-packed"
+FORMAT_VERSION = 1
+BIT_ORDER = "lsb-first"
+
+#: Metadata keys, all values are strings (JSON-encoded where not plain text).
+META_KEYS = (
+    "format",  # FORMAT_NAME
+    "format_version",  # "1"
+    "bit_order",  # "lsb-first"
+    "scheme",  # "pa" | "abc" | ...
+    "M",  # run-level weight bases, decimal
+    "N",  # run-level activation bases, decimal
+    "source_model",  # e.g. "timm:resnet18"
+    "num_classes",  # decimal
+    "input_size",  # JSON [C, H, W]
+    "mean",  # JSON [3 floats] or "null"
+    "std",  # JSON [3 floats] or "null"
+    "graph",  # JSON, see docs/format.md
+)
+
+#: Op types a graph may contain, with their required attributes.
+OPS: dict[str, tuple[str, ...]] = {
+    "conv2d": ("stride", "padding", "dilation", "groups"),
+    "bconv2d": (
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "weight_bases",
+        "weight_domain",
+        "activation_bases",
+    ),
+    "batchnorm": (),
+    "linear": (),
+    "relu": (),
+    "clip": ("min", "max"),
+    "leaky_relu": ("negative_slope",),
+    "sigmoid": (),
+    "tanh": (),
+    "silu": (),
+    "hardswish": (),
+    "hardsigmoid": (),
+    "maxpool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    "avgpool2d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    "adaptive_avgpool2d": ("output_size",),
+    "adaptive_maxpool2d": ("output_size",),
+    "flatten": ("start_dim", "end_dim"),
+    "mean": ("dims", "keepdim"),
+    "add": (),
+    "mul": (),
+    "cat": ("dim",),
+    "constant": (),
+}
+
+DOMAINS = ("zero_one", "plus_minus_one")
+
+
+def check_header(meta: dict[str, str] | None, source: str) -> dict[str, Any]:
+    """Validate the metadata of a packed file; returns the parsed graph."""
+    if not meta or meta.get("format") != FORMAT_NAME:
+        raise FormatError(
+            f"{source} is not a binarize packed file (no format={FORMAT_NAME} metadata); "
+            "create one with `binarize export --target packed`"
+        )
+    version = meta.get("format_version", "")
+    if version != str(FORMAT_VERSION):
+        raise FormatError(
+            f"{source} has packed format version {version!r}; this binarize reads version "
+            f"{FORMAT_VERSION}: re-export it with this version"
+        )
+    if meta.get("bit_order") != BIT_ORDER:
+        raise FormatError(f"{source} has bit order {meta.get('bit_order')!r}, expected {BIT_ORDER}")
+    try:
+        graph = json.loads(meta["graph"])
+    except (KeyError, json.JSONDecodeError):
+        raise FormatError(f"{source} has no readable graph metadata; re-export it") from None
+    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+        raise FormatError(f"{source} has a malformed graph (no node list); re-export it")
+    for node in graph["nodes"]:
+        op = node.get("op") if isinstance(node, dict) else None
+        if op not in OPS:
+            raise FormatError(
+                f"{source} uses op {op!r}, unknown to this runtime (format v{FORMAT_VERSION})"
+            )
+        missing = [a for a in OPS[op] if a not in node.get("attrs", {})]
+        if missing:
+            raise FormatError(
+                f"{source}: node {node.get('name')!r} ({op}) lacks attributes {missing}"
+            )
+    return graph

@@ -1,0 +1,267 @@
+"""Full-precision operators of the packed runtime, in NumPy (NCHW, the input's float dtype).
+
+Semantics follow PyTorch's (``F.conv2d``, ``F.max_pool2d`` with ``ceil_mode``,
+``F.avg_pool2d`` with ``count_include_pad``, ``F.adaptive_avg_pool2d``, ...) so that the
+runtime computes what the PyTorch model computes, to float rounding. Convolutions run as an
+im2col matrix product (BLAS) or, for depthwise convolutions, as a sum over kernel taps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    a, b = v
+    return int(a), int(b)
+
+
+def pad2d(x: np.ndarray, ph: int, pw: int, value: float = 0.0) -> np.ndarray:
+    if ph == 0 and pw == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _windows(
+    xp: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> np.ndarray:
+    """Strided view ``[B, C, Ho, Wo, kh, kw]`` of the (already padded) input."""
+    kh, kw = kernel
+    dh, dw = dilation
+    sh, sw = stride
+    ho, wo = out_hw
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    win = sliding_window_view(xp, (span_h, span_w), axis=(2, 3))
+    win = win[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw, ::dh, ::dw]
+    return win
+
+
+def _taps(
+    xp: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> list[np.ndarray]:
+    """The ``kh * kw`` strided views ``[B, C, Ho, Wo]`` of the padded input, one per kernel tap
+    (a loop over taps of whole-array operations is much faster than reducing a window view)."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
+    return [
+        xp[
+            :,
+            :,
+            ky * dh : ky * dh + (ho - 1) * sh + 1 : sh,
+            kx * dw : kx * dw + (wo - 1) * sw + 1 : sw,
+        ]
+        for ky in range(kh)
+        for kx in range(kw)
+    ]
+
+
+def conv2d(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> np.ndarray:
+    """``F.conv2d`` with zero padding (weight ``[O, C/groups, kh, kw]``)."""
+    b, c, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    weight = weight.astype(x.dtype, copy=False)
+    if kh == 1 and kw == 1 and ph == 0 and pw == 0 and groups == 1:
+        xs = x[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
+        out = np.matmul(weight.reshape(o, c), xs.reshape(b, c, ho * wo))
+        out = out.reshape(b, o, ho, wo)
+    else:
+        xp = pad2d(x, ph, pw)
+        win = _windows(xp, (kh, kw), (sh, sw), (dh, dw), (ho, wo))  # [B, C, Ho, Wo, kh, kw]
+        if groups == 1:
+            cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
+            out = cols @ weight.reshape(o, -1).T
+            out = out.reshape(b, ho, wo, o).transpose(0, 3, 1, 2)
+        elif cg == 1:
+            # Depthwise (channel multiplier o / c): a sum over the kernel taps.
+            mult = o // c
+            out = np.zeros((b, o, ho, wo), dtype=x.dtype)
+            wk = weight.reshape(c, mult, kh, kw)
+            for ky in range(kh):
+                for kx in range(kw):
+                    tap = win[:, :, :, :, ky, kx]  # [B, C, Ho, Wo]
+                    out += (tap[:, :, None] * wk[None, :, :, ky, kx, None, None]).reshape(
+                        b, o, ho, wo
+                    )
+        else:
+            og = o // groups
+            cols = win.reshape(b, groups, cg, ho, wo, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+            cols = cols.reshape(groups, b * ho * wo, cg * kh * kw)
+            wg = weight.reshape(groups, og, cg * kh * kw)
+            out = np.matmul(cols, wg.transpose(0, 2, 1))  # [G, BHW, og]
+            out = out.reshape(groups, b, ho, wo, og).transpose(1, 0, 4, 2, 3).reshape(b, o, ho, wo)
+    if bias is not None:
+        out = out + bias.astype(x.dtype, copy=False)[None, :, None, None]
+    return np.ascontiguousarray(out)
+
+
+def affine_channels(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Eval-mode batch norm folded to ``x * scale[c] + shift[c]`` (channel axis 1)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x * scale.astype(x.dtype, copy=False).reshape(shape) + shift.astype(
+        x.dtype, copy=False
+    ).reshape(shape)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    out = x @ weight.astype(x.dtype, copy=False).T
+    if bias is not None:
+        out = out + bias.astype(x.dtype, copy=False)
+    return out
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0)
+
+
+def clip(x: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    return np.clip(x, lo, hi)
+
+
+def leaky_relu(x: np.ndarray, slope: float) -> np.ndarray:
+    return np.where(x >= 0, x, x * x.dtype.type(slope))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # Numerically stable in both tails.
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x * sigmoid(x)
+
+
+def hardsigmoid(x: np.ndarray) -> np.ndarray:
+    return np.clip(x / 6 + 0.5, 0, 1).astype(x.dtype, copy=False)
+
+
+def hardswish(x: np.ndarray) -> np.ndarray:
+    return x * np.clip(x + 3, 0, 6) / 6
+
+
+def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size (a last window must start inside the input or left pad)."""
+    eff = d * (k - 1) + 1
+    num = size + 2 * p - eff
+    out = (-(-num // s) if ceil_mode else num // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def maxpool2d(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+) -> np.ndarray:
+    b, c, h, w = x.shape
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    ho = _pool_out(h, kh, sh, ph, dh, ceil_mode)
+    wo = _pool_out(w, kw, sw, pw, dw, ceil_mode)
+    need_h = (ho - 1) * sh + (kh - 1) * dh + 1
+    need_w = (wo - 1) * sw + (kw - 1) * dw + 1
+    xp = np.full((b, c, max(need_h, h + 2 * ph), max(need_w, w + 2 * pw)), -np.inf, dtype=x.dtype)
+    xp[:, :, ph : ph + h, pw : pw + w] = x
+    out: np.ndarray | None = None
+    for tap in _taps(xp, (kh, kw), (sh, sw), (dh, dw), (ho, wo)):
+        out = tap.copy() if out is None else np.maximum(out, tap, out=out)
+    assert out is not None
+    return out
+
+
+def avgpool2d(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None = None,
+) -> np.ndarray:
+    """``F.avg_pool2d``: windows clipped to the padded input; divisor per PyTorch's rules."""
+    b, c, h, w = x.shape
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    ho = _pool_out(h, kh, sh, ph, 1, ceil_mode)
+    wo = _pool_out(w, kw, sw, pw, 1, ceil_mode)
+    need_h = (ho - 1) * sh + kh
+    need_w = (wo - 1) * sw + kw
+    hp, wp = max(need_h, h + 2 * ph), max(need_w, w + 2 * pw)
+    xp = np.zeros((b, c, hp, wp), dtype=x.dtype)
+    xp[:, :, ph : ph + h, pw : pw + w] = x
+    sums = np.zeros((b, c, ho, wo), dtype=x.dtype)
+    for tap in _taps(xp, (kh, kw), (sh, sw), (1, 1), (ho, wo)):
+        sums += tap
+    if divisor_override:
+        return sums / x.dtype.type(divisor_override)
+    ys = np.arange(ho) * sh - ph
+    xs = np.arange(wo) * sw - pw
+    if count_include_pad:
+        # Window clipped to the padded extent [-p, size + p).
+        hcount = np.minimum(ys + kh, h + ph) - ys
+        wcount = np.minimum(xs + kw, w + pw) - xs
+    else:
+        hcount = np.minimum(ys + kh, h) - np.maximum(ys, 0)
+        wcount = np.minimum(xs + kw, w) - np.maximum(xs, 0)
+    div = (hcount[:, None] * wcount[None, :]).astype(x.dtype)
+    return sums / div
+
+
+def _adaptive_bounds(size: int, out: int) -> list[tuple[int, int]]:
+    return [(math.floor(i * size / out), math.ceil((i + 1) * size / out)) for i in range(out)]
+
+
+def adaptive_pool2d(x: np.ndarray, output_size: Sequence[int | None], mode: str) -> np.ndarray:
+    """``F.adaptive_avg_pool2d`` / ``adaptive_max_pool2d`` (``None`` keeps that size)."""
+    b, c, h, w = x.shape
+    oh = h if output_size[0] is None else int(output_size[0])
+    ow = w if output_size[1] is None else int(output_size[1])
+    reduce = np.mean if mode == "avg" else np.max
+    if (oh, ow) == (1, 1):
+        return reduce(x, axis=(2, 3), keepdims=True).astype(x.dtype, copy=False)
+    out = np.empty((b, c, oh, ow), dtype=x.dtype)
+    for i, (y0, y1) in enumerate(_adaptive_bounds(h, oh)):
+        for j, (x0, x1) in enumerate(_adaptive_bounds(w, ow)):
+            out[:, :, i, j] = reduce(x[:, :, y0:y1, x0:x1], axis=(2, 3))
+    return out
+
+
+def flatten(x: np.ndarray, start_dim: int, end_dim: int) -> np.ndarray:
+    nd = x.ndim
+    s = start_dim % nd
+    e = end_dim % nd
+    shape = x.shape[:s] + (-1,) + x.shape[e + 1 :]
+    return x.reshape(shape)
