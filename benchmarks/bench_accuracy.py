@@ -37,7 +37,7 @@ from binarize_cli.pipeline import run_convert
 from binarize_cli.recipe import merge_settings
 from binarize_cli.training import evaluate
 
-CONFIGS = (("pa", 4, 0), ("pa", 4, 5), ("pa", 8, 7), ("abc", 5, 5))
+CONFIGS = (("pa", 4, 5), ("abc", 5, 5), ("pa", 8, 7), ("pa", 4, 0))
 
 
 def control_run(args: argparse.Namespace) -> dict[str, float]:
@@ -174,18 +174,26 @@ def main() -> None:
     start = time.perf_counter()
     control = control_run(args)
     print(json.dumps(control), flush=True)
-    runs = []
-    for scheme, m, n in configs:
+    runs: list[dict] = []
+    command = "python " + " ".join(sys.argv)
+
+    def write(pending: list[tuple[str, int, int]]) -> str:
+        text = markdown(args, control, runs, command, time.perf_counter() - start)
+        if pending:
+            missing = ", ".join(f"{s.upper()} ({m},{'FP' if n == 0 else n})" for s, m, n in pending)
+            text += f"\nNot measured yet (the run was still going or was stopped): {missing}.\n"
+        if args.out:
+            Path(args.out).write_text(text)
+        return text
+
+    text = write(list(configs))
+    for i, (scheme, m, n) in enumerate(configs):
         meta = binarized_run(args, scheme, m, n, args.runs_dir)
         print(
             json.dumps({"scheme": scheme, "M": m, "N": n, "accuracy": meta["accuracy"]}), flush=True
         )
         runs.append(meta)
-    text = markdown(
-        args, control, runs, "python " + " ".join(sys.argv), time.perf_counter() - start
-    )
-    if args.out:
-        Path(args.out).write_text(text)
+        text = write(list(configs[i + 1 :]))
     print(text)
 
 
