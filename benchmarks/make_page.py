@@ -45,7 +45,12 @@ reference run in the same process (these machines are shared and noisy). Regener
 
 def run(name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, *BENCHMARKS[name], OUT_FLAG.get(name, "--out"), str(RESULTS / f"{name}.md")]
+    cmd = [
+        sys.executable,
+        *BENCHMARKS[name],
+        OUT_FLAG.get(name, "--out"),
+        str(RESULTS / f"{name}.md"),
+    ]
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -57,13 +62,17 @@ def assemble() -> str:
         if section.is_file():
             parts.append(section.read_text().rstrip() + "\n\n")
         else:
-            parts.append(f"## {name}\n\nNot measured yet: run `python benchmarks/make_page.py --run {name}`.\n\n")
+            parts.append(
+                f"## {name}\n\nNot measured yet: run `python benchmarks/make_page.py --run {name}`.\n\n"
+            )
     return "".join(parts).rstrip() + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", nargs="*", default=[], help=f"benchmarks to rerun: {', '.join(BENCHMARKS)} or all")
+    parser.add_argument(
+        "--run", nargs="*", default=[], help=f"benchmarks to rerun: {', '.join(BENCHMARKS)} or all"
+    )
     args = parser.parse_args()
     names = list(BENCHMARKS) if "all" in args.run else args.run
     for name in names:

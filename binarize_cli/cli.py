@@ -3,12 +3,19 @@
 Each command is a thin function in :mod:`binarize_cli.commands`; the library raises
 :class:`~binarize_cli.errors.BinarizeError` s, which :func:`main` turns into one line on
 stderr and exit code 2 (bad input) or 1 (failure). ``BINARIZE_DEBUG=1`` shows tracebacks.
+
+Ctrl-C exits with code 130 after the library's clean-up has run (temporary files removed,
+completed fine-tune epochs kept for ``--resume``). While :func:`main` runs, SIGTERM is
+treated like Ctrl-C, so ``kill PID`` or a scheduler's time limit cleans up the same way; only
+SIGKILL cannot be handled (atomic writes still guarantee that nothing is half-written).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -57,8 +64,23 @@ def _error_line(exc: BaseException) -> str:
     return f"binarize: error: {text}"
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     debug = os.environ.get("BINARIZE_DEBUG") == "1"
     try:
         app(args=argv, standalone_mode=False)
@@ -88,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(_error_line(exc) + " (set BINARIZE_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(1)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -10,6 +10,19 @@ work directory (model, optimizer, scheduler, epoch, timings). ``--resume`` reloa
 ``torch.load(weights_only=True)``) and continues at the next epoch, so an interruption loses
 at most the epoch in progress. Each epoch's shuffling is seeded by ``seed + epoch`` so a
 resumed run sees the same batches as an uninterrupted one.
+
+Failure handling:
+
+* A checkpoint is written only after the epoch's parameters and buffers were checked finite,
+  so the checkpoint on disk is always the *last good* state. A non-finite loss (checked every
+  step by :func:`binarize_cli.training.train_one_epoch`) or non-finite weights after an epoch
+  raise :class:`~binarize_cli.errors.TrainingDivergedError` naming the epoch and the kept
+  checkpoint; the checkpoint is left untouched.
+* Resuming with a different ``lr`` or ``epochs`` retargets the rest of the cosine schedule
+  (new peak, new length, same step), so "lower --lr and rerun with --resume" does what it
+  says, and a finished 1-epoch fine-tune can be extended with ``--epochs 2 --resume``.
+* An unreadable checkpoint raises :class:`~binarize_cli.errors.CheckpointError` (exit 2)
+  saying to delete the work directory or drop ``--resume``.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize_cli.errors import TrainingDivergedError
+from binarize_cli.errors import CheckpointError, TrainingDivergedError
 from binarize_cli.rundir import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -85,20 +98,81 @@ def save_checkpoint(
 
 
 def load_checkpoint(work_dir: Path) -> dict[str, Any] | None:
-    """The saved training state, or ``None`` when there is none."""
+    """The saved training state, or ``None`` when there is none.
+
+    Raises CheckpointError (one line) when the file exists but cannot be read.
+    """
     path = work_dir / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(
+            f"the fine-tune checkpoint {path} is unreadable ({first}); delete {work_dir} "
+            "or rerun without --resume to start over"
+        ) from None
+    needed = ("model", "optimizer", "scheduler", "epochs_done", "epoch_seconds")
+    if not isinstance(saved, dict) or any(k not in saved for k in needed):
+        raise CheckpointError(
+            f"{path} is not a binarize fine-tune checkpoint; delete {work_dir} "
+            "or rerun without --resume to start over"
+        )
+    return saved
 
 
-def check_finite_parameters(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise TrainingDivergedError(
-                f"parameter {name} became non-finite during fine-tuning; lower --lr and rerun "
-                "with --resume (the last good epoch checkpoint is kept)"
-            )
+def check_finite_state(model: nn.Module) -> None:
+    """Raise TrainingDivergedError if any parameter or floating buffer is NaN or infinite."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TrainingDivergedError(f"training diverged: {name} became non-finite")
+
+
+#: Former name, kept for callers.
+check_finite_parameters = check_finite_state
+
+
+def _retarget_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: Any, lr: float, total_steps: int
+) -> None:
+    """Point a resumed cosine schedule at a new peak ``lr`` and/or length ``total_steps``.
+
+    The learning rate is set to the closed form ``lr * (1 + cos(pi * t / T)) / 2`` at the
+    step ``t`` reached. Nothing is touched when neither changed, so a plain resume continues
+    the saved schedule bit for bit.
+    """
+    base = list(getattr(scheduler, "base_lrs", []))
+    if scheduler.T_max == total_steps and all(b == lr for b in base):
+        return
+    scheduler.T_max = total_steps
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    t = min(int(scheduler.last_epoch), total_steps)
+    eta_min = float(getattr(scheduler, "eta_min", 0.0))
+    current = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * t / total_steps)) / 2
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = current
+    scheduler._last_lr = [current] * len(optimizer.param_groups)
+
+
+def _clean_stale_temporaries(work_dir: Path) -> None:
+    """Remove temporary files a killed process left behind (they are never read)."""
+    for tmp in work_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _diverged(exc: TrainingDivergedError, epoch: int, done: int, work_dir: Path | None) -> str:
+    head = str(exc).split(";")[0].strip()
+    if done > 0 and work_dir is not None:
+        advice = (
+            f"the last good checkpoint (after epoch {done}) is kept in {work_dir}: rerun with a "
+            "lower --lr and --resume to continue from it"
+        )
+    else:
+        advice = "no epoch completed, nothing was saved: rerun with a lower --lr"
+    return f"{head} in fine-tune epoch {epoch + 1}; {advice}"
 
 
 def finetune(
@@ -119,6 +193,7 @@ def finetune(
     on_epoch_start: Callable[[int, int, int], None] | None = None,
     on_step: Callable[..., None] | None = None,
     train_module: nn.Module | None = None,
+    resume_state: dict[str, Any] | None = None,
 ) -> FinetuneState:
     """Fine-tune ``model`` in place.
 
@@ -128,6 +203,11 @@ def finetune(
             to ``model``. Checkpoints always hold ``model``'s own state dict.
         on_epoch_start: ``(epoch, num_epochs, steps)`` callback for progress display.
         on_step: forwarded to :func:`binarize_cli.training.train_one_epoch`.
+        resume_state: a checkpoint already read with :func:`load_checkpoint` (the pipeline
+            reads it early to validate it); otherwise ``resume`` reads ``work_dir``'s.
+
+    Raises:
+        TrainingDivergedError: non-finite loss or weights; the last good checkpoint is kept.
     """
     from binarize_cli.training import train_one_epoch
 
@@ -139,17 +219,28 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     state = FinetuneState()
 
-    if resume and work_dir is not None:
+    if work_dir is not None and work_dir.is_dir():
+        _clean_stale_temporaries(work_dir)
+    saved = resume_state
+    if saved is None and resume and work_dir is not None:
         saved = load_checkpoint(work_dir)
-        if saved is not None:
+    if saved is not None:
+        try:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
-            state = FinetuneState(
-                epochs_done=int(saved["epochs_done"]),
-                epoch_seconds=[float(s) for s in saved["epoch_seconds"]],
-                epoch_stats=list(saved["epoch_stats"]),
-            )
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise CheckpointError(
+                f"the fine-tune checkpoint in {work_dir} does not fit this model ({first}); "
+                "rerun with the settings of the interrupted run, or without --resume"
+            ) from None
+        _retarget_schedule(optimizer, scheduler, lr, total_steps)
+        state = FinetuneState(
+            epochs_done=int(saved["epochs_done"]),
+            epoch_seconds=[float(s) for s in saved["epoch_seconds"]],
+            epoch_stats=list(saved.get("epoch_stats", [])),
+        )
 
     for epoch in range(state.epochs_done, len(plan)):
         loader = first_loader if epoch == 0 else make_train_loader(epoch)
@@ -157,18 +248,23 @@ def finetune(
         if on_epoch_start is not None:
             on_epoch_start(epoch, len(plan), steps)
         net.train()
-        stats = train_one_epoch(
-            net,
-            _Limited(loader, steps),
-            optimizer,
-            scheduler=scheduler,
-            teacher=teacher,
-            distill_weight=distill_weight if teacher is not None else 0.0,
-            temperature=temperature,
-            device=device,
-            on_step=on_step,
-        )
-        check_finite_parameters(model)
+        try:
+            stats = train_one_epoch(
+                net,
+                _Limited(loader, steps),
+                optimizer,
+                scheduler=scheduler,
+                teacher=teacher,
+                distill_weight=distill_weight if teacher is not None else 0.0,
+                temperature=temperature,
+                device=device,
+                on_step=on_step,
+            )
+            check_finite_state(model)
+        except TrainingDivergedError as exc:
+            raise TrainingDivergedError(
+                _diverged(exc, epoch, state.epochs_done, work_dir if is_main else None)
+            ) from None
         state.epochs_done = epoch + 1
         state.epoch_seconds.append(float(stats.seconds))
         state.epoch_stats.append(

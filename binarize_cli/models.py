@@ -439,7 +439,8 @@ def _sha256(path: Path) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0].strip() if text else type(exc).__name__
+    line = text[0].strip() if text else type(exc).__name__
+    return line.split(". ")[0][:200]  # torch appends paragraphs of advice to its first sentence
 
 
 def _read_checkpoint_object(path: Path) -> Any:
@@ -467,10 +468,12 @@ def _read_checkpoint_object(path: Path) -> Any:
         raise CheckpointError(
             f"cannot read {path}: corrupt or not a PyTorch checkpoint"
             + (f" ({detail.group(0).strip()})" if detail else "")
+            + "; pass a .safetensors or torch.save(model.state_dict()) file"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
+    except Exception as exc:  # the unpickler fails in many ways on arbitrary bytes
         raise CheckpointError(
-            f"cannot read {path}: truncated or not a PyTorch checkpoint ({_first_line(exc)})"
+            f"cannot read {path}: truncated or not a PyTorch checkpoint ({_first_line(exc)}); "
+            "copy it again or re-save it with torch.save(model.state_dict(), PATH)"
         ) from exc
 
 

@@ -28,7 +28,9 @@ Reliability contract (docs/reliability.md):
 * **Determinism.** The same settings and seed on the same machine (CPU, same torch and
   thread count) give a bit-identical ``model.safetensors``: all randomness comes from
   ``torch.manual_seed(seed)`` and seeded ``torch.Generator`` s (loaders per epoch,
-  calibration sampling); the weights file holds no timestamps (``binarize.json`` does).
+  calibration sampling); oneDNN runs in its deterministic mode while converting
+  (``torch.backends.mkldnn.deterministic``, restored afterwards); the weights file holds no
+  timestamps (``binarize.json`` does).
 """
 
 from __future__ import annotations
@@ -316,6 +318,10 @@ def run_convert(
 
     ctx = distributed.setup()
     torch.manual_seed(settings.seed)
+    # oneDNN's CPU convolution backward may reduce over threads in a run-dependent order
+    # unless asked to be deterministic (same results otherwise; restored on exit).
+    mkldnn_deterministic = torch.backends.mkldnn.deterministic
+    torch.backends.mkldnn.deterministic = True
     created: list[Path] = []
     try:
         # 1. load: model first (its normalisation and input size shape RGB data), then data.
@@ -521,4 +527,5 @@ def run_convert(
             _remove_if_empty(created[:-1])
         raise
     finally:
+        torch.backends.mkldnn.deterministic = mkldnn_deterministic
         distributed.teardown(ctx)

@@ -177,4 +177,3 @@ def test_torchrun_two_processes_matches_one_process_shape(tmp_path):
     meta = json.loads((tmp_path / "two" / "binarize.json").read_text())
     assert meta["world_size"] == 2
     assert len(meta["timings"]["finetune_epoch_s"]) == 1
-
