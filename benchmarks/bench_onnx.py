@@ -198,23 +198,28 @@ def main(argv: list[str] | None = None) -> int:
             f"\nCheck (<= 1.1x the packed safetensors): {ratio:.3f}x — {'PASS' if ratio <= 1.1 else 'FAIL'}\n"
         )
 
-        lat = _latencies(
-            {"fp": fp_onnx, "onnx": packed_onnx, "float": float_onnx}, size, args.runs, args.threads
-        )
+        paths = {"fp": fp_onnx, "onnx": packed_onnx, "float": float_onnx}
+        labels = {
+            "fp": "full-precision ONNX",
+            "onnx": "`--target onnx`",
+            "float": "`--target onnx-float`",
+        }
         out(f"### Latency: ResNet-18 PA 4/5, batch 1, {size}x{size}, median of {args.runs}\n")
-        out("| model | median ms | vs full precision | session creation s |")
-        out("|---|---:|---:|---:|")
-        for key, label in (
-            ("fp", "full-precision ONNX"),
-            ("onnx", "`--target onnx`"),
-            ("float", "`--target onnx-float`"),
-        ):
-            ms, load = lat[key]
-            out(f"| {label} | {ms:.2f} | {ms / lat['fp'][0]:.2f}x | {load:.2f} |")
-        lat_ratio = lat["onnx"][0] / lat["fp"][0]
+        out("| threads | model | median ms | vs full precision | session creation s |")
+        out("|---:|---|---:|---:|---:|")
+        lat_ok = True
+        for threads in sorted({1, args.threads}):
+            lat = _latencies(paths, size, args.runs, threads)
+            for key, label in labels.items():
+                ms, load = lat[key]
+                out(f"| {threads} | {label} | {ms:.2f} | {ms / lat['fp'][0]:.2f}x | {load:.2f} |")
+            lat_ok = lat_ok and lat["onnx"][0] <= 1.5 * lat["fp"][0]
         out(
-            f"\nCheck (within 1.5x of full precision): {lat_ratio:.2f}x — {'PASS' if lat_ratio <= 1.5 else 'FAIL'}\n"
+            "\nThe `--target onnx` and full-precision rows differ by the activation step "
+            "functions (`GreaterOrEqual` + `Where`, N per binarized layer): the packed weights "
+            "are folded into float initializers when the session is created."
         )
+        out(f"\nCheck (within 1.5x of full precision): {'PASS' if lat_ok else 'FAIL'}\n")
         del model, reference
 
         # 2. Agreement on digits images, with PyTorch against itself for scale.
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         out("|---|---|---:|---:|---:|---:|---:|---:|")
         ok = True
+        unstable: list[str] = []
         for arch in ("resnet18", "mobilenetv2_100"):
             for scheme, m, n in (("pa", 4, 5), ("abc", 3, 3)):
                 model, _, meta = _convert(arch, scheme, m, n, 10, batches)
@@ -249,12 +255,22 @@ def main(argv: list[str] | None = None) -> int:
                 agree_1, _, bad_1 = _compare(single, expected)
                 agree_t64 = _compare(expected, exact)[0]
                 agree_o64 = _compare(got, exact)[0]
-                ok = ok and agree == 100.0 and rel <= 1e-4
+                passed = agree == 100.0 and rel <= 1e-4
+                ok = ok and passed
+                if not passed and (agree_1 < 100.0 or bad_1 or agree_t64 < 100.0):
+                    unstable.append(f"{arch} {scheme.upper()}")
                 out(
                     f"| {arch} | {scheme.upper()} M={m} N={n} | {agree:.1f}% | {rel:.1e} | {bad} "
                     f"| {agree_1:.1f}%, {bad_1} | {agree_t64:.1f}%, {agree_o64:.1f}% | {export_s:.1f} |"
                 )
         out(f"\nCheck (100% top-1, <= 1e-4): {'PASS' if ok else 'FAIL'}")
+        if unstable:
+            out(
+                f"\nWhere it fails ({', '.join(unstable)}) the PyTorch simulation is not "
+                "reproducible under float rounding either (reference columns): an activation "
+                "within rounding of an endpoint flips and the flip grows through an "
+                "ill-conditioned randomly initialised network; see docs/onnx.md."
+            )
     print("\n".join(lines))
     return 0
 

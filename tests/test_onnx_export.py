@@ -8,7 +8,6 @@ step function) keep the exporter tested on its own.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from binarize_cli.onnx_export import (
     INPUT_NAME,
     ONNX_FORMAT,
     OUTPUT_NAME,
+    ExportConv,
     Staircase,
     activation_staircase,
     build_export_model,
@@ -567,9 +567,66 @@ def test_full_precision_activations_n0(tmp_path: Path) -> None:
     assert not _op_types(onnx.load(str(path))) & {"Where", "GreaterOrEqual"}
 
 
-def _bad_images(got: np.ndarray, expected: np.ndarray) -> int:
-    diff = np.abs(got - expected).max(axis=1) / np.abs(expected).max()
-    return int(np.sum((diff > 1e-4) | (got.argmax(1) != expected.argmax(1))))
+def _preactivation_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Layer name -> the tensor its activation step function reads, found from the Conv whose
+    weight is ``<layer>.w_hat`` back through the ``Where`` chain to ``GreaterOrEqual``."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    names = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[1].endswith(".w_hat"):
+            where = producer[node.input[0]]
+            assert where.op_type == "Where"
+            ge = producer[where.input[0]]
+            assert ge.op_type == "GreaterOrEqual"
+            names[node.input[1][: -len(".w_hat")]] = ge.input[0]
+    return names
+
+
+def _first_flips(model: nn.Module, path: Path, x: np.ndarray) -> list[tuple[str, float]]:
+    """For each image: the first layer (execution order) whose activation lands in another
+    piece in onnxruntime than in PyTorch, and how far (relative to the layer's largest
+    input) the PyTorch input is from the endpoint between the two pieces; ("", inf) if none."""
+    export_model, _, _ = build_export_model(model)
+    onnx_model = onnx.load(str(path))
+    names = _preactivation_names(onnx_model)
+    for tensor in names.values():
+        onnx_model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, 1, None))
+    session = ort.InferenceSession(
+        onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    got = dict(
+        zip(
+            [o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: x}), strict=True
+        )
+    )
+    inputs: dict[str, np.ndarray] = {}
+    order: list[str] = []
+    for name, mod in export_model.named_modules():
+        if isinstance(mod, ExportConv):
+
+            def hook(_m, args, name=name):
+                inputs[name] = args[0].numpy()
+                order.append(name)
+
+            mod.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        export_model(torch.from_numpy(x))
+    modules = dict(export_model.named_modules())
+    result = []
+    for i in range(x.shape[0]):
+        found = ("", float("inf"))
+        for name in order:
+            t = modules[name].act.thresholds.numpy()
+            ours, theirs = inputs[name][i], got[names[name]][i]
+            flips = np.searchsorted(t, ours, side="right") != np.searchsorted(
+                t, theirs, side="right"
+            )
+            if flips.any():
+                dist = np.abs(ours[flips][:, None] - t[None, :]).min()
+                found = (name, float(dist / np.abs(inputs[name][i]).max()))
+                break
+        result.append(found)
+    return result
 
 
 @pytest.mark.slow
@@ -578,21 +635,26 @@ def _bad_images(got: np.ndarray, expected: np.ndarray) -> int:
 def test_512_images_agree(arch: str, scheme_name: str, m: int, n: int, tmp_path: Path) -> None:
     """The issue's check on 512 images: same top-1 and max |diff| <= 1e-4 of the logit scale.
 
-    A randomly initialised binarized network can be so ill-conditioned that one activation
-    sitting within float rounding of an endpoint flips and the flip grows through the layers;
-    then PyTorch float32 disagrees with the float64 simulation too. onnxruntime must not
-    disagree with PyTorch on more images than that, which is the strict check whenever the
-    PyTorch simulation is reproducible.
+    An activation within float rounding (~1e-7 relative) of an endpoint can fall into the
+    neighbouring piece in onnxruntime (its convolutions round differently), and in an
+    ill-conditioned network (randomly initialised MobileNetV2) that flip grows through the
+    layers (with BNN it even flips on every image: dead channels sit exactly on the sign's
+    endpoint, and PyTorch float32 then disagrees with float64 on every image too). So: every
+    image must agree, except one whose first activation flip is such a rounding-level tie,
+    checked by reading onnxruntime's pre-activations.
     """
     model = _model(arch, _scheme_or_skip(scheme_name), m, n)
     path = export_onnx_model(model, {**META, "model": arch}, tmp_path / "m.onnx")
     x = torch.randn(512, 3, 32, 32)
     with torch.no_grad():
         expected = torch.cat([model(c) for c in x.split(64)]).numpy()
-        model64 = copy.deepcopy(model).double()
-        exact = torch.cat([model64(c.double()) for c in x.split(64)]).numpy()
-    self_bad = _bad_images(expected.astype(np.float64), exact)
-    assert _bad_images(onnx_logits(path, x.numpy()), expected) <= self_bad
+    got = onnx_logits(path, x.numpy())
+    diff = np.abs(got - expected).max(axis=1) / np.abs(expected).max()
+    bad = np.flatnonzero((diff > 1e-4) | (got.argmax(1) != expected.argmax(1)))
+    if len(bad):
+        for layer, distance in _first_flips(model, path, x.numpy()[bad]):
+            assert layer, "logits differ without any activation flip"
+            assert distance <= 1e-5, f"{layer}: a flip {distance:.1e} from an endpoint"
 
 
 # --------------------------------------------------------------------------------------------
