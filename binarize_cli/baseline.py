@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from binarize_cli.data import DataBundle, make_loader
+from binarize_cli.errors import TrainingDivergedError
 from binarize_cli.models import LoadedModel, create_architecture, reset_classifier
 from binarize_cli.training import Accuracy, evaluate, train_one_epoch
 
@@ -248,15 +249,22 @@ def _train(
                 ) -> None:
                     bar.update(task, completed=step, loss=loss, acc=acc, ips=ips)
 
-            stats = train_one_epoch(
-                model,
-                loader,
-                optimizer,
-                scheduler=scheduler,
-                device=device,
-                on_step=on_step,
-                epoch=epoch,
-            )
+            try:
+                stats = train_one_epoch(
+                    model,
+                    loader,
+                    optimizer,
+                    scheduler=scheduler,
+                    device=device,
+                    on_step=on_step,
+                    epoch=epoch,
+                )
+            except TrainingDivergedError as exc:
+                head = str(exc).split(";")[0].strip()
+                raise TrainingDivergedError(
+                    f"full-precision baseline {head.removeprefix('training ')}; "
+                    "lower --baseline-lr or check the data (nothing was cached)"
+                ) from None
             times.append(float(stats.seconds))
             stats_list.append(
                 {"loss": stats.loss, "top1": stats.top1, "images_per_s": stats.images_per_s}

@@ -66,6 +66,7 @@ from binarize_cli.errors import BadInputError, BinarizeError, SchemeError
 from binarize_cli.nn import BinarizedConv2d
 from binarize_cli.pack import pack_planes
 from binarize_cli.schemes.base import ActivationQuantizer, Domain
+from binarize_cli.stepfind import LOWEST, TooManyPieces, find_jumps, ordinal_to_float
 
 ONNX_FORMAT = "binarize-onnx/1"
 INPUT_NAME = "input"
@@ -88,18 +89,6 @@ class OnnxExportError(BinarizeError):
 # --------------------------------------------------------------------------------------------
 # Activation step functions
 # --------------------------------------------------------------------------------------------
-
-
-def _float_to_ordinal(x: np.ndarray) -> np.ndarray:
-    """Map float32 values to int64 so that the order of floats is the order of integers."""
-    bits = np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
-    return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
-
-
-def _ordinal_to_float(o: np.ndarray) -> np.ndarray:
-    o = np.asarray(o, dtype=np.int64)
-    bits = np.where(o >= 0, o, (-o) | 0x80000000).astype(np.uint32)
-    return bits.view(np.float32)
 
 
 @dataclass(frozen=True)
@@ -138,59 +127,38 @@ def _probe(q: ActivationQuantizer, xs: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def activation_staircase(q: ActivationQuantizer, *, max_pieces: int = MAX_PIECES) -> Staircase:
     """Read the step function of an element-wise activation quantizer off its forward.
 
-    Bisection on the ordered float32 line: every interval whose end points have different
-    keys (the output value and the bit-planes, so pieces with equal output but different
-    planes are still told apart) is halved until it is one ulp wide; its right end is then the
-    first float of a new piece. Exact provided that distinct pieces have distinct keys and
-    every plane flips at most once along the line (true of PA's piece indicators, ABC's and
-    sign's shifted signs and DoReFa's binary digits, whose piece index grows with ``x``).
-    Adjacent pieces with the same output are merged. Runs ~32 batched forwards.
+    :func:`binarize_cli.stepfind.find_jumps` with the output value and the bit planes as the
+    key, so pieces with equal output but different planes are still told apart. Adjacent
+    pieces with the same output are then merged.
 
     Raises:
         ValueError: the quantizer is not element-wise or has more than ``max_pieces`` pieces.
     """
-    lo = int(_float_to_ordinal(np.float32(-np.finfo(np.float32).max)))
-    hi = int(_float_to_ordinal(np.float32(np.finfo(np.float32).max)))
-    cache: dict[int, tuple[float, bytes]] = {}
+    values: dict[bytes, float] = {}
 
-    def evaluate(ords: list[int]) -> None:
-        todo = sorted({o for o in ords if o not in cache})
-        if not todo:
-            return
-        values, keys = _probe(q, _ordinal_to_float(np.array(todo, dtype=np.int64)))
-        for o, v, k in zip(todo, values, keys, strict=True):
-            cache[o] = (float(v), k.tobytes())
+    def keys_at(xs: np.ndarray) -> list[bytes]:
+        out, keys = _probe(q, xs)
+        result = []
+        for v, k in zip(out, keys, strict=True):
+            key = k.tobytes()
+            values[key] = float(v)
+            result.append(key)
+        return result
 
-    evaluate([lo, hi])
-    intervals = [(lo, hi)] if cache[lo][1] != cache[hi][1] else []
-    jumps: list[int] = []
-    while intervals:
-        mids = [(a + b) // 2 for a, b in intervals if b - a > 1]
-        evaluate(mids)
-        nxt: list[tuple[int, int]] = []
-        for a, b in intervals:
-            if b - a == 1:
-                jumps.append(b)
-                continue
-            m = (a + b) // 2
-            if cache[a][1] != cache[m][1]:
-                nxt.append((a, m))
-            if cache[m][1] != cache[b][1]:
-                nxt.append((m, b))
-        intervals = nxt
-        if len(jumps) + len(intervals) > max_pieces:
-            raise ValueError(f"more than {max_pieces} pieces: not a step function")
-    jumps.sort()
+    try:
+        jumps, cache = find_jumps(keys_at, max_pieces=max_pieces + 1)
+    except TooManyPieces:
+        raise ValueError(f"more than {max_pieces} pieces: not a step function") from None
     thresholds: list[int] = []
-    levels = [cache[lo][0]]
+    levels = [values[cache[LOWEST]]]
     for j in jumps:
-        value = cache[j][0]
+        value = values[cache[j]]
         same = value == levels[-1] or (math.isnan(value) and math.isnan(levels[-1]))
         if not same:
             thresholds.append(j)
             levels.append(value)
     return Staircase(
-        thresholds=_ordinal_to_float(np.array(thresholds, dtype=np.int64)).copy(),
+        thresholds=ordinal_to_float(np.array(thresholds, dtype=np.int64)).copy(),
         levels=np.array(levels, dtype=np.float32),
     )
 

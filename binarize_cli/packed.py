@@ -53,6 +53,7 @@ from binarize_cli.nn import BinarizedConv2d
 from binarize_cli.pack import pack_planes
 from binarize_cli.runtime.format import BIT_ORDER, FORMAT_NAME, FORMAT_VERSION
 from binarize_cli.schemes.base import ActivationQuantizer, Domain
+from binarize_cli.stepfind import LOWEST, TooManyPieces, find_jumps, ordinal_to_float
 
 DEFAULT_FILE = "model.packed.safetensors"
 #: Most pieces an activation step function may have (DoReFa with 16 bits has 65536).
@@ -67,18 +68,6 @@ class PackedExportError(BinarizeError):
 # --------------------------------------------------------------------------------------
 # Activation quantizers as step functions
 # --------------------------------------------------------------------------------------
-
-
-def _to_ordinal(x: np.ndarray) -> np.ndarray:
-    """float32 -> int64 with the same order (-0.0 and +0.0 adjacent)."""
-    bits = np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
-    return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
-
-
-def _from_ordinal(o: np.ndarray) -> np.ndarray:
-    o = np.asarray(o, dtype=np.int64)
-    bits = np.where(o >= 0, o, (-(o + 1)) | 0x80000000).astype(np.uint32)
-    return bits.view(np.float32)
 
 
 @dataclass
@@ -118,39 +107,22 @@ def activation_code(
     """
     what = f"activation quantizer of {name or 'a layer'}"
     q = q.eval()
-    lo = int(_to_ordinal(np.float32(-np.finfo(np.float32).max)))
-    hi = int(_to_ordinal(np.float32(np.finfo(np.float32).max)))
-    ends, scales, domain = _planes_at(q, _from_ordinal(np.array([lo, hi])))
-    keys = _keys(ends)
-    lo_key, hi_key = keys[0].tobytes(), keys[1].tobytes()
-    cache: dict[int, bytes] = {lo: lo_key, hi: hi_key}
-    intervals = [(lo, hi)] if lo_key != hi_key else []
-    jumps: list[int] = []
-    while intervals:
-        mids = np.array([(a + b) // 2 for a, b in intervals], dtype=np.int64)
-        planes, s2, _ = _planes_at(q, _from_ordinal(mids))
-        if not torch.equal(s2.to(scales.dtype), scales):
+    _, scales, domain = _planes_at(q, ordinal_to_float(np.array([LOWEST])))
+
+    def keys_at(xs: np.ndarray) -> list[bytes]:
+        planes, other_scales, _ = _planes_at(q, xs)
+        if not torch.equal(other_scales.to(scales.dtype), scales):
             raise PackedExportError(
                 f"{what} has input-dependent scales; the packed runtime cannot run it"
             )
-        for o, k in zip(mids.tolist(), _keys(planes), strict=True):
-            cache[o] = k.tobytes()
-        nxt: list[tuple[int, int]] = []
-        for a, b in intervals:
-            m = (a + b) // 2
-            for u, v in ((a, m), (m, b)):
-                if cache[u] != cache[v]:
-                    if v - u == 1:
-                        jumps.append(v)
-                    else:
-                        nxt.append((u, v))
-        intervals = nxt
-        if len(jumps) + len(intervals) >= max_pieces:
-            raise PackedExportError(f"{what} has more than {max_pieces} pieces")
-    jumps.sort()
-    ordinals = np.array(jumps, dtype=np.int64)
-    thresholds = _from_ordinal(ordinals).astype(np.float32)
-    probe = np.concatenate([_from_ordinal(np.array([lo])), thresholds])
+        return [k.tobytes() for k in _keys(planes)]
+
+    try:
+        jumps, _ = find_jumps(keys_at, max_pieces=max_pieces)
+    except TooManyPieces:
+        raise PackedExportError(f"{what} has more than {max_pieces} pieces") from None
+    thresholds = ordinal_to_float(np.array(jumps, dtype=np.int64)).astype(np.float32)
+    probe = np.concatenate([ordinal_to_float(np.array([LOWEST])), thresholds])
     codes, _, _ = _planes_at(q, probe)
     step = ActivationStep(
         thresholds=thresholds,

@@ -4,7 +4,7 @@ Precedence, lowest first: built-in defaults < the scheme's defaults (M, N) < a r
 (``--recipe FILE``) < flags given on the command line. A recipe is a flat TOML table of
 the keys of :class:`ConvertSettings` (``model`` optional) plus an optional
 ``[scheme_options]`` table (``lambda_w``, ``lambda_a``, ``lambda_delta``,
-``weight_endpoints``). Unknown keys and wrong types are errors, never ignored.
+``weight_endpoints``, ``signed_activations``). Unknown keys and wrong types are errors, never ignored.
 
 Example (``recipes/pa-resnet18-m4n5.toml``)::
 
@@ -29,6 +29,7 @@ SCHEME_OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "lambda_w": (int, float),
     "lambda_a": (int, float),
     "lambda_delta": (int, float),
+    "signed_activations": (bool,),
     "weight_endpoints": (list,),
     "weight_clip_std": (int, float),
 }

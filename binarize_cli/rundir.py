@@ -27,10 +27,12 @@ Files and directories get the usual ``0o666``/``0o777`` modes minus the umask (n
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,6 +323,32 @@ def recover_moved_aside(path: Path) -> bool:
     return True
 
 
+#: A ``.NAME.*.staging`` sibling older than this is left over from a killed writer.
+STALE_STAGING_S = 3600.0
+
+
+def remove_stale_staging(path: Path, *, older_than_s: float = STALE_STAGING_S) -> list[Path]:
+    """Delete ``.NAME.*.staging`` work dirs next to ``path`` left by a writer killed mid-write.
+
+    Only dirs untouched for ``older_than_s`` go (a run is staged in seconds), so a concurrent
+    writer's fresh staging dir is never removed. Returns what was removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.staging"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        try:
+            if candidate.is_dir() and now - candidate.stat().st_mtime > older_than_s:
+                shutil.rmtree(candidate)
+                removed.append(candidate)
+        except OSError:
+            continue
+    return removed
+
+
 def write_run(path: Path, state: Mapping[str, Any], meta: dict[str, Any]) -> Path:
     """Write a complete run directory atomically.
 
@@ -343,6 +371,7 @@ def write_run(path: Path, state: Mapping[str, Any], meta: dict[str, Any]) -> Pat
     except OSError as exc:
         raise _location_error(path, exc, "-o") from None
     recover_moved_aside(path)
+    remove_stale_staging(path)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a run dir gets normal permissions
     try:
         save_state_dict_atomic(staging / WEIGHTS_FILE, state, metadata={"format": RUN_FORMAT})

@@ -22,6 +22,7 @@ from binarize_cli.baseline import (
     ensure_baseline,
 )
 from binarize_cli.data import load_data
+from binarize_cli.errors import TrainingDivergedError
 from binarize_cli.models import create_architecture, load_model
 
 TINY = "test_resnet"  # timm's 0.37M-parameter test ResNet
@@ -195,3 +196,15 @@ def test_digits_resnet18_baseline_reaches_95_percent_and_is_cached(tmp_path: Pat
     assert second.cache_hit and second.accuracy == first.accuracy
     assert time.monotonic() - start < max(first.epoch_times)  # no training
     assert os.path.isfile(second.cache_path / "model.safetensors")
+
+
+def test_divergence_names_the_baseline_flag_and_caches_nothing(fake8, tmp_path: Path) -> None:
+    with pytest.raises(TrainingDivergedError) as info:
+        ensure_baseline(
+            create_architecture(TINY, 10), fake8, epochs=1, lr=1e30, cache_dir=tmp_path / "c"
+        )
+    message = str(info.value)
+    assert message.startswith("full-precision baseline diverged: loss is")
+    assert "--baseline-lr" in message and "lower --lr" not in message
+    cached = list((tmp_path / "c").rglob("*.safetensors")) if (tmp_path / "c").exists() else []
+    assert cached == []

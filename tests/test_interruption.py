@@ -419,6 +419,29 @@ def test_a_run_moved_aside_by_a_killed_write_is_recovered(tmp_path, monkeypatch)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
+def test_staging_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    import os
+
+    from binarize_cli import rundir
+
+    stale = tmp_path / ".run.k1ll.staging"  # what a SIGKILL inside write_run leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    old = time.time() - 2 * rundir.STALE_STAGING_S
+    os.utime(stale, (old, old))
+    fresh = tmp_path / ".run.busy.staging"  # another writer, still working: kept
+    fresh.mkdir()
+    other = tmp_path / ".other.k1ll.staging"  # a different run's: not ours to touch
+    other.mkdir()
+    os.utime(other, (old, old))
+    rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), _tiny_meta())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.k1ll.staging",
+        ".run.busy.staging",
+        "run",
+    ]
+
+
 def test_hidden_work_directories_are_never_the_latest_run(tmp_path):
     from binarize_cli import rundir
 

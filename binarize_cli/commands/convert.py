@@ -150,6 +150,9 @@ def convert(
     baseline_epochs: Annotated[
         int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")
     ] = None,
+    baseline_lr: Annotated[
+        float | None, typer.Option(help="Learning rate for adapting the baseline (Adam).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (paper: 64).")] = None,
     lr: Annotated[float | None, typer.Option(help="Fine-tune learning rate (Adam).")] = None,
     calib_batches: Annotated[int | None, typer.Option(help="Batches used for calibration.")] = None,
@@ -217,6 +220,7 @@ def convert(
             "input_size": input_size,
             "epochs": epochs,
             "baseline_epochs": baseline_epochs,
+            "baseline_lr": baseline_lr,
             "batch_size": batch_size,
             "lr": lr,
             "calib_batches": calib_batches,

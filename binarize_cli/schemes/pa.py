@@ -453,11 +453,26 @@ def quantize_weight(
 # --------------------------------------------------------------------------------------
 
 
-def pa_activation_forward(x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``A_hat`` (eq. 10) for sorted endpoints ``v``: 0 below ``v_1``, ``beta_i`` on ``[v_i, v_{i+1})``."""
+def activation_levels(beta: torch.Tensor, zero_piece: int = 0) -> torch.Tensor:
+    """The ``N + 1`` piece levels: ``beta`` with the level 0 inserted at piece ``zero_piece``.
+
+    ``zero_piece = 0`` is eq. 10 (``[0, beta_1, ..., beta_N]``, everything below ``v_1`` maps
+    to 0). ``zero_piece = K > 0`` is the signed layout for inputs that are not behind a ReLU
+    (MobileNetV2's linear bottlenecks): ``[beta_1, ..., beta_K, 0, beta_{K+1}, ..., beta_N]``
+    with ``beta_1 < ... < beta_K < 0``; the zero piece ``[v_K, v_{K+1})`` holds 0.
+    """
+    zero = beta.new_zeros(1)
+    return torch.cat([beta[:zero_piece], zero, beta[zero_piece:]])
+
+
+def pa_activation_forward(
+    x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, zero_piece: int = 0
+) -> torch.Tensor:
+    """``A_hat`` (eq. 10) for sorted endpoints ``v``: piece ``j`` (``v_j <= A < v_{j+1}``) maps
+    to ``activation_levels(beta, zero_piece)[j]``; with ``zero_piece = 0``: 0 below ``v_1``,
+    ``beta_i`` on ``[v_i, v_{i+1})``."""
     idx = piece_index(x, v)
-    table = torch.cat([beta.new_zeros(1), beta]).to(x.dtype)
-    return _take(table, idx)
+    return _take(activation_levels(beta, zero_piece).to(x.dtype), idx)
 
 
 def activation_surrogate(
@@ -465,11 +480,13 @@ def activation_surrogate(
     beta: torch.Tensor,
     lambda_a: float | None,
     lambda_delta: float | None,
+    zero_piece: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward segments and slopes of eq. 11-12 for sorted endpoints ``v``.
 
     Returns ``(t, slopes)``: ``t_0..t_N`` and the ``N`` slopes
-    ``lambda_A * (beta_i - beta_{i-1})`` (``beta_0 = 0``) on ``[t_{i-1}, t_i)``.
+    ``lambda_A * (L_i - L_{i-1})`` on ``[t_{i-1}, t_i)``, ``L`` the piece levels of
+    :func:`activation_levels` (eq. 10 layout: ``L_i = beta_i``, ``L_0 = 0``).
 
     * ``t_i = (v_i + v_{i+1}) / 2`` for ``i = 1..N-1``; ``t_N = v_N + lambda_Delta``;
       ``t_0 = 2 v_1 - t_1`` (the paper's ``t_0 = 2.0 v_0 - s_1`` is a misprint: there is no
@@ -499,8 +516,8 @@ def activation_surrogate(
         )
     else:
         lam = v.new_tensor(float(lambda_a))
-    jumps = torch.cat([beta[:1], beta[1:] - beta[:-1]])
-    return t, lam * jumps
+    levels = activation_levels(beta, zero_piece)
+    return t, lam * (levels[1:] - levels[:-1])
 
 
 def _interleave(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -515,12 +532,13 @@ def _interleave(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class PAActivationFunction(torch.autograd.Function):
     """Autograd form of PA's activation approximation: forward eq. 10, backward eq. 11-14.
 
-    ``apply(x, v, beta, lambda_a, lambda_delta)`` with ``v`` sorted ascending.  Gradients:
+    ``apply(x, v, beta, lambda_a, lambda_delta, zero_piece)`` with ``v`` sorted ascending.
+    Gradients:
 
     * ``dA_hat/dA``: the slope of :func:`activation_surrogate` on the segment of ``A``;
     * ``dC/dbeta_i = sum(g over piece i)`` (eq. 13; the exact derivative of eq. 10);
-    * ``dC/dv_i = -lambda_A (beta_i - beta_{i-1}) sum(g over [t_{i-1}, t_i))`` (eq. 14, sign
-      corrected).  ``t``, ``lambda_A`` and ``lambda_Delta`` are constants in backward.
+    * ``dC/dv_i = -lambda_A (L_i - L_{i-1}) sum(g over [t_{i-1}, t_i))`` (eq. 14, sign
+      corrected; ``L`` the piece levels, ``L_i = beta_i`` in the eq. 10 layout).  ``t``, ``lambda_A`` and ``lambda_Delta`` are constants in backward.
 
     Implementation: the forward counts ``j`` = how many of the interleaved bounds
     ``t_0 <= v_1 <= t_1 <= ... <= v_N <= t_N`` are ``<= A`` (one uint8 per element, the only
@@ -538,12 +556,16 @@ class PAActivationFunction(torch.autograd.Function):
         beta: torch.Tensor,
         lambda_a: float | None,
         lambda_delta: float | None,
+        zero_piece: int = 0,
     ) -> torch.Tensor:
-        t, slopes = activation_surrogate(v.detach(), beta.detach(), lambda_a, lambda_delta)
+        t, slopes = activation_surrogate(
+            v.detach(), beta.detach(), lambda_a, lambda_delta, zero_piece
+        )
         j = piece_index(x, _interleave(t, v.detach()))
-        levels = torch.cat([beta.new_zeros(1), beta.detach()])
+        levels = activation_levels(beta.detach(), zero_piece)
         ctx.save_for_backward(j, slopes)
         ctx.dtypes = (v.dtype, beta.dtype)
+        ctx.zero_piece = zero_piece
         return _take(levels.repeat_interleave(2).to(x.dtype), j)
 
     @staticmethod
@@ -560,12 +582,14 @@ class PAActivationFunction(torch.autograd.Function):
             n = slopes.shape[0]
             acc = _acc_dtype(grad_out)
             sums = _bin_sums(j, grad_out, 2 * n + 2, acc)
-            if need_b:  # piece i = floor(j/2): j in {2i, 2i+1}
-                grad_b = (sums[2::2] + sums[3::2]).to(beta_dtype)
+            if need_b:  # piece p = floor(j/2): j in {2p, 2p+1}; the zero piece has no beta
+                pieces = sums[0::2] + sums[1::2]
+                k = ctx.zero_piece
+                grad_b = torch.cat([pieces[:k], pieces[k + 1 :]]).to(beta_dtype)
             if need_v:  # segment i = ceil(j/2): j in {2i-1, 2i}
                 seg = sums[1:-1:2] + sums[2::2]
                 grad_v = (-slopes.to(acc) * seg).to(v_dtype)
-        return grad_x, grad_v, grad_b, None, None
+        return grad_x, grad_v, grad_b, None, None, None
 
 
 def quantize_activation(
@@ -574,14 +598,15 @@ def quantize_activation(
     beta: torch.Tensor,
     lambda_a: float | None = None,
     lambda_delta: float | None = None,
+    zero_piece: int = 0,
 ) -> torch.Tensor:
     """``A_hat`` with PA's surrogate gradients; ``v`` must be sorted ascending."""
     v = v.to(x.dtype)
     beta = beta.to(x.dtype)
     needs = x.requires_grad or v.requires_grad or beta.requires_grad
     if torch.is_grad_enabled() and needs and not _onnx_exporting():
-        return PAActivationFunction.apply(x, v, beta, lambda_a, lambda_delta)
-    return pa_activation_forward(x, v, beta)
+        return PAActivationFunction.apply(x, v, beta, lambda_a, lambda_delta, zero_piece)
+    return pa_activation_forward(x, v, beta, zero_piece)
 
 
 # --------------------------------------------------------------------------------------
@@ -602,30 +627,72 @@ def relu_gaussian_levels(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(v), tuple(beta)
 
 
-def activation_mse(samples: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> float:
+def activation_mse(
+    samples: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, zero_piece: int = 0
+) -> float:
     """``mean((A - A_hat)^2)`` of eq. 10 on ``samples`` (``v`` sorted)."""
     s = samples.detach().reshape(-1).to(torch.float64)
-    a_hat = pa_activation_forward(s, v.detach().to(torch.float64), beta.detach().to(torch.float64))
+    a_hat = pa_activation_forward(
+        s, v.detach().to(torch.float64), beta.detach().to(torch.float64), zero_piece
+    )
     return float(((s - a_hat) ** 2).mean())
 
 
 def calibrate_activation(
-    samples: torch.Tensor, n: int, *, max_iter: int = 1000, tol: float = 1e-9
+    samples: torch.Tensor, n: int, *, zero_piece: int = 0, max_iter: int = 1000, tol: float = 1e-9
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Endpoints ``v`` and levels ``beta`` minimising ``mean((A - A_hat)^2)`` on ``samples``.
 
-    Lloyd-Max with the lowest level fixed at 0 (eq. 10 maps everything below ``v_1`` to 0):
-    start from ``beta_i`` = the ``(i - 1/2)/N`` quantiles of the positive samples, then
-    alternate ``v_1 = beta_1 / 2``, ``v_i = (beta_{i-1} + beta_i) / 2`` (nearest level) and
-    ``beta_i = mean of the samples in [v_i, v_{i+1})`` (centroid; an empty piece keeps its
-    level, which stays inside its interval).  Each step cannot raise the MSE.  Levels are
-    kept strictly increasing.  With no positive sample the result is ``beta_i = i * s``
-    (``s`` = std of the samples, or 1), which maps every sample to 0.
+    Lloyd-Max with the level of piece ``zero_piece`` fixed at 0 (eq. 10 is ``zero_piece=0``:
+    everything below ``v_1`` maps to 0; ``K > 0`` is the signed layout of
+    :func:`activation_levels`).  Start from the ``(i - 1/2)/K`` quantiles of the negative
+    samples and the ``(i - 1/2)/(N - K)`` quantiles of the positive ones, then alternate
+    ``v_i = (L_{i-1} + L_i) / 2`` (nearest level) and ``L_p = mean of the samples in
+    [v_p, v_{p+1})`` for every piece but the zero one (centroid; an empty piece keeps its
+    level, which stays inside its interval).  Each step cannot raise the MSE.  Levels are kept
+    strictly increasing and on their side of 0.  With no sample on a side that needs levels,
+    the levels there are ``+-i * s`` (``s`` = std of the samples, or 1).
 
     Returns float64 tensors ``(v, beta)`` of shape ``[N]`` on the CPU.  Raises
     :class:`BinarizeError` for an empty or non-finite sample.
     """
     _check_n(n)
+    if not 0 <= zero_piece <= n:
+        raise SchemeError(f"zero_piece must be in [0, N={n}] (got {zero_piece})")
+    s = _sorted_samples(samples)
+    return _lloyd_max(s, n, zero_piece, max_iter=max_iter, tol=tol)
+
+
+def calibrate_signed_activation(
+    samples: torch.Tensor, n: int, *, max_iter: int = 1000, tol: float = 1e-9
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`calibrate_activation` with the zero piece chosen from the data: ``(v, beta, K)``.
+
+    Inputs behind a ReLU have no negative samples, so only ``K = 0`` (eq. 10, the paper's
+    layout) is considered.  Otherwise every ``K = 0..N`` whose sides both have samples is
+    fitted and the one with the least ``mean((A - A_hat)^2)`` is kept (ties go to the smaller
+    ``K``).  The paper places every binarized convolution behind a ReLU; MobileNetV2 and
+    EfficientNet feed 1x1 convolutions from linear bottlenecks, where eq. 10 would map the
+    whole negative half to 0.
+    """
+    _check_n(n)
+    s = _sorted_samples(samples)
+    negatives = int((s < 0).sum())
+    positives = int((s > 0).sum())
+    candidates = [0] + (
+        [k for k in range(1, n + 1) if k == n or positives > 0] if negatives > 0 else []
+    )
+    best: tuple[float, int, torch.Tensor, torch.Tensor] | None = None
+    for k in candidates:
+        v, beta = _lloyd_max(s, n, k, max_iter=max_iter, tol=tol)
+        mse = activation_mse(s, v, beta, k)
+        if best is None or mse < best[0]:
+            best = (mse, k, v, beta)
+    assert best is not None
+    return best[2], best[3], best[1]
+
+
+def _sorted_samples(samples: torch.Tensor) -> torch.Tensor:
     s = samples.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
     if s.numel() == 0:
         raise BinarizeError(
@@ -635,42 +702,60 @@ def calibrate_activation(
         raise BinarizeError(
             "activation samples for PA calibration contain NaN or inf; check the model's full-precision outputs"
         )
-    s, _ = torch.sort(s)
+    return torch.sort(s).values
+
+
+def _side_levels(side: torch.Tensor, count: int, fallback_step: float) -> torch.Tensor:
+    """``count`` initial levels > 0: quantiles ``(i - 1/2)/count`` of ``side`` (sorted, > 0)."""
+    if count == 0:
+        return side.new_zeros(0)
+    if side.numel() == 0:
+        return torch.arange(1, count + 1, dtype=torch.float64) * fallback_step
+    q = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    return side[(q * side.numel()).long().clamp_max(side.numel() - 1)]
+
+
+def _lloyd_max(
+    s: torch.Tensor, n: int, zero_piece: int, *, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = zero_piece
     pos = s[s > 0]
-    scale = float(pos.max()) if pos.numel() else 1.0
+    neg = -s[s < 0].flip(0)  # magnitudes, ascending
+    spread = float(s.std(correction=0)) if s.numel() > 1 else 0.0
+    step = spread if spread > 0 else 1.0
+    scale = float(s.abs().max()) if float(s.abs().max()) > 0 else step
     eps = 1e-6 * scale
-    if pos.numel() == 0:
-        spread = float(s.std(correction=0)) if s.numel() > 1 else 0.0
-        step = spread if spread > 0 else 1.0
-        beta = torch.arange(1, n + 1, dtype=torch.float64) * step
-        return _midpoints(beta), beta
-    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    beta = pos[(q * pos.numel()).long().clamp_max(pos.numel() - 1)]
-    beta = _strictly_increasing(beta, eps)
+    upper = _strictly_increasing(_side_levels(pos, n - k, step), eps)
+    lower = _strictly_increasing(_side_levels(neg, k, step), eps)
+    levels = torch.cat([-lower.flip(0), s.new_zeros(1), upper])
+    fixed = torch.zeros(n + 1, dtype=torch.bool)
+    fixed[k] = True
     prefix = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
     total = s.numel()
     for _ in range(max_iter):
-        v = _midpoints(beta)
-        lo = torch.searchsorted(s, v, right=False)  # first sample >= v_i
-        hi = torch.cat([lo[1:], lo.new_tensor([total])])
+        v = (levels[:-1] + levels[1:]) / 2.0
+        bounds = torch.searchsorted(s, v, right=False)  # first sample >= v_i
+        lo = torch.cat([bounds.new_zeros(1), bounds])
+        hi = torch.cat([bounds, bounds.new_tensor([total])])
         counts = (hi - lo).to(torch.float64)
         sums = prefix[hi] - prefix[lo]
-        new = torch.where(counts > 0, sums / counts.clamp_min(1.0), beta)
-        new = _strictly_increasing(new, eps)
-        done = float((new - beta).abs().max()) <= tol * scale
-        beta = new
+        new = torch.where((counts > 0) & ~fixed, sums / counts.clamp_min(1.0), levels)
+        up = _strictly_increasing(new[k + 1 :], eps)
+        down = _strictly_increasing(-new[:k].flip(0), eps)
+        new = torch.cat([-down.flip(0), s.new_zeros(1), up])
+        done = float((new - levels).abs().max()) <= tol * scale
+        levels = new
         if done:
             break
-    return _midpoints(beta), beta
-
-
-def _midpoints(beta: torch.Tensor) -> torch.Tensor:
-    """Nearest-level thresholds between ``0, beta_1, ..., beta_N``."""
-    return (torch.cat([beta.new_zeros(1), beta[:-1]]) + beta) / 2.0
+    v = (levels[:-1] + levels[1:]) / 2.0
+    return v, torch.cat([levels[:k], levels[k + 1 :]])
 
 
 def _strictly_increasing(beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Levels ``> 0`` and strictly increasing (gaps of at least ``eps``)."""
     out = beta.clone()
+    if out.numel() == 0:
+        return out
     out[0] = max(float(out[0]), eps)
     for i in range(1, out.numel()):
         if out[i] <= out[i - 1]:
@@ -777,19 +862,40 @@ class PAActivationQuantizer(ActivationQuantizer):
             ``N / (t_N - t_0)``, one over the mean segment width (slope ~1).
         lambda_delta: ``lambda_Delta`` of eq. 12 (activation units); None (default) =
             mirror of the ``t_0`` rule, see :func:`activation_surrogate`.
+        signed: allow :meth:`calibrate` to pick the signed layout (some levels below 0, see
+            :func:`calibrate_signed_activation`) when the input has negative samples; False
+            keeps eq. 10's layout everywhere.  The chosen layout is the persistent buffer
+            ``zero_piece`` (0 = eq. 10), saved with the model.
     """
 
     def __init__(
-        self, n: int, *, lambda_a: float | None = None, lambda_delta: float | None = None
+        self,
+        n: int,
+        *,
+        lambda_a: float | None = None,
+        lambda_delta: float | None = None,
+        signed: bool = True,
     ) -> None:
         super().__init__()
         _check_n(n)
         self.num_bases = n
         self.lambda_a = _positive_or_none("lambda_a", lambda_a)
         self.lambda_delta = _positive_or_none("lambda_delta", lambda_delta)
+        self.signed = bool(signed)
         v0, b0 = relu_gaussian_levels(n)
         self.v = nn.Parameter(torch.tensor(v0, dtype=torch.float32))
         self.beta = nn.Parameter(torch.tensor(b0, dtype=torch.float32))
+        self.register_buffer("zero_piece", torch.zeros((), dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Files written before the signed layout existed have no zero_piece: eq. 10's layout.
+        state_dict.setdefault(prefix + "zero_piece", torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def zero_level_piece(self) -> int:
+        """``K``: the piece whose level is 0 (0 = eq. 10's layout)."""
+        return int(self.zero_piece)
 
     def sorted_endpoints(self) -> torch.Tensor:
         """``sort(v)`` (differentiable): the endpoints the forward uses."""
@@ -797,31 +903,46 @@ class PAActivationQuantizer(ActivationQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_activation(
-            x, self.sorted_endpoints(), self.beta, self.lambda_a, self.lambda_delta
+            x,
+            self.sorted_endpoints(),
+            self.beta,
+            self.lambda_a,
+            self.lambda_delta,
+            self.zero_level_piece,
         )
 
     @torch.no_grad()
     def bit_planes(self, x: torch.Tensor) -> BitPlanes:
-        """``V_1..V_N`` (eq. 18): piece indicators; scales ``beta`` (shape ``[N]``)."""
+        """``V_1..V_N`` (eq. 18): indicators of every piece but the zero one; scales ``beta``."""
         x = x.detach()
         v = self.sorted_endpoints().to(x.dtype)
         idx = piece_index(x, v)
-        planes = torch.stack([idx == j for j in range(1, self.num_bases + 1)])
+        k = self.zero_level_piece
+        pieces = [j for j in range(self.num_bases + 1) if j != k]
+        planes = torch.stack([idx == j for j in pieces])
         return BitPlanes(
             planes=planes, scales=self.beta.detach().to(x.dtype), domain=Domain.ZERO_ONE
         )
 
     @torch.no_grad()
     def calibrate(self, samples: torch.Tensor) -> None:
-        """Set ``v`` and ``beta`` by :func:`calibrate_activation` on sampled input activations."""
-        v, beta = calibrate_activation(samples, self.num_bases)
+        """Set ``v``, ``beta`` (and the layout ``zero_piece``) from sampled input activations:
+        :func:`calibrate_signed_activation`, or :func:`calibrate_activation` (eq. 10's layout)
+        when ``signed`` is False."""
+        if self.signed:
+            v, beta, k = calibrate_signed_activation(samples, self.num_bases)
+        else:
+            (v, beta), k = calibrate_activation(samples, self.num_bases), 0
         self.v.copy_(v.to(self.v))
         self.beta.copy_(beta.to(self.beta))
+        self.zero_piece.fill_(k)
 
     def extra_repr(self) -> str:
         lam_a = "N/(t_N-t_0)" if self.lambda_a is None else f"{self.lambda_a:g}"
         lam_d = "mirror" if self.lambda_delta is None else f"{self.lambda_delta:g}"
-        return f"N={self.num_bases}, lambda_a={lam_a}, lambda_delta={lam_d}"
+        k = self.zero_level_piece
+        layout = "eq. 10" if k == 0 else f"signed, {k} negative levels"
+        return f"N={self.num_bases}, lambda_a={lam_a}, lambda_delta={lam_d}, layout={layout}"
 
 
 # --------------------------------------------------------------------------------------
@@ -829,7 +950,7 @@ class PAActivationQuantizer(ActivationQuantizer):
 # --------------------------------------------------------------------------------------
 
 #: Keys accepted in the scheme options dict (recipes' ``scheme_options``).
-OPTION_KEYS = ("lambda_w", "lambda_a", "lambda_delta", "weight_endpoints")
+OPTION_KEYS = ("lambda_w", "lambda_a", "lambda_delta", "weight_endpoints", "signed_activations")
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -850,8 +971,11 @@ def _make_weight_quantizer(m: int, options: dict[str, Any]) -> PAWeightQuantizer
 
 def _make_activation_quantizer(n: int, options: dict[str, Any]) -> PAActivationQuantizer:
     opts = _check_options(options)
+    signed = opts.get("signed_activations", True)
+    if not isinstance(signed, bool):
+        raise SchemeError(f"PA option signed_activations must be true or false (got {signed!r})")
     return PAActivationQuantizer(
-        n, lambda_a=opts.get("lambda_a"), lambda_delta=opts.get("lambda_delta")
+        n, lambda_a=opts.get("lambda_a"), lambda_delta=opts.get("lambda_delta"), signed=signed
     )
 
 
