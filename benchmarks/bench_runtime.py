@@ -200,7 +200,9 @@ def end_to_end(model_fp, runtime, size: int, repeats: int) -> tuple[float, float
 
 def render(rows: list[dict], e2e: dict, info: dict) -> str:
     lines = [
-        "## Packed runtime: bitwise convolutions vs torch float32",
+        f"## Packed runtime: bitwise convolutions vs torch float32, {info['threads']} thread(s)",
+        "",
+        f"Command: `{info['command']}`",
         "",
         f"Machine: {info['cpu']}, {info['cpus']} CPUs visible, load average at start {info['load']}; "
         f"threads: {info['threads']} for torch and for the runtime kernel; kernel path: {info['kernel']}; "
@@ -306,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "repeats": args.repeats,
+        "command": "python "
+        + " ".join(["benchmarks/bench_runtime.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     rows = layer_rows(model, runtime, args.size, args.threads, args.repeats)
     fp = timm.create_model("resnet18", num_classes=1000).eval()

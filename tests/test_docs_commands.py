@@ -101,6 +101,8 @@ EXPENSIVE: dict[str, str] = {
     "tiny converts",
     r"binarize convert mobilenetv2_100 --data digits -M 4 -N 5 --epochs 1$": "trains a "
     "4-epoch mobilenetv2_100 baseline on digits, then fine-tunes (minutes)",
+    r"binarize convert resnet18 --data digits --epochs 0$": "trains the 4-epoch digits "
+    "baseline before calibrating (minutes)",
     r"binarize convert .*--data imagefolder:/data/imagenet": "needs ImageNet and a checkpoint",
     r"torchrun ": "multi-process fine-tuning on ImageNet",
     r"(\.venv/bin/)?python -m pytest ": "runs other test files; the suite runs them itself",
