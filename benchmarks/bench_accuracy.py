@@ -150,6 +150,15 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def _without_out(argv: list[str]) -> list[str]:
+    """``argv`` without ``--out FILE``: the command as a reader reruns it."""
+    args = list(argv)
+    if "--out" in args:
+        i = args.index("--out")
+        del args[i : i + 2]
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
@@ -175,7 +184,7 @@ def main() -> None:
     control = control_run(args)
     print(json.dumps(control), flush=True)
     runs: list[dict] = []
-    command = "python " + " ".join(sys.argv)
+    command = "python " + " ".join(_without_out(sys.argv))
 
     def write(pending: list[tuple[str, int, int]]) -> str:
         text = markdown(args, control, runs, command, time.perf_counter() - start)

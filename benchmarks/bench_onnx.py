@@ -143,12 +143,22 @@ def _compare(got: np.ndarray, expected: np.ndarray) -> tuple[float, float, int]:
     return agree, float(diff.max()), int((diff > 1e-4).sum())
 
 
+def _shown(argv: list[str] | None) -> list[str]:
+    """The command-line arguments without ``--out FILE`` (where the section goes)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in args:
+        i = args.index("--out")
+        del args[i : i + 2]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--latency-size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=None, help="Also write the section here.")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     lines: list[str] = []
@@ -161,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f} at start; onnxruntime {ort.__version__} (CPU provider, "
         f"{args.threads} threads), torch {torch.__version__}"
     )
-    out(
-        f"- command: `.venv/bin/python benchmarks/bench_onnx.py {' '.join(argv or sys.argv[1:])}`".rstrip()
-    )
+    out(f"- command: `.venv/bin/python benchmarks/bench_onnx.py {' '.join(_shown(argv))}`".rstrip())
     out(
         "- models: random initial weights (no hub reachable), calibrated on digits; "
         "what is measured (sizes, agreement, latency) does not depend on trained weights\n"
@@ -271,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 "within rounding of an endpoint flips and the flip grows through an "
                 "ill-conditioned randomly initialised network; see docs/onnx.md."
             )
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
     return 0
 
 

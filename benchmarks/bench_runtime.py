@@ -202,7 +202,7 @@ def render(rows: list[dict], e2e: dict, info: dict) -> str:
     lines = [
         f"## Packed runtime: bitwise convolutions vs torch float32, {info['threads']} thread(s)",
         "",
-        f"Command: `{info['command']}`",
+        f"Date: {info['date']}. Command: `{info['command']}`",
         "",
         f"Machine: {info['cpu']}, {info['cpus']} CPUs visible, load average at start {info['load']}; "
         f"threads: {info['threads']} for torch and for the runtime kernel; kernel path: {info['kernel']}; "
@@ -266,6 +266,15 @@ def render(rows: list[dict], e2e: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
+def _shown(argv: list[str] | None) -> list[str]:
+    """The command-line arguments without ``--output FILE`` (where the section goes)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--output" in args:
+        i = args.index("--output")
+        del args[i : i + 2]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -308,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "repeats": args.repeats,
-        "command": "python "
-        + " ".join(["benchmarks/bench_runtime.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python benchmarks/bench_runtime.py " + " ".join(_shown(argv)),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     rows = layer_rows(model, runtime, args.size, args.threads, args.repeats)
     fp = timm.create_model("resnet18", num_classes=1000).eval()

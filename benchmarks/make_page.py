@@ -3,7 +3,8 @@
 Each benchmark writes one markdown section (date, machine, exact command, results, target)
 into ``benchmarks/results/<name>.md``; this script reruns the benchmarks named on the command
 line (default: none, just reassemble) and concatenates every section into
-``docs/benchmarks.md``.
+``docs/benchmarks.md``. A hand-written ``benchmarks/results/<name>.notes.md`` (why a target
+was missed, what was tried) follows its section and survives reruns.
 
 Usage::
 
@@ -66,6 +67,9 @@ def assemble() -> str:
         section = RESULTS / f"{name}.md"
         if section.is_file():
             parts.append(section.read_text().rstrip() + "\n\n")
+            notes = RESULTS / f"{name}.notes.md"  # written by hand: why a target was missed
+            if notes.is_file():
+                parts.append(notes.read_text().rstrip() + "\n\n")
         else:
             parts.append(
                 f"## {name}\n\nNot measured yet: run `python benchmarks/make_page.py --run {name}`.\n\n"

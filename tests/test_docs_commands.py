@@ -94,7 +94,7 @@ CHEAP: dict[str, Cheap] = {
 
 # Regular expression (matched at the start of the command) -> why it is not run.
 EXPENSIVE: dict[str, str] = {
-    r"make (demo|test|test-slow)$": "creates .venv from the package registry (network, GBs), "
+    r"make (install|demo|test|test-slow)$": "creates .venv from the package registry (network, GBs), "
     "then trains a baseline and fine-tunes, or runs the whole suite (minutes)",
     r"binarize convert resnet18 --scheme pa -M 4 -N 5$": "the demo's full convert: trains the "
     "digits baseline and fine-tunes 2 epochs (minutes); tests/test_convert_pipeline.py runs "
