@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _cmdline import shown_args
 
 from binarize_cli.baseline import ensure_baseline
 from binarize_cli.data import load_data, make_loader
@@ -150,15 +151,6 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def _without_out(argv: list[str]) -> list[str]:
-    """``argv`` without ``--out FILE``: the command as a reader reruns it."""
-    args = list(argv)
-    if "--out" in args:
-        i = args.index("--out")
-        del args[i : i + 2]
-    return args
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
@@ -184,7 +176,7 @@ def main() -> None:
     control = control_run(args)
     print(json.dumps(control), flush=True)
     runs: list[dict] = []
-    command = "python " + " ".join(_without_out(sys.argv))
+    command = "python " + " ".join([sys.argv[0], *shown_args(None)])
 
     def write(pending: list[tuple[str, int, int]]) -> str:
         text = markdown(args, control, runs, command, time.perf_counter() - start)

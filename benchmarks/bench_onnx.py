@@ -29,7 +29,6 @@ import io
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _cmdline import shown_args
 from torch import nn
 
 from binarize_cli.calibrate import calibrate_model
@@ -143,15 +143,6 @@ def _compare(got: np.ndarray, expected: np.ndarray) -> tuple[float, float, int]:
     return agree, float(diff.max()), int((diff > 1e-4).sum())
 
 
-def _shown(argv: list[str] | None) -> list[str]:
-    """The command-line arguments without ``--out FILE`` (where the section goes)."""
-    args = list(argv if argv is not None else sys.argv[1:])
-    if "--out" in args:
-        i = args.index("--out")
-        del args[i : i + 2]
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -171,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f} at start; onnxruntime {ort.__version__} (CPU provider, "
         f"{args.threads} threads), torch {torch.__version__}"
     )
-    out(f"- command: `.venv/bin/python benchmarks/bench_onnx.py {' '.join(_shown(argv))}`".rstrip())
+    out(
+        f"- command: `.venv/bin/python benchmarks/bench_onnx.py {' '.join(shown_args(argv))}`".rstrip()
+    )
     out(
         "- models: random initial weights (no hub reachable), calibrated on digits; "
         "what is measured (sizes, agreement, latency) does not depend on trained weights\n"

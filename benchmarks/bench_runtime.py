@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _cmdline import shown_args
 
 #: Seconds of idle time before each timed call (lets spinning OpenMP workers go to sleep).
 PAUSE_S = 0.02
@@ -266,15 +267,6 @@ def render(rows: list[dict], e2e: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def _shown(argv: list[str] | None) -> list[str]:
-    """The command-line arguments without ``--output FILE`` (where the section goes)."""
-    args = list(argv if argv is not None else sys.argv[1:])
-    if "--output" in args:
-        i = args.index("--output")
-        del args[i : i + 2]
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -317,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "repeats": args.repeats,
-        "command": "python benchmarks/bench_runtime.py " + " ".join(_shown(argv)),
+        "command": "python benchmarks/bench_runtime.py " + " ".join(shown_args(argv)),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     rows = layer_rows(model, runtime, args.size, args.threads, args.repeats)

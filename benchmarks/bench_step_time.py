@@ -22,6 +22,7 @@ import time
 
 import timm
 import torch
+from _cmdline import shown_args
 
 from binarize_cli.calibrate import calibrate_model
 from binarize_cli.surgery import binarize_model
@@ -95,15 +96,6 @@ def markdown(results: dict[int, dict[str, float]], batch: int, command: str) -> 
     return "\n".join(lines) + "\n"
 
 
-def _without_out(argv: list[str]) -> list[str]:
-    """``argv`` without ``--out FILE``: the command as a reader reruns it."""
-    args = list(argv)
-    if "--out" in args:
-        i = args.index("--out")
-        del args[i : i + 2]
-    return args
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
@@ -113,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="Write the markdown section here.")
     args = parser.parse_args()
     results = {size: measure(size, args.batch, args.rounds, args.warmup) for size in args.sizes}
-    text = markdown(results, args.batch, "python " + " ".join(_without_out(sys.argv)))
+    text = markdown(results, args.batch, "python " + " ".join([sys.argv[0], *shown_args(None)]))
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
