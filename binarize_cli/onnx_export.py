@@ -66,7 +66,13 @@ from binarize_cli.errors import BadInputError, BinarizeError, SchemeError
 from binarize_cli.nn import BinarizedConv2d
 from binarize_cli.pack import pack_planes
 from binarize_cli.schemes.base import ActivationQuantizer, Domain
-from binarize_cli.stepfind import LOWEST, TooManyPieces, find_jumps, ordinal_to_float
+from binarize_cli.stepfind import (
+    LOWEST,
+    TooManyPieces,
+    check_points,
+    find_jumps,
+    ordinal_to_float,
+)
 
 ONNX_FORMAT = "binarize-onnx/1"
 INPUT_NAME = "input"
@@ -166,21 +172,7 @@ def activation_staircase(q: ActivationQuantizer, *, max_pieces: int = MAX_PIECES
 def check_staircase(q: ActivationQuantizer, stair: Staircase, *, seed: int = 0) -> bool:
     """Whether ``stair`` reproduces ``q`` exactly on the thresholds, their float neighbours,
     points between them and random points around them."""
-    t = stair.thresholds
-    rng = np.random.default_rng(seed)
-    centre = float(np.median(t)) if t.size else 0.0
-    spread = float(t.max() - t.min()) if t.size > 1 else 1.0
-    big = np.float32(np.finfo(np.float32).max)
-    points = [
-        t,
-        np.nextafter(t, -big),
-        np.nextafter(t, big),
-        (t[:-1] + t[1:]) / 2 if t.size > 1 else np.zeros(0, np.float32),
-        centre + 2 * spread * rng.standard_normal(4096),
-        rng.standard_normal(1024) * 10.0 ** rng.integers(-6, 6, size=1024),
-        np.array([0.0, -1e30, 1e30], np.float32),
-    ]
-    xs = np.concatenate([np.asarray(p, np.float32).ravel() for p in points])
+    xs = check_points(stair.thresholds, seed=seed)
     values, _ = _probe(q, xs)
     expected = stair(xs)
     return bool(np.all((values == expected) | (np.isnan(values) & np.isnan(expected))))

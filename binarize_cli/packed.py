@@ -53,7 +53,13 @@ from binarize_cli.nn import BinarizedConv2d
 from binarize_cli.pack import pack_planes
 from binarize_cli.runtime.format import BIT_ORDER, FORMAT_NAME, FORMAT_VERSION
 from binarize_cli.schemes.base import ActivationQuantizer, Domain
-from binarize_cli.stepfind import LOWEST, TooManyPieces, find_jumps, ordinal_to_float
+from binarize_cli.stepfind import (
+    LOWEST,
+    TooManyPieces,
+    check_points,
+    find_jumps,
+    ordinal_to_float,
+)
 
 DEFAULT_FILE = "model.packed.safetensors"
 #: Most pieces an activation step function may have (DoReFa with 16 bits has 65536).
@@ -140,20 +146,7 @@ def activation_code(
 
 def _check_step(q: ActivationQuantizer, step: ActivationStep, what: str) -> None:
     t = step.thresholds
-    rng = np.random.default_rng(0)
-    big = np.float32(np.finfo(np.float32).max)
-    centre = float(np.median(t)) if t.size else 0.0
-    spread = float(t.max() - t.min()) if t.size > 1 else 1.0
-    pts = [
-        t,
-        np.nextafter(t, -big),
-        np.nextafter(t, big),
-        (t[:-1] + t[1:]) / 2 if t.size > 1 else np.zeros(0, np.float32),
-        centre + 2 * spread * rng.standard_normal(4096),
-        rng.standard_normal(1024) * 10.0 ** rng.integers(-6, 6, size=1024),
-        np.array([0.0, -0.0, 1.0, -1.0, 1e30, -1e30], np.float32),
-    ]
-    xs = np.concatenate([np.asarray(p, np.float32).ravel() for p in pts])
+    xs = check_points(t)
     planes, _, _ = _planes_at(q, xs)
     idx = np.searchsorted(t, xs, side="right")
     if not np.array_equal(planes, step.codes[idx].astype(bool)):

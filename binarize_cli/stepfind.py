@@ -10,6 +10,7 @@ keys is halved until it is one ulp wide. Its right end is then the first float o
 piece. This is exact, provided that distinct pieces have distinct keys and that every key
 changes at most once along the line. That holds for PA's piece indicators, ABC's and sign's
 shifted signs, and DoReFa's binary digits. The search takes about 32 batched probes.
+:func:`check_points` gives both exporters the same points to confirm the result on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["TooManyPieces", "find_jumps", "float_to_ordinal", "ordinal_to_float"]
+__all__ = ["TooManyPieces", "check_points", "find_jumps", "float_to_ordinal", "ordinal_to_float"]
 
 
 class TooManyPieces(ValueError):
@@ -79,3 +80,24 @@ def find_jumps(
         if len(jumps) + len(intervals) >= max_pieces:
             raise TooManyPieces(f"more than {max_pieces} pieces: not a step function")
     return sorted(jumps), cache
+
+
+def check_points(thresholds: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """float32 points to confirm a found step function on: every threshold and its two float
+    neighbours, the midpoints between thresholds, random points around them at many scales,
+    and the signed zeros, +-1 and +-1e30."""
+    t = np.asarray(thresholds, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    big = np.float32(np.finfo(np.float32).max)
+    centre = float(np.median(t)) if t.size else 0.0
+    spread = float(t.max() - t.min()) if t.size > 1 else 1.0
+    points = [
+        t,
+        np.nextafter(t, -big),
+        np.nextafter(t, big),
+        (t[:-1] + t[1:]) / 2 if t.size > 1 else np.zeros(0, np.float32),
+        centre + 2 * spread * rng.standard_normal(4096),
+        rng.standard_normal(1024) * 10.0 ** rng.integers(-6, 6, size=1024),
+        np.array([0.0, -0.0, 1.0, -1.0, 1e30, -1e30], np.float32),
+    ]
+    return np.concatenate([np.asarray(p, np.float32).ravel() for p in points])
