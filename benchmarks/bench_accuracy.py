@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from _cmdline import shown_args
 
-from binarize_cli.baseline import ensure_baseline
-from binarize_cli.data import load_data, make_loader
-from binarize_cli.finetune import finetune
-from binarize_cli.models import load_model
-from binarize_cli.pipeline import run_convert
-from binarize_cli.recipe import merge_settings
-from binarize_cli.training import evaluate
+from binarize_cli.convert.baseline import ensure_baseline
+from binarize_cli.convert.finetune import finetune
+from binarize_cli.convert.pipeline import run_convert
+from binarize_cli.convert.training import evaluate
+from binarize_cli.core.settings import merge_settings
+from binarize_cli.load.data import load_data, make_loader
+from binarize_cli.load.models import load_model
 
 CONFIGS = (("pa", 4, 5), ("abc", 5, 5), ("pa", 8, 7), ("pa", 4, 0))
 

@@ -41,12 +41,12 @@ import torch
 from _cmdline import shown_args
 from torch import nn
 
-from binarize_cli.calibrate import calibrate_model
-from binarize_cli.data import load_data
-from binarize_cli.models import create_architecture
-from binarize_cli.onnx_export import export_onnx_model, onnx_logits
-from binarize_cli.packed import export_packed_model
-from binarize_cli.surgery import binarize_model
+from binarize_cli.convert.calibrate import calibrate_model
+from binarize_cli.convert.surgery import binarize_model
+from binarize_cli.export.onnx import export_onnx_model, onnx_logits
+from binarize_cli.export.packed import export_packed_model
+from binarize_cli.load.data import load_data
+from binarize_cli.load.models import create_architecture
 
 
 def _cpu_name() -> str:

@@ -109,8 +109,8 @@ def _time_layer(layer, be, x: torch.Tensor, mod, repeats: int) -> tuple[float, f
 def _converted_resnet18(size: int) -> torch.nn.Module:
     import timm
 
-    from binarize_cli.nn import BinarizedConv2d
-    from binarize_cli.surgery import binarize_model
+    from binarize_cli.convert.surgery import binarize_model
+    from binarize_cli.quant.layers import BinarizedConv2d
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=1000)
@@ -136,7 +136,7 @@ def _converted_resnet18(size: int) -> torch.nn.Module:
 
 def layer_rows(model, runtime, size: int, threads: int, repeats: int) -> list[dict]:
     """One row per distinct binarized layer shape (input channels, output, kernel, stride, spatial)."""
-    from binarize_cli.nn import BinarizedConv2d
+    from binarize_cli.quant.layers import BinarizedConv2d
 
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import timm
 
-    from binarize_cli.packed import export_packed_model
+    from binarize_cli.export.packed import export_packed_model
     from binarize_cli.runtime import load_packed
 
     torch.set_num_threads(args.threads)

@@ -24,8 +24,8 @@ import timm
 import torch
 from _cmdline import shown_args
 
-from binarize_cli.calibrate import calibrate_model
-from binarize_cli.surgery import binarize_model
+from binarize_cli.convert.calibrate import calibrate_model
+from binarize_cli.convert.surgery import binarize_model
 
 CONFIGS = (("full precision", None, 0, 0), ("PA", "pa", 4, 5), ("ABC", "abc", 5, 5))
 TARGET = 1.3

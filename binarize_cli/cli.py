@@ -1,7 +1,7 @@
 """The `binarize` command line: parse, call the library, print. Nothing else lives here.
 
 Each command is a thin function in :mod:`binarize_cli.commands`; the library raises
-:class:`~binarize_cli.errors.BinarizeError` s, which :func:`main` turns into one line on
+:class:`~binarize_cli.core.errors.BinarizeError` s, which :func:`main` turns into one line on
 stderr and exit code 2 (bad input) or 1 (failure). ``BINARIZE_DEBUG=1`` shows tracebacks.
 
 Ctrl-C exits with code 130 after the library's clean-up has run (temporary files removed,
@@ -22,7 +22,7 @@ import typer
 
 from binarize_cli import __version__
 from binarize_cli.commands import convert, export, report, run, verify
-from binarize_cli.errors import BinarizeError
+from binarize_cli.core.errors import BinarizeError
 
 app = typer.Typer(
     name="binarize",

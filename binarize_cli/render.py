@@ -1,7 +1,7 @@
-"""Rich tables for ``binarize report``, built from :mod:`binarize_cli.report`'s data.
+"""Rich tables for ``binarize report``, built from :mod:`binarize_cli.analyze.report`'s data.
 
-Nothing here computes a figure: every number comes from a :class:`~binarize_cli.report.Report`,
-:class:`~binarize_cli.report.CompareRow` or :class:`~binarize_cli.report.PaperRow`.
+Nothing here computes a figure: every number comes from a :class:`~binarize_cli.analyze.report.Report`,
+:class:`~binarize_cli.analyze.report.CompareRow` or :class:`~binarize_cli.analyze.report.PaperRow`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from binarize_cli.profile import LayerProfile, ModelProfile
-from binarize_cli.report import ACCURACY_STAGES, CompareRow, PaperRow, Report
+from binarize_cli.analyze.profile import LayerProfile, ModelProfile
+from binarize_cli.analyze.report import ACCURACY_STAGES, CompareRow, PaperRow, Report
 
 STAGE_NAMES = {"fp": "full precision", "calibrated": "calibrated", "binarized": "fine-tuned"}
 

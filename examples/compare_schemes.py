@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from binarize_cli.report import analytic_report
+from binarize_cli.analyze.report import analytic_report
 
 CONFIGS = (("pa", 4, 5), ("pa", 8, 7), ("abc", 5, 5), ("bireal", 1, 1), ("xnor", 1, 1))
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from binarize_cli.pipeline import run_convert
-from binarize_cli.recipe import merge_settings
+from binarize_cli.convert.pipeline import run_convert
+from binarize_cli.core.settings import merge_settings
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from binarize_cli.data import load_data, make_loader
-from binarize_cli.packed import export_packed
-from binarize_cli.rundir import read_meta
+from binarize_cli.core.rundir import read_meta
+from binarize_cli.export.packed import export_packed
+from binarize_cli.load.data import load_data, make_loader
 from binarize_cli.runtime import load_packed
 
 

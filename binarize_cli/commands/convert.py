@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from binarize_cli.commands._common import console, err_console
-from binarize_cli.errors import BadInputError
+from binarize_cli.core.errors import BadInputError
 
 
 class RichReporter:
@@ -193,8 +193,8 @@ def convert(
     ] = None,
 ) -> None:
     """Convert MODEL into a multiple-binary network and save a run directory."""
-    from binarize_cli.pipeline import run_convert
-    from binarize_cli.recipe import load_recipe, merge_settings
+    from binarize_cli.convert.pipeline import run_convert
+    from binarize_cli.core.settings import load_recipe, merge_settings
 
     recipe_data = load_recipe(recipe) if recipe is not None else None
     options: dict[str, Any] = {}

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from binarize_cli.commands._common import console
-from binarize_cli.errors import BadInputError
+from binarize_cli.core.errors import BadInputError
 
 TARGETS = ("onnx", "onnx-float", "packed")
 
@@ -33,7 +33,7 @@ def export(
         raise BadInputError(
             f"unknown export target {target!r}; choose one of: {', '.join(TARGETS)}"
         )
-    from binarize_cli.rundir import check_writable_dir, check_writable_file, resolve_run
+    from binarize_cli.core.rundir import check_writable_dir, check_writable_file, resolve_run
 
     run_path = resolve_run(run_dir)
     # Check the destination before the (slow) export: one line, exit 2, nothing written.
@@ -42,11 +42,11 @@ def export(
     else:
         check_writable_file(output, "-o")
     if target == "packed":
-        from binarize_cli.packed import export_packed
+        from binarize_cli.export.packed import export_packed
 
         written = export_packed(run_path, output)
     else:
-        from binarize_cli.onnx_export import export_onnx
+        from binarize_cli.export.onnx import export_onnx
 
         written = export_onnx(run_path, output, float_weights=(target == "onnx-float"))
     size = written.stat().st_size

@@ -1,7 +1,7 @@
 """`binarize report`: memory, FLOPs/BOPs and accuracy, full precision vs binarized.
 
-Modes (the library does the work: :mod:`binarize_cli.report`, tables in
-:mod:`binarize_cli.render`, figures in :mod:`binarize_cli.plots`):
+Modes (the library does the work: :mod:`binarize_cli.analyze.report`, tables in
+:mod:`binarize_cli.render`, figures in :mod:`binarize_cli.analyze.plots`):
 
 * ``binarize report MODEL --scheme pa -M 4 -N 5 --input-size 224``: analytic (random
   weights, no data);
@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from binarize_cli.commands._common import console, err_console
-from binarize_cli.errors import BadInputError
+from binarize_cli.core.errors import BadInputError
 
 
 def _clean(obj: Any) -> Any:
@@ -89,12 +89,12 @@ def report(
 ) -> None:
     """Report memory, FLOPs/BOPs and accuracy, full precision vs binarized."""
     from binarize_cli import render
-    from binarize_cli import report as lib
+    from binarize_cli.analyze import report as lib
 
     if input_size is not None and input_size < 1:
         raise BadInputError(f"--input-size must be a positive integer (got {input_size})")
     if plot is not None:
-        from binarize_cli.rundir import check_writable_dir
+        from binarize_cli.core.rundir import check_writable_dir
 
         if plot.exists() and not plot.is_dir():
             raise BadInputError(f"--plot {plot} is a file; pass a directory for the figures")
@@ -110,14 +110,14 @@ def report(
 
     figures: list[Path] = []
     if compare:
-        from binarize_cli.rundir import load_run
+        from binarize_cli.core.rundir import load_run
 
         paths: list[str | Path] = ([target] if target is not None else []) + list(compare)
         runs = [load_run(p) for p in paths]
         reports = [lib.report_for_run(r, input_size=input_size, errors=False) for r in runs]
         rows = lib.compare_reports(reports)
         if plot is not None:
-            from binarize_cli.plots import write_figures
+            from binarize_cli.analyze.plots import write_figures
 
             figures = write_figures(lib.plot_data(runs[0], reports), plot)
         if json_out:
@@ -138,12 +138,12 @@ def report(
                 f"{', '.join(given)} apply to analytic mode (a MODEL name), not to a run directory; "
                 "drop them or pass a model name"
             )
-        from binarize_cli.rundir import load_run
+        from binarize_cli.core.rundir import load_run
 
         run = load_run(target)
         rep = lib.report_for_run(run, input_size=input_size)
         if plot is not None:
-            from binarize_cli.plots import write_figures
+            from binarize_cli.analyze.plots import write_figures
 
             figures = write_figures(lib.plot_data(run, [rep]), plot)
     else:

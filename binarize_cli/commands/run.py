@@ -27,7 +27,7 @@ def run(
     ] = "auto",
 ) -> None:
     """Evaluate a packed model with the bitwise runtime alone (no torch in the model path)."""
-    from binarize_cli.packed import evaluate_packed_file
+    from binarize_cli.export.packed import evaluate_packed_file
 
     result = evaluate_packed_file(
         packed_file, data, batch_size=batch_size, samples=samples, backend=kernel

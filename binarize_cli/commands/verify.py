@@ -27,7 +27,7 @@ def verify(
     ] = True,
 ) -> None:
     """Check that the PyTorch model, the bitwise runtime and ONNX agree."""
-    from binarize_cli.verify import verify_run
+    from binarize_cli.export.verify import verify_run
 
     result = verify_run(run_dir, data=data, samples=samples, onnx=onnx)
     if json_out:

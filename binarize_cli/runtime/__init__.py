@@ -1,6 +1,6 @@
 """Torch-free runtime for packed binarized models (``binarize run``, ``binarize verify``).
 
-Imports NumPy and safetensors only — never torch (``tests/test_runtime_model.py`` imports
+Imports NumPy and safetensors only — never torch (``tests/runtime/test_model.py`` imports
 it with torch blocked). :func:`load_packed` reads a file written by
 ``binarize export --target packed`` (``docs/format.md``) and returns a :class:`PackedModel`
 that maps normalised images ``[B, C, H, W]`` to logits: binarized convolutions run as

@@ -9,7 +9,7 @@ or as {-1,+1} (``plus_minus_one``: ``read(b) = 2b - 1``). By linearity (eq. 19)
 
 where the field holds the ``K = kh*kw*Cg`` (tap, channel) positions of output pixel ``p``
 and zero-padded positions contribute the real value 0 (``A_hat`` is padded after the
-activation approximation, see :mod:`binarize_cli.nn`). Every ``D_ij`` is an integer computed
+activation approximation, see :mod:`binarize_cli.quant.layers`). Every ``D_ij`` is an integer computed
 from popcounts (``docs/runtime.md`` has the derivation):
 
 * {0,1} weights, {0,1} activations (PA): ``D = popcount(T AND V)`` (eq. 20). Padded
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from binarize_cli.pack import unpack_planes
 from binarize_cli.runtime import ops
+from binarize_cli.runtime.bits import unpack_planes
 from binarize_cli.runtime.kernels import (
     OP_AND,
     OP_XNOR,

@@ -3,7 +3,7 @@
 A packed file is a safetensors file. Its string metadata holds the format name and version,
 the run's scheme, M, N, source model, input geometry and normalisation, and ``graph``: the
 network as JSON (an ordered op list naming the safetensors tensors each op reads). This
-module is shared by the writer (:mod:`binarize_cli.packed`, torch side) and the reader
+module is shared by the writer (:mod:`binarize_cli.export.packed`, torch side) and the reader
 (:mod:`binarize_cli.runtime.model`, no torch).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from binarize_cli.errors import FormatError
+from binarize_cli.core.errors import FormatError
 
 FORMAT_NAME = "binarize-packed"
 FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from binarize_cli.errors import BadInputError, FormatError
+from binarize_cli.core.errors import BadInputError, FormatError
 from binarize_cli.runtime import ops
 from binarize_cli.runtime.bitconv import ActivationCode, BinaryConv2d, from_tensors
 from binarize_cli.runtime.format import check_header

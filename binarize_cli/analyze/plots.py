@@ -1,0 +1,209 @@
+"""Figures for ``binarize report --plot`` (matplotlib, Agg backend: no display needed).
+
+* :func:`weight_histogram`: a layer's full-precision weights ``W`` and their approximation
+  ``W_hat = sum_i alpha_i T_i`` on the same bins (paper Fig. 4, which uses ResNet18
+  group2/block1/conv1 with M = 8);
+* :func:`activation_histogram`: a layer's real input activations ``A`` and
+  ``A_hat = sum_j beta_j V_j`` (paper Fig. 5: ResNet18 group2/block1/conv2, N = 5);
+* :func:`accuracy_memory`: top-1 against memory across compared runs (full-precision
+  baselines included), the trade-off of the paper's Tables 3 and 7 in one picture.
+
+Each returns a :class:`matplotlib.figure.Figure` (tests inspect its artists);
+:func:`save_figure` writes a PNG atomically (no partial files).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+#: Histogram bins of the distribution figures.
+BINS = 121
+FP_COLOR = "#4c72b0"
+APPROX_COLOR = "#dd8452"
+
+
+def _as_array(x: torch.Tensor | np.ndarray, limit: int = 2_000_000) -> np.ndarray:
+    a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    a = a.reshape(-1).astype(np.float64)
+    if a.size > limit:  # deterministic subsample of very large activation tensors
+        a = a[:: int(np.ceil(a.size / limit))]
+    return a
+
+
+def _distribution(
+    original: torch.Tensor | np.ndarray,
+    approx: torch.Tensor | np.ndarray,
+    *,
+    title: str,
+    xlabel: str,
+    labels: tuple[str, str],
+    log: bool,
+) -> Figure:
+    a, b = _as_array(original), _as_array(approx)
+    lo = float(min(a.min(initial=0.0), b.min(initial=0.0)))
+    hi = float(max(a.max(initial=0.0), b.max(initial=0.0)))
+    if hi <= lo:
+        hi = lo + 1.0
+    bins = np.linspace(lo, hi, BINS + 1)
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.hist(a, bins=bins, color=FP_COLOR, alpha=0.55, label=labels[0], log=log)
+    ax.hist(b, bins=bins, color=APPROX_COLOR, alpha=0.75, label=labels[1], log=log, rwidth=0.6)
+    rel = (
+        float(np.linalg.norm(a - b) / np.linalg.norm(a))
+        if a.shape == b.shape and np.any(a)
+        else None
+    )
+    levels = np.unique(b).size
+    info = f"{levels} distinct approximated values"
+    if rel is not None:
+        info += f", relative error {rel:.3f}"
+    ax.set_title(f"{title}\n{info}", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count" + (" (log)" if log else ""))
+    ax.legend()
+    return fig
+
+
+def weight_histogram(
+    weight: torch.Tensor | np.ndarray,
+    approx: torch.Tensor | np.ndarray,
+    *,
+    layer: str = "",
+    scheme: str = "",
+    m: int | None = None,
+) -> Figure:
+    """Histogram of ``W`` and ``W_hat`` on shared bins (paper Fig. 4)."""
+    what = f"{scheme} M={m}" if m is not None else scheme
+    return _distribution(
+        weight,
+        approx,
+        title=f"Weights of {layer} ({what})".replace(" ()", ""),
+        xlabel="weight value",
+        labels=("full precision W", f"approximation W_hat ({what})".replace(" ()", "")),
+        log=False,
+    )
+
+
+def activation_histogram(
+    activation: torch.Tensor | np.ndarray,
+    approx: torch.Tensor | np.ndarray,
+    *,
+    layer: str = "",
+    scheme: str = "",
+    n: int | None = None,
+) -> Figure:
+    """Histogram of ``A`` and ``A_hat`` on shared bins, log counts (paper Fig. 5)."""
+    what = f"{scheme} N={n}" if n is not None else scheme
+    return _distribution(
+        activation,
+        approx,
+        title=f"Input activations of {layer} ({what})".replace(" ()", ""),
+        xlabel="activation value",
+        labels=("full precision A", f"approximation A_hat ({what})".replace(" ()", "")),
+        log=True,
+    )
+
+
+@dataclass
+class AccuracyPoint:
+    """One point of :func:`accuracy_memory`."""
+
+    label: str
+    memory_bits: float
+    top1: float
+    full_precision: bool = False
+
+
+def accuracy_memory(points: Sequence[AccuracyPoint], *, title: str = "") -> Figure:
+    """Top-1 accuracy against memory (Mbit, log scale); full-precision baselines as squares."""
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    groups = (
+        ([p for p in points if not p.full_precision], "o", APPROX_COLOR, "binarized"),
+        ([p for p in points if p.full_precision], "s", FP_COLOR, "full precision"),
+    )
+    for pts, marker, color, label in groups:
+        if not pts:
+            continue
+        ax.scatter(
+            [p.memory_bits / 1e6 for p in pts],
+            [p.top1 for p in pts],
+            marker=marker,
+            color=color,
+            label=label,
+            zorder=3,
+        )
+        for p in pts:
+            ax.annotate(
+                p.label,
+                (p.memory_bits / 1e6, p.top1),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.12)  # room for the point labels
+    ax.set_xlabel("memory (Mbit, log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "Accuracy against memory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG at ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "model"
+
+
+def write_figures(data: object, out_dir: str | Path) -> list[Path]:
+    """Draw and save a :class:`binarize_cli.analyze.report.PlotData`; returns the files written.
+
+    Files: ``weights_<layer>.png``, ``activations_<layer>.png`` (when a data batch was
+    available) and ``accuracy_memory.png`` (when accuracies are known).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        from binarize_cli.core.errors import BadInputError
+
+        raise BadInputError(f"--plot {out} is a file; pass a directory for the figures")
+    figures: list[tuple[Figure, Path]] = []
+    w = getattr(data, "weights", None)
+    if w is not None:
+        fig = weight_histogram(w.original, w.approx, layer=w.layer, scheme=w.scheme, m=w.bases)
+        figures.append((fig, out / f"weights_{_slug(w.layer)}.png"))
+    a = getattr(data, "activations", None)
+    if a is not None:
+        fig = activation_histogram(a.original, a.approx, layer=a.layer, scheme=a.scheme, n=a.bases)
+        figures.append((fig, out / f"activations_{_slug(a.layer)}.png"))
+    points = list(getattr(data, "points", None) or [])
+    if points:
+        figures.append((accuracy_memory(points), out / "accuracy_memory.png"))
+    return [save_figure(fig, path) for fig, path in figures]

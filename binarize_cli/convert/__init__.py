@@ -1,0 +1,10 @@
+"""convert: turn a loaded full-precision model into a calibrated, fine-tuned binarized one.
+
+Owns the stages of ``binarize convert`` after loading: the graph view of a model
+(:mod:`.graph`), which layers to replace (:mod:`.policy`), the module swap (:mod:`.surgery`),
+the full-precision baseline (:mod:`.baseline`), calibration (:mod:`.calibrate`), the training
+loop (:mod:`.training`, :mod:`.finetune`, :mod:`.distributed`), and the stage functions that
+chain them into a run directory (:mod:`.pipeline`).
+
+May import: :mod:`binarize_cli.core`, :mod:`binarize_cli.load`, :mod:`binarize_cli.quant`.
+"""

@@ -1,0 +1,298 @@
+"""Brief fine-tuning of a calibrated binarized model, with epoch checkpoints and resume.
+
+Adam (as in the paper, section 3.3) over the latent weights and the quantizers' trainable
+endpoints/levels, a cosine learning-rate schedule over the whole (possibly fractional)
+number of epochs, optional distillation from the full-precision model. ``epochs`` may be
+fractional: ``1.5`` is one full epoch then half of the next.
+
+After every epoch the full training state is written atomically to ``checkpoint.pt`` in the
+work directory (model, optimizer, scheduler, epoch, timings). ``--resume`` reloads it (with
+``torch.load(weights_only=True)``) and continues at the next epoch, so an interruption loses
+at most the epoch in progress. Each epoch's shuffling is seeded by ``seed + epoch`` so a
+resumed run sees the same batches as an uninterrupted one.
+
+Failure handling:
+
+* A checkpoint is written only after the epoch's parameters and buffers were checked finite,
+  so the checkpoint on disk is always the *last good* state. A non-finite loss (checked every
+  step by :func:`binarize_cli.convert.training.train_one_epoch`) or non-finite weights after an epoch
+  raise :class:`~binarize_cli.core.errors.TrainingDivergedError` naming the epoch and the kept
+  checkpoint; the checkpoint is left untouched.
+* Resuming with a different ``lr`` or ``epochs`` retargets the rest of the cosine schedule
+  (new peak, new length, same step), so "lower --lr and rerun with --resume" does what it
+  says, and a finished 1-epoch fine-tune can be extended with ``--epochs 2 --resume``.
+* An unreadable checkpoint raises :class:`~binarize_cli.core.errors.CheckpointError` (exit 2)
+  saying to delete the work directory or drop ``--resume``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from binarize_cli.core.errors import CheckpointError, TrainingDivergedError
+from binarize_cli.core.rundir import atomic_write_bytes
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class FinetuneState:
+    """What survives an interruption: epochs done and their wall-clock times."""
+
+    epochs_done: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_stats: list[dict[str, float]] = field(default_factory=list)
+
+
+def epoch_plan(epochs: float, steps_per_epoch: int) -> list[int]:
+    """Steps in each epoch for a possibly fractional number of epochs.
+
+    ``epoch_plan(1.5, 100) == [100, 50]``; ``epoch_plan(0, 100) == []``.
+    """
+    if epochs <= 0 or steps_per_epoch <= 0:
+        return []
+    full = math.floor(epochs)
+    plan = [steps_per_epoch] * full
+    rest = round((epochs - full) * steps_per_epoch)
+    if rest > 0:
+        plan.append(rest)
+    return plan
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def save_checkpoint(
+    work_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: FinetuneState,
+    extra: dict[str, Any],
+) -> None:
+    """Atomically write the training state after an epoch."""
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epochs_done": state.epochs_done,
+            "epoch_seconds": list(state.epoch_seconds),
+            "epoch_stats": list(state.epoch_stats),
+            "extra": extra,
+        },
+        buf,
+    )
+    atomic_write_bytes(work_dir / CHECKPOINT_FILE, buf.getvalue())
+
+
+def load_checkpoint(work_dir: Path) -> dict[str, Any] | None:
+    """The saved training state, or ``None`` when there is none.
+
+    Raises CheckpointError (one line) when the file exists but cannot be read.
+    """
+    path = work_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(
+            f"the fine-tune checkpoint {path} is unreadable ({first}); delete {work_dir} "
+            "or rerun without --resume to start over"
+        ) from None
+    needed = ("model", "optimizer", "scheduler", "epochs_done", "epoch_seconds")
+    if not isinstance(saved, dict) or any(k not in saved for k in needed):
+        raise CheckpointError(
+            f"{path} is not a binarize fine-tune checkpoint; delete {work_dir} "
+            "or rerun without --resume to start over"
+        )
+    return saved
+
+
+def check_finite_state(model: nn.Module) -> None:
+    """Raise TrainingDivergedError if any parameter or floating buffer is NaN or infinite."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TrainingDivergedError(f"training diverged: {name} became non-finite")
+
+
+#: Former name, kept for callers.
+check_finite_parameters = check_finite_state
+
+
+def _retarget_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: Any, lr: float, total_steps: int
+) -> None:
+    """Point a resumed cosine schedule at a new peak ``lr`` and/or length ``total_steps``.
+
+    The learning rate is set to the closed form ``lr * (1 + cos(pi * t / T)) / 2`` at the
+    step ``t`` reached. Nothing is touched when neither changed, so a plain resume continues
+    the saved schedule bit for bit.
+    """
+    base = list(getattr(scheduler, "base_lrs", []))
+    if scheduler.T_max == total_steps and all(b == lr for b in base):
+        return
+    scheduler.T_max = total_steps
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    t = min(int(scheduler.last_epoch), total_steps)
+    eta_min = float(getattr(scheduler, "eta_min", 0.0))
+    current = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * t / total_steps)) / 2
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = current
+    scheduler._last_lr = [current] * len(optimizer.param_groups)
+
+
+def _clean_stale_temporaries(work_dir: Path) -> None:
+    """Remove temporary files a killed process left behind (they are never read)."""
+    for tmp in work_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _diverged(exc: TrainingDivergedError, epoch: int, done: int, work_dir: Path | None) -> str:
+    head = str(exc).split(";")[0].strip()
+    if done > 0 and work_dir is not None:
+        advice = (
+            f"the last good checkpoint (after epoch {done}) is kept in {work_dir}: rerun with a "
+            "lower --lr and --resume to continue from it"
+        )
+    else:
+        advice = "no epoch completed, nothing was saved: rerun with a lower --lr"
+    return f"{head} in fine-tune epoch {epoch + 1}; {advice}"
+
+
+def finetune(
+    model: nn.Module,
+    *,
+    make_train_loader: Callable[[int], Any],
+    epochs: float,
+    lr: float,
+    weight_decay: float = 0.0,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
+    temperature: float = 1.0,
+    device: str = "cpu",
+    work_dir: Path | None = None,
+    resume: bool = False,
+    is_main: bool = True,
+    checkpoint_extra: dict[str, Any] | None = None,
+    on_epoch_start: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[..., None] | None = None,
+    train_module: nn.Module | None = None,
+    resume_state: dict[str, Any] | None = None,
+) -> FinetuneState:
+    """Fine-tune ``model`` in place.
+
+    Args:
+        make_train_loader: ``epoch -> DataLoader`` (seeded per epoch for reproducible resume).
+        train_module: what to call in the forward pass (a DDP wrapper of ``model``); defaults
+            to ``model``. Checkpoints always hold ``model``'s own state dict.
+        on_epoch_start: ``(epoch, num_epochs, steps)`` callback for progress display.
+        on_step: forwarded to :func:`binarize_cli.convert.training.train_one_epoch`.
+        resume_state: a checkpoint already read with :func:`load_checkpoint` (the pipeline
+            reads it early to validate it); otherwise ``resume`` reads ``work_dir``'s.
+
+    Raises:
+        TrainingDivergedError: non-finite loss or weights; the last good checkpoint is kept.
+    """
+    from binarize_cli.convert.training import train_one_epoch
+
+    net = train_module if train_module is not None else model
+    first_loader = make_train_loader(0)
+    plan = epoch_plan(epochs, len(first_loader))
+    total_steps = max(1, sum(plan))
+    optimizer = make_optimizer(model, lr, weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    state = FinetuneState()
+
+    if work_dir is not None and work_dir.is_dir():
+        _clean_stale_temporaries(work_dir)
+    saved = resume_state
+    if saved is None and resume and work_dir is not None:
+        saved = load_checkpoint(work_dir)
+    if saved is not None:
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise CheckpointError(
+                f"the fine-tune checkpoint in {work_dir} does not fit this model ({first}); "
+                "rerun with the settings of the interrupted run, or without --resume"
+            ) from None
+        _retarget_schedule(optimizer, scheduler, lr, total_steps)
+        state = FinetuneState(
+            epochs_done=int(saved["epochs_done"]),
+            epoch_seconds=[float(s) for s in saved["epoch_seconds"]],
+            epoch_stats=list(saved.get("epoch_stats", [])),
+        )
+
+    for epoch in range(state.epochs_done, len(plan)):
+        loader = first_loader if epoch == 0 else make_train_loader(epoch)
+        steps = plan[epoch]
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, len(plan), steps)
+        net.train()
+        try:
+            stats = train_one_epoch(
+                net,
+                _Limited(loader, steps),
+                optimizer,
+                scheduler=scheduler,
+                teacher=teacher,
+                distill_weight=distill_weight if teacher is not None else 0.0,
+                temperature=temperature,
+                device=device,
+                on_step=on_step,
+            )
+            check_finite_state(model)
+        except TrainingDivergedError as exc:
+            raise TrainingDivergedError(
+                _diverged(exc, epoch, state.epochs_done, work_dir if is_main else None)
+            ) from None
+        state.epochs_done = epoch + 1
+        state.epoch_seconds.append(float(stats.seconds))
+        state.epoch_stats.append(
+            {
+                "loss": float(stats.loss),
+                "top1": float(stats.top1),
+                "images_per_s": float(stats.images_per_s),
+            }
+        )
+        if work_dir is not None and is_main:
+            save_checkpoint(work_dir, model, optimizer, scheduler, state, checkpoint_extra or {})
+    return state
+
+
+class _Limited:
+    """A loader cut to its first ``steps`` batches (fractional epochs), with a length."""
+
+    def __init__(self, loader: Any, steps: int) -> None:
+        self.loader = loader
+        self.steps = min(steps, len(loader))
+        self.dataset = getattr(loader, "dataset", None)
+        self.batch_size = getattr(loader, "batch_size", None)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.steps:
+                break
+            yield batch

@@ -1,0 +1,531 @@
+"""The `convert` pipeline: validate -> load -> baseline -> evaluate -> surgery -> calibrate ->
+evaluate -> fine-tune -> evaluate -> save.
+
+Every stage is a library call that returns data; progress is reported through an optional
+:class:`Reporter` (the CLI implements it with rich). The run directory is written once, at the
+end, atomically (:func:`binarize_cli.core.rundir.write_run`); while fine-tuning, per-epoch
+checkpoints live in a hidden sibling work directory ``.<run>.partial`` that ``--resume``
+picks up and a successful run removes.
+
+Reliability contract (docs/reliability.md):
+
+* **Bad input fails first.** :func:`validate_settings` checks every setting that can be
+  checked without loading anything (scheme, M/N, numbers, ``--keep`` regexes, scheme options,
+  the checkpoint file's existence, the data spec's name); then the output location is checked
+  (writable, not a foreign directory), the resume checkpoint (readable, same settings), the
+  model (name, checkpoint contents) and the data (path, layout). All of this happens before
+  the first progress line and before any directory is created, so bad input prints exactly
+  one line (exit 2) and writes nothing. Only the baseline cache (``$BINARIZE_CACHE``) may be
+  created by a run that later fails.
+* **Interruption.** Ctrl-C (and SIGTERM, see :mod:`binarize_cli.cli`) during fine-tuning
+  raises :class:`ConvertInterrupted` (exit 130) saying how to resume; a SIGKILL loses at most
+  the epoch in progress, since checkpoints are written atomically after each epoch.
+  ``--resume`` refuses a checkpoint written with different settings (:data:`RESUME_KEYS`);
+  ``lr`` and ``epochs`` may change (the rest of the schedule is retargeted).
+* **Divergence.** A non-finite loss or weights stops with
+  :class:`~binarize_cli.core.errors.TrainingDivergedError` (exit 1) naming the kept checkpoint;
+  no run directory is written.
+* **Determinism.** The same settings and seed on the same machine (CPU, same torch and
+  thread count) give a bit-identical ``model.safetensors``: all randomness comes from
+  ``torch.manual_seed(seed)`` and seeded ``torch.Generator`` s (loaders per epoch,
+  calibration sampling); oneDNN runs in its deterministic mode while converting
+  (``torch.backends.mkldnn.deterministic``, restored afterwards); the weights file holds no
+  timestamps (``binarize.json`` does).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from binarize_cli import __version__
+from binarize_cli.core.errors import (
+    BadInputError,
+    BinarizeError,
+    CheckpointError,
+    DataError,
+    RunDirError,
+)
+from binarize_cli.core.rundir import DEFAULT_RUNS_ROOT, check_writable_dir, is_run_dir, write_run
+from binarize_cli.core.settings import ConvertSettings
+
+#: Settings a resumed fine-tune must share with the interrupted one (``lr`` and ``epochs``
+#: may change: the rest of the schedule is retargeted; ``calib_batches`` is not used when
+#: resuming).
+RESUME_KEYS = (
+    "model",
+    "checkpoint",
+    "pretrained",
+    "scheme",
+    "M",
+    "N",
+    "data",
+    "input_size",
+    "keep",
+    "scheme_options",
+    "batch_size",
+    "seed",
+    "baseline_epochs",
+    "baseline_lr",
+    "weight_decay",
+    "distill",
+    "distill_weight",
+    "temperature",
+)
+
+
+class ConvertInterrupted(BinarizeError):
+    """Ctrl-C or SIGTERM during `convert`; the message says what was kept (exit 130)."""
+
+    exit_code = 130
+
+
+class Reporter(Protocol):
+    """Progress sink for the pipeline (all methods optional in spirit; no return values)."""
+
+    def stage(self, text: str) -> None: ...
+
+    def epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None: ...
+
+    def step(self, step: int, total: int, loss: float, acc: float, images_per_s: float) -> None: ...
+
+    def epoch_end(self, epoch: int, seconds: float) -> None: ...
+
+
+class _Silent:
+    def stage(self, text: str) -> None:
+        pass
+
+    def epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
+        pass
+
+    def step(self, step: int, total: int, loss: float, acc: float, images_per_s: float) -> None:
+        pass
+
+    def epoch_end(self, epoch: int, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` produced: where, the metadata written, and the surgery table."""
+
+    run_dir: Path | None
+    meta: dict[str, Any]
+    decisions: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+
+def default_run_dir(model: str, scheme: str, m: int, n: int) -> Path:
+    safe = model.replace(":", "-").replace("/", "-")
+    return DEFAULT_RUNS_ROOT / f"{safe}-{scheme}-M{m}N{n}"
+
+
+def work_dir_for(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.partial"
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadInputError(f"output {run_dir} exists and is not a directory; choose another -o")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise RunDirError(
+            f"output directory {run_dir} exists, is not empty and is not a binarize run; "
+            "choose another -o (binarize never overwrites other files)"
+        )
+    # The run, its staging directory and the work directory are all created in the parent.
+    check_writable_dir(run_dir.parent, "-o")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(float(value)):
+        raise BadInputError(f"{name} must be a finite number (got {value})")
+
+
+def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
+    """Check every setting that needs no loading; returns ``(scheme, M, N)``.
+
+    Raises a one-line BadInputError subclass for the first problem found.
+    """
+    from binarize_cli.convert.policy import LayerPolicy
+    from binarize_cli.load.data import DATA_SPECS
+    from binarize_cli.quant import get_scheme
+
+    if not settings.model or not str(settings.model).strip():
+        raise BadInputError(
+            "no model given; pass MODEL (e.g. resnet18) or set `model` in the recipe"
+        )
+    scheme = get_scheme(settings.scheme)
+    m = settings.M if settings.M is not None else scheme.default_m
+    n = settings.N if settings.N is not None else scheme.default_n
+    scheme.check(m, n)
+    _finite("--epochs", settings.epochs)
+    _finite("--lr", settings.lr)
+    _finite("baseline_lr", settings.baseline_lr)
+    if settings.epochs < 0:
+        raise BadInputError(f"--epochs must be >= 0 (got {settings.epochs})")
+    if settings.baseline_epochs < 0:
+        raise BadInputError(f"--baseline-epochs must be >= 0 (got {settings.baseline_epochs})")
+    if settings.batch_size < 1:
+        raise BadInputError(f"--batch-size must be >= 1 (got {settings.batch_size})")
+    if settings.calib_batches < 1:
+        raise BadInputError(f"--calib-batches must be >= 1 (got {settings.calib_batches})")
+    if settings.lr <= 0:
+        raise BadInputError(f"--lr must be > 0 (got {settings.lr})")
+    if settings.baseline_lr <= 0:
+        raise BadInputError(f"baseline_lr must be > 0 (got {settings.baseline_lr})")
+    if not (math.isfinite(settings.weight_decay) and settings.weight_decay >= 0):
+        raise BadInputError(f"weight_decay must be >= 0 (got {settings.weight_decay})")
+    if not 0.0 <= settings.distill_weight <= 1.0:
+        raise BadInputError(f"distill_weight must be in [0, 1] (got {settings.distill_weight})")
+    if not (math.isfinite(settings.temperature) and settings.temperature > 0):
+        raise BadInputError(f"temperature must be > 0 (got {settings.temperature})")
+    if not 0 <= settings.seed < 2**63:
+        raise BadInputError(f"--seed must be in [0, 2**63) (got {settings.seed})")
+    if settings.input_size is not None and settings.input_size < 1:
+        raise BadInputError(f"--input-size must be a positive integer (got {settings.input_size})")
+    LayerPolicy(keep_patterns=tuple(settings.keep))  # compiles every --keep regex
+    options = dict(settings.scheme_options)
+    scheme.weight_quantizer(m, options)  # each factory rejects bad or unknown options
+    if n > 0:
+        scheme.activation_quantizer(n, options)
+    if settings.checkpoint is not None:
+        ckpt = Path(settings.checkpoint).expanduser()
+        if not ckpt.exists():
+            raise CheckpointError(f"checkpoint {ckpt} does not exist; check the --checkpoint path")
+        if not ckpt.is_file():
+            raise CheckpointError(
+                f"checkpoint {ckpt} is not a file; pass a .safetensors or .pt file"
+            )
+    data_name = re.split(r":", str(settings.data or "digits").strip(), maxsplit=1)[0].lower()
+    known = {d.split("[")[0].split(":")[0] for d in DATA_SPECS} | {"fashion_mnist", "fashionmnist"}
+    if data_name not in known:
+        raise DataError(f"unknown data spec {settings.data!r}; use one of: {', '.join(DATA_SPECS)}")
+    return scheme, m, n
+
+
+def resume_fingerprint(settings: ConvertSettings, scheme: str, m: int, n: int) -> dict[str, Any]:
+    """The settings a resumed fine-tune must share with the interrupted one."""
+    values = {**settings.to_dict(), "scheme": scheme, "M": m, "N": n}
+    return {k: values[k] for k in RESUME_KEYS}
+
+
+def _same(a: Any, b: Any) -> bool:
+    number = (int, float)
+    if isinstance(a, number) and isinstance(b, number) and not isinstance(a, bool | type(None)):
+        return not isinstance(b, bool) and float(a) == float(b)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_resume(saved: dict[str, Any], fingerprint: dict[str, Any], work_dir: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings (one line, exit 2)."""
+    extra = saved.get("extra")
+    if not isinstance(extra, dict) or "calibrated" not in extra or "calibrate_s" not in extra:
+        raise CheckpointError(
+            f"the fine-tune checkpoint in {work_dir} lacks its calibration record; "
+            f"delete {work_dir} or rerun without --resume"
+        )
+    before = extra.get("settings")
+    if not isinstance(before, dict):
+        return  # written by an older binarize: nothing to compare
+    diffs = [
+        f"{k}={before.get(k)!r} (now {fingerprint[k]!r})"
+        for k in fingerprint
+        if k in before and not _same(before[k], fingerprint[k])
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"the interrupted fine-tune in {work_dir} used other settings: {'; '.join(diffs[:3])}; "
+            "rerun with its settings to resume, or without --resume to start over"
+        )
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p``; returns the directories created (outermost first) for clean-up."""
+    created: list[Path] = []
+    p = path
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return list(reversed(created))
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _calibration_batches(loader: Any, count: int) -> list[torch.Tensor]:
+    batches: list[torch.Tensor] = []
+    for images, _labels in loader:
+        batches.append(images)
+        if len(batches) >= count:
+            break
+    return batches
+
+
+def run_convert(
+    settings: ConvertSettings,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    progress_console: Any = None,
+) -> ConvertResult:
+    """Run the whole conversion; returns the run directory and its metadata.
+
+    Raises BadInputError subclasses (before any output or directory) for bad input,
+    TrainingDivergedError, ConvertInterrupted, or other BinarizeErrors for failures.
+    """
+    from binarize_cli.convert import distributed
+    from binarize_cli.convert.baseline import ensure_baseline
+    from binarize_cli.convert.calibrate import calibrate_model
+    from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune, load_checkpoint
+    from binarize_cli.convert.surgery import binarize_model
+    from binarize_cli.convert.training import evaluate
+    from binarize_cli.load.data import describe, load_data, make_loader
+    from binarize_cli.load.models import load_model
+
+    rep: Reporter = reporter or _Silent()
+    # 0. validate everything that can be validated, silently, before writing anything.
+    scheme, m, n = validate_settings(settings)
+    assert settings.model is not None
+    run_dir = out_dir or default_run_dir(settings.model, scheme.name, m, n)
+    _check_output_dir(run_dir)
+    work_dir = work_dir_for(run_dir)
+    fingerprint = resume_fingerprint(settings, scheme.name, m, n)
+    saved = load_checkpoint(work_dir) if resume else None
+    if saved is not None:
+        check_resume(saved, fingerprint, work_dir)
+
+    ctx = distributed.setup()
+    torch.manual_seed(settings.seed)
+    # oneDNN's CPU convolution backward may reduce over threads in a run-dependent order
+    # unless asked to be deterministic (same results otherwise; restored on exit).
+    mkldnn_deterministic = torch.backends.mkldnn.deterministic
+    torch.backends.mkldnn.deterministic = True
+    created: list[Path] = []
+    try:
+        # 1. load: model first (its normalisation and input size shape RGB data), then data.
+        loaded = load_model(
+            settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint
+        )
+        data = load_data(
+            settings.data,
+            input_size=settings.input_size,
+            mean=loaded.mean,
+            std=loaded.std,
+            seed=settings.seed,
+            model_input_size=loaded.input_size,
+            crop_pct=loaded.crop_pct,
+        )
+        if data.num_classes != loaded.num_classes:
+            loaded = load_model(
+                settings.model,
+                pretrained=settings.pretrained,
+                checkpoint=settings.checkpoint,
+                num_classes=data.num_classes,
+            )
+        rep.stage(f"loaded {loaded.spec} ({loaded.weights} weights); data {describe(data)}")
+        if resume and saved is None:
+            rep.stage(f"nothing to resume in {work_dir}; starting from the beginning")
+        elif not resume and (work_dir / CHECKPOINT_FILE).is_file():
+            rep.stage(
+                f"an interrupted fine-tune is in {work_dir}; starting over "
+                "(pass --resume to continue it instead)"
+            )
+
+        # 2. full-precision baseline (adapted and cached when needed); rank 0 trains first.
+        rep.stage("full-precision baseline")
+        baseline = None
+        if ctx.is_main:
+            baseline = ensure_baseline(
+                loaded,
+                data,
+                epochs=settings.baseline_epochs,
+                batch_size=settings.batch_size,
+                lr=settings.baseline_lr,
+                seed=settings.seed,
+                progress=progress_console,
+            )
+        ctx.barrier()
+        if baseline is None:
+            baseline = ensure_baseline(
+                loaded,
+                data,
+                epochs=settings.baseline_epochs,
+                batch_size=settings.batch_size,
+                lr=settings.baseline_lr,
+                seed=settings.seed,
+                progress=None,
+            )
+        fp_model: nn.Module = baseline.model.to(ctx.device).eval()
+        val_loader = make_loader(
+            data.val, batch_size=max(settings.batch_size, 128), shuffle=False, seed=settings.seed
+        )
+        fp_acc = baseline.accuracy
+
+        # 3. surgery on a copy: the full-precision model stays the teacher and reference.
+        rep.stage(f"graph surgery: {scheme.name} M={m} N={n}")
+        student = copy.deepcopy(fp_model)
+        surgery = binarize_model(
+            student,
+            scheme,
+            m,
+            n,
+            keep=tuple(settings.keep),
+            first_conv=loaded.first_conv,
+            classifier=loaded.classifier,
+            options=dict(settings.scheme_options),
+        )
+        student = surgery.model.to(ctx.device)
+
+        if saved is not None:
+            extra = saved["extra"]
+            cal_acc = extra["calibrated"]
+            calibrate_s = float(extra["calibrate_s"])
+            resumed_from = int(saved["epochs_done"])
+            rep.stage(f"resuming after epoch {resumed_from} from {work_dir}")
+        else:
+            # 4. calibrate: activation endpoints/levels from data, then batch-norm statistics.
+            rep.stage(f"calibrating on {settings.calib_batches} batches")
+            calib_loader = make_loader(
+                data.train, batch_size=settings.batch_size, shuffle=True, seed=settings.seed
+            )
+            stats = calibrate_model(
+                student,
+                fp_model,
+                _calibration_batches(calib_loader, settings.calib_batches),
+                seed=settings.seed,
+            )
+            calibrate_s = stats.seconds
+            rep.stage("evaluating the calibrated model")
+            cal_acc = evaluate(student, val_loader, device=ctx.device).to_dict()
+            resumed_from = 0
+        if ctx.is_main and settings.epochs > 0:
+            created = _make_dirs(work_dir)
+
+        # 5. fine-tune.
+        teacher = fp_model if settings.distill else None
+        train_module: nn.Module = student
+        if ctx.enabled:
+            train_module = torch.nn.parallel.DistributedDataParallel(student)
+
+        def make_train_loader(epoch: int) -> Any:
+            return make_loader(
+                data.train,
+                batch_size=settings.batch_size,
+                shuffle=True,
+                seed=settings.seed + epoch,
+                drop_last=True,
+                distributed=ctx.enabled,
+            )
+
+        try:
+            state = finetune(
+                student,
+                make_train_loader=make_train_loader,
+                epochs=settings.epochs,
+                lr=settings.lr,
+                weight_decay=settings.weight_decay,
+                teacher=teacher,
+                distill_weight=settings.distill_weight,
+                temperature=settings.temperature,
+                device=ctx.device,
+                work_dir=work_dir if settings.epochs > 0 else None,
+                resume=resume,
+                is_main=ctx.is_main,
+                checkpoint_extra={
+                    "calibrated": cal_acc,
+                    "calibrate_s": calibrate_s,
+                    "settings": fingerprint,
+                },
+                on_epoch_start=rep.epoch_start,
+                on_step=rep.step,
+                train_module=train_module,
+                resume_state=saved,
+            )
+        except KeyboardInterrupt:
+            if (work_dir / CHECKPOINT_FILE).is_file():
+                raise ConvertInterrupted(
+                    f"interrupted; the completed fine-tune epochs are saved in {work_dir}: rerun "
+                    "the same command with --resume to continue"
+                ) from None
+            raise ConvertInterrupted(
+                "interrupted before the first fine-tune epoch completed; nothing was saved"
+            ) from None
+
+        # 6. evaluate and save.
+        rep.stage("evaluating the fine-tuned model")
+        final_acc = evaluate(student, val_loader, device=ctx.device).to_dict()
+        meta = {
+            "model": loaded.spec,
+            "weights": loaded.weights,
+            "scheme": scheme.name,
+            "M": m,
+            "N": n,
+            "data": data.spec,
+            "recipe": settings.to_dict(),
+            "accuracy": {"fp": fp_acc.to_dict(), "calibrated": cal_acc, "binarized": final_acc},
+            "timings": {
+                "baseline_epoch_s": [float(t) for t in baseline.epoch_times],
+                "baseline_cached": bool(baseline.cache_hit),
+                "finetune_epoch_s": state.epoch_seconds,
+                "calibrate_s": calibrate_s,
+            },
+            "finetune_epochs": state.epoch_stats,
+            "num_classes": data.num_classes,
+            "keep": list(settings.keep),
+            "scheme_options": dict(settings.scheme_options),
+            "first_conv": surgery.first_conv,
+            "classifier": surgery.classifier,
+            "policy": surgery.policy.to_dict(),
+            "input_size": data.input_size,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "world_size": ctx.world_size,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "binarize_version": __version__,
+        }
+        written: Path | None = None
+        if ctx.is_main:
+            written = write_run(
+                run_dir, {k: v.cpu() for k, v in student.state_dict().items()}, meta
+            )
+            shutil.rmtree(work_dir, ignore_errors=True)
+        ctx.barrier()
+        return ConvertResult(
+            run_dir=written,
+            meta=meta,
+            decisions=list(surgery.decisions),
+            warnings=list(surgery.warnings),
+            resumed_from_epoch=resumed_from,
+        )
+    except BaseException:
+        # Keep a work directory that holds a checkpoint (``--resume`` needs it); remove the
+        # directories this call created if nothing worth keeping is in them.
+        if created and not (work_dir / CHECKPOINT_FILE).is_file():
+            shutil.rmtree(work_dir, ignore_errors=True)
+            _remove_if_empty(created[:-1])
+        raise
+    finally:
+        torch.backends.mkldnn.deterministic = mkldnn_deterministic
+        distributed.teardown(ctx)

@@ -1,0 +1,217 @@
+"""Generic supervised training and evaluation loops (baseline adaptation and fine-tuning).
+
+* :func:`evaluate` -> :class:`Accuracy`: top-1 and top-5 in percent (top-k with
+  ``k = min(5, num_classes)`` so that sets with fewer than five classes still report).
+* :func:`train_one_epoch` -> :class:`EpochStats`: one pass of cross-entropy training,
+  optionally with knowledge distillation (Hinton et al.) from a teacher's logits::
+
+      loss = (1 - w) * CE(z_s, y) + w * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+  with ``w = distill_weight`` and ``T = temperature``; the ``T^2`` keeps the soft-target
+  gradient scale independent of ``T``. The scheduler, when given, is stepped once per batch
+  (build it with ``T_max = total steps``). A non-finite loss raises
+  :class:`~binarize_cli.core.errors.TrainingDivergedError` before the optimizer step, so the
+  weights stay finite.
+
+Both accept DDP-wrapped models (only ``model(x)``, ``.train()``/``.eval()`` are used) and any
+loader yielding ``(images, labels)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from binarize_cli.core.errors import TrainingDivergedError
+
+__all__ = [
+    "Accuracy",
+    "EpochStats",
+    "distillation_loss",
+    "evaluate",
+    "topk_correct",
+    "train_one_epoch",
+]
+
+#: ``on_step(step, total, loss, acc, images_per_s)``; ``step`` is 1-based, ``total`` may be None.
+StepCallback = Callable[[int, int | None, float, float, float], None]
+
+
+@dataclass
+class Accuracy:
+    """Top-1/top-5 accuracy in percent over ``samples`` images."""
+
+    top1: float
+    top5: float
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        """``{"top1": ..., "top5": ...}`` (the binarize.json form)."""
+        return {"top1": float(self.top1), "top5": float(self.top5)}
+
+
+@dataclass
+class EpochStats:
+    """One training epoch: mean loss, running top-1 (%), throughput and wall time."""
+
+    loss: float
+    top1: float
+    images_per_s: float
+    seconds: float
+    steps: int = 0
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def topk_correct(
+    logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] = (1, 5)
+) -> list[int]:
+    """Number of rows whose target is among the top-k logits, for each k (k capped at C)."""
+    ks = list(ks)
+    kmax = min(max(ks), logits.shape[-1])
+    top = logits.topk(kmax, dim=-1).indices
+    hits = top.eq(target.view(-1, 1))
+    return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+def _to(batch: Any, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch[0], batch[1]
+    non_blocking = torch.device(device).type == "cuda"
+    return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+    distributed: bool = False,
+) -> Accuracy:
+    """Top-1/top-5 accuracy (%) of ``model`` on ``loader`` in eval mode, without gradients.
+
+    The model's train/eval mode is restored afterwards. ``distributed=True`` sums the counts
+    over all ranks (every rank must call it then, each with its shard of the data).
+    """
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = _to(batch, device)
+                logits = model(x)
+                c1, c5 = topk_correct(logits.float(), y)
+                counts += torch.tensor([c1, c5, y.shape[0]], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        buf = counts.to(device)
+        torch.distributed.all_reduce(buf)
+        counts = buf.cpu()
+    n = int(counts[2])
+    if n == 0:
+        return Accuracy(0.0, 0.0, 0)
+    return Accuracy(100.0 * float(counts[0]) / n, 100.0 * float(counts[1]) / n, n)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, averaged over the batch."""
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    scheduler: Any = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
+    device: str | torch.device = "cpu",
+    on_step: StepCallback | None = None,
+    epoch: int | None = None,
+    max_grad_norm: float | None = None,
+) -> EpochStats:
+    """One epoch of training (see the module docstring for the loss).
+
+    ``epoch``, when given, is passed to ``loader.sampler.set_epoch`` (DistributedSampler).
+    ``max_grad_norm`` clips the global gradient norm. Raises TrainingDivergedError on a
+    non-finite loss.
+    """
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    sampler = getattr(loader, "sampler", None)
+    if epoch is not None and hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    use_teacher = teacher is not None and distill_weight > 0
+    if use_teacher:
+        teacher.eval()  # type: ignore[union-attr]
+    model.train()
+    try:
+        total: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    for batch in loader:
+        x, y = _to(batch, device)
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if use_teacher:
+            with torch.no_grad():
+                t_logits = teacher(x)  # type: ignore[misc]
+            loss = (1.0 - distill_weight) * loss + distill_weight * distillation_loss(
+                logits, t_logits, temperature
+            )
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            where = f"epoch {epoch + 1}, " if epoch is not None else ""
+            raise TrainingDivergedError(
+                f"training diverged: loss is {value} at {where}step {steps + 1}; lower --lr or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = int(y.shape[0])
+        steps += 1
+        seen += n
+        loss_sum += value * n
+        correct += int((logits.detach().argmax(dim=-1) == y).sum())
+        if on_step is not None:
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            on_step(steps, total, value, 100.0 * correct / seen, seen / elapsed)
+    seconds = time.perf_counter() - start
+    if seen == 0:
+        return EpochStats(loss=0.0, top1=0.0, images_per_s=0.0, seconds=seconds, steps=0, samples=0)
+    return EpochStats(
+        loss=loss_sum / seen,
+        top1=100.0 * correct / seen,
+        images_per_s=seen / max(seconds, 1e-9),
+        seconds=seconds,
+        steps=steps,
+        samples=seen,
+    )

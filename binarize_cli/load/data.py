@@ -1,0 +1,750 @@
+"""Datasets behind ``--data SPEC`` and deterministic loaders.
+
+Specs
+-----
+``digits`` (default)
+    scikit-learn's bundled 1797 handwritten 8x8 digits (values 0..16), scaled to [0, 1],
+    upsampled bilinearly to the input size (default 32x32), replicated to 3 channels. Fixed
+    stratified 80/20 train/val split (1437/360, ``random_state=0``), independent of ``--seed``
+    so accuracies compare across seeds. Held in memory.
+``fashion-mnist[:PATH]``
+    Zalando's Fashion-MNIST (60k train / 10k test, 28x28 grayscale), read from the four IDX
+    files (``train-images-idx3-ubyte[.gz]`` ...) with gzip + numpy. Searched in PATH (only
+    there, when given), then ``$BINARIZE_DATA`` (and its ``fashion-mnist/`` subfolder), then
+    ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``); each also in
+    torchvision's ``FashionMNIST/raw`` layout. If none has it and the mirror is reachable,
+    torchvision downloads it into ``$BINARIZE_DATA/fashion-mnist`` (default
+    ``~/.cache/binarize/data/fashion-mnist``, searched last on later runs).
+    Resized to the input size (default 32x32), 3 channels. Held in memory as uint8.
+``cifar10:PATH``
+    The CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``) in PATH or
+    ``PATH/cifar-10-batches-py``; read with a restricted unpickler that only admits numpy
+    arrays (the batches are pickles; nothing else is executed).
+``imagefolder:PATH``
+    ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (ImageNet's layout), through
+    torchvision's ``ImageFolder`` with the shorter side resized to ``size / crop_pct`` and a center crop (no
+    random augmentation: loaders stay deterministic under ``--seed``). Val classes must be a
+    subset of train classes and use train's class indices.
+``fake``
+    10 classes, 256 train / 128 val images of 3x32x32: a fixed random pattern per class plus
+    noise, generated from a fixed seed. Learnable, for smoke tests.
+
+Normalisation and size
+----------------------
+Grayscale sets (digits, fashion-mnist) are standardised with their own training-set mean and
+std (replicated over channels) and default to 32x32. RGB sets (cifar10, imagefolder) use the
+model's normalisation (``mean``/``std``, from its ``pretrained_cfg``) and the model's input size
+(``model_input_size``), falling back to the set's own statistics and native size; ``fake``
+defaults to 32x32 and the model's normalisation. ``input_size`` (``--input-size``) overrides the
+size for every set. Items are ``(float tensor [C, H, W], int label)``.
+
+Errors: an unknown spec, a missing/empty path or a wrong layout raise
+:class:`~binarize_cli.core.errors.DataError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from binarize_cli.core.errors import DataError
+
+__all__ = [
+    "DATA_SPECS",
+    "DEFAULT_FASHION_MNIST_DIR",
+    "DataBundle",
+    "describe",
+    "TensorImageDataset",
+    "load_data",
+    "make_loader",
+    "parse_input_size",
+    "read_idx",
+]
+
+DATA_SPECS = ("digits", "fashion-mnist[:PATH]", "cifar10:PATH", "imagefolder:PATH", "fake")
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_GRAY_DEFAULT_SIZE = 32
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_FASHION_CLASSES = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
+_FASHION_MIRROR_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+_FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "val_images": "t10k-images-idx3-ubyte",
+    "val_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass
+class DataBundle:
+    """A dataset pair plus the preprocessing facts the rest of the tool records.
+
+    ``spec`` is canonical (``digits``, ``fashion-mnist``, ``fashion-mnist:/abs/dir``,
+    ``cifar10:/abs/dir``, ``imagefolder:/abs/dir``, ``fake``); ``source`` is where the files
+    were found. ``input_size`` is (C, H, W) of the items.
+    """
+
+    spec: str
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    classes: list[str] = field(default_factory=list)
+    source: str | None = None
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as ``[N, C0, H0, W0]`` (uint8 or float), labels ``[N]``.
+
+    An item is ``((resize(x * scale) expanded to `channels`) - mean) / std``: stored single
+    channel images are replicated to ``channels``; ``size`` (H, W) other than the stored one
+    resizes bilinearly per item (used to feed 32x32 CIFAR to a 224x224 model without holding
+    the upsampled set).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels: int = 3,
+        scale: float = 1.0,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"images [N,C,H,W] and labels [N] expected, got {tuple(images.shape)}, {tuple(labels.shape)}"
+            )
+        self.images = images
+        self.labels = labels.long()
+        self.channels = channels
+        self.scale = float(scale)
+        self.size = tuple(size) if size is not None else tuple(images.shape[-2:])
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index].float()
+        if self.scale != 1.0:
+            x = x * self.scale
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(
+                x.unsqueeze(0), size=self.size, mode="bilinear", align_corners=False
+            ).squeeze(0)
+        if x.shape[0] != self.channels:
+            x = x.expand(self.channels, -1, -1)
+        return (x - self._mean) / self._std, int(self.labels[index])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_input_size(
+    value: int | Sequence[int] | None, channels: int
+) -> tuple[int, int, int] | None:
+    """``224`` -> (C, 224, 224); ``(H, W)`` -> (C, H, W); ``(C, H, W)`` as given. None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        dims: tuple[int, ...] = (channels, value, value)
+    else:
+        vals = tuple(int(v) for v in value)
+        if len(vals) == 2:
+            dims = (channels, *vals)
+        elif len(vals) == 3:
+            dims = vals
+        else:
+            raise DataError(f"input size must be N, (H, W) or (C, H, W); got {value!r}")
+    if min(dims) < 1 or dims[0] not in (1, 3):
+        raise DataError(f"input size must have 1 or 3 channels and positive sides; got {dims}")
+    return dims  # type: ignore[return-value]
+
+
+def _resize_u8(images: np.ndarray, size: tuple[int, int], chunk: int = 8192) -> torch.Tensor:
+    """Bilinear resize of uint8 [N, C, H, W] in chunks, rounded back to uint8."""
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    if tuple(t.shape[-2:]) == size:
+        return t.clone()
+    out = torch.empty((t.shape[0], t.shape[1], *size), dtype=torch.uint8)
+    for i in range(0, t.shape[0], chunk):
+        part = F.interpolate(
+            t[i : i + chunk].float(), size=size, mode="bilinear", align_corners=False
+        )
+        out[i : i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _gray_stats(images: torch.Tensor, scale: float) -> tuple[float, float]:
+    x = images.float() * scale
+    return float(x.mean()), float(x.std())
+
+
+def _pick_norm(
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    default_mean: Sequence[float],
+    default_std: Sequence[float],
+    channels: int,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    m = tuple(float(v) for v in (mean if mean is not None else default_mean))
+    s = tuple(float(v) for v in (std if std is not None else default_std))
+    if len(m) == 1:
+        m = m * channels
+    if len(s) == 1:
+        s = s * channels
+    if len(m) != channels or len(s) != channels or min(s) <= 0:
+        raise DataError(f"mean/std must have {channels} entries with std > 0; got {m}, {s}")
+    return m, s
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits(input_size: tuple[int, int, int] | None) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    c, h, w = input_size or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
+    digits = load_digits()
+    x = np.asarray(digits.data, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = np.asarray(digits.target, dtype=np.int64)
+    idx_train, idx_val = train_test_split(
+        np.arange(len(y)), test_size=0.2, stratify=y, random_state=0, shuffle=True
+    )
+    images = torch.from_numpy(x)
+    if (h, w) != (8, 8):
+        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    labels = torch.from_numpy(y)
+    tr = torch.from_numpy(np.sort(idx_train))
+    va = torch.from_numpy(np.sort(idx_val))
+    mu, sd = _gray_stats(images[tr], 1.0)
+    mean, std = (mu,) * c, (sd,) * c
+    train = TensorImageDataset(images[tr].contiguous(), labels[tr], mean=mean, std=std, channels=c)
+    val = TensorImageDataset(images[va].contiguous(), labels[va], mean=mean, std=std, channels=c)
+    return DataBundle(
+        spec="digits",
+        name="digits",
+        train=train,
+        val=val,
+        num_classes=10,
+        input_size=(c, h, w),
+        mean=mean,
+        std=std,
+        channels=c,
+        classes=[str(i) for i in range(10)],
+        source="sklearn.datasets.load_digits",
+    )
+
+
+# --------------------------------------------------------------------------- fashion-mnist
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): big-endian header, magic ``0 0 dtype ndim``.
+
+    Only unsigned-byte data (dtype code 0x08, what MNIST-style sets use) is accepted.
+    """
+    p = Path(path)
+    try:
+        raw = bytearray(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"cannot read IDX file {p}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{p} is not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise DataError(f"{p}: IDX data type 0x{raw[2]:02x} is not unsigned byte (0x08)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{p}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    count = int(np.prod(dims)) if dims else 0
+    if len(raw) - header != count:
+        raise DataError(
+            f"{p}: IDX payload has {len(raw) - header} bytes, header says {count} (truncated?)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        p = directory / name
+        if p.is_file():
+            return p
+    return None
+
+
+def _fashion_dirs(directory: Path) -> list[Path]:
+    return [directory, directory / "FashionMNIST" / "raw", directory / "fashion-mnist"]
+
+
+def _find_fashion(directory: Path) -> dict[str, Path] | None:
+    for d in _fashion_dirs(directory):
+        found = {k: _idx_file(d, stem) for k, stem in _FASHION_FILES.items()}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def _data_home() -> Path:
+    env = os.environ.get("BINARIZE_DATA")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("BINARIZE_CACHE")
+    base = Path(cache).expanduser() if cache else Path("~/.cache/binarize").expanduser()
+    return base / "data"
+
+
+def _download_fashion(root: Path) -> dict[str, Path] | None:
+    """Download with torchvision when the mirror is reachable; None when offline."""
+    from binarize_cli.load.models import _reachable
+
+    # torchvision's mirror (FashionMNIST.mirrors); probed before importing torchvision at all
+    if not _reachable(_FASHION_MIRROR_HOST, 80):
+        return None
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+    except Exception as exc:
+        raise DataError(f"downloading Fashion-MNIST into {root} failed: {exc}") from exc
+    return _find_fashion(root)
+
+
+def _load_fashion(path: str | None, input_size: tuple[int, int, int] | None) -> DataBundle:
+    if path:
+        d = Path(path).expanduser()
+        if not d.exists():
+            raise DataError(f"fashion-mnist: {d} does not exist")
+        if not d.is_dir():
+            raise DataError(f"fashion-mnist: {d} is not a directory")
+        files = _find_fashion(d)
+        if files is None:
+            raise DataError(
+                f"fashion-mnist: {d} has no train-images-idx3-ubyte.gz/train-labels-idx1-ubyte.gz/"
+                "t10k-images-idx3-ubyte.gz/t10k-labels-idx1-ubyte.gz"
+            )
+        spec = f"fashion-mnist:{d.resolve()}"
+    else:
+        candidates = []
+        if os.environ.get("BINARIZE_DATA"):
+            candidates.append(Path(os.environ["BINARIZE_DATA"]).expanduser())
+        candidates.append(DEFAULT_FASHION_MNIST_DIR)
+        candidates.append(_data_home() / "fashion-mnist")  # where an earlier download went
+        files = None
+        for c in candidates:
+            if c.is_dir():
+                files = _find_fashion(c)
+                if files:
+                    break
+        if files is None:
+            files = _download_fashion(_data_home() / "fashion-mnist")
+        if files is None:
+            where = ", ".join(str(c) for c in candidates)
+            raise DataError(
+                f"fashion-mnist not found (looked in {where}) and the download mirror is unreachable; "
+                "run `apt-get install dataset-fashion-mnist` or pass --data fashion-mnist:DIR"
+            )
+        spec = "fashion-mnist"
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    for split in ("train", "val"):
+        imgs, labs = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if imgs.ndim != 3 or labs.ndim != 1 or imgs.shape[0] != labs.shape[0]:
+            raise DataError(
+                f"fashion-mnist: {split} images {imgs.shape} and labels {labs.shape} do not match"
+            )
+        if imgs.shape[0] == 0:
+            raise DataError(f"fashion-mnist: the {split} split is empty")
+        if labs.max(initial=0) > 9:
+            raise DataError(f"fashion-mnist: {split} labels outside 0..9")
+    c, h, w = input_size or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
+    tr_images = _resize_u8(arrays["train_images"][:, None], (h, w))
+    va_images = _resize_u8(arrays["val_images"][:, None], (h, w))
+    mu, sd = _gray_stats(tr_images, 1 / 255)
+    mean, std = (mu,) * c, (sd,) * c
+    kw: dict[str, Any] = {"mean": mean, "std": std, "channels": c, "scale": 1 / 255}
+    train = TensorImageDataset(
+        tr_images, torch.from_numpy(arrays["train_labels"].astype(np.int64)), **kw
+    )
+    val = TensorImageDataset(
+        va_images, torch.from_numpy(arrays["val_labels"].astype(np.int64)), **kw
+    )
+    return DataBundle(
+        spec=spec,
+        name="fashion-mnist",
+        train=train,
+        val=val,
+        num_classes=10,
+        input_size=(c, h, w),
+        mean=mean,
+        std=std,
+        channels=c,
+        classes=list(_FASHION_CLASSES),
+        source=str(files["train_images"].parent),
+    )
+
+
+# --------------------------------------------------------------------------- cifar10
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only what numpy arrays need; CIFAR batches are pickled dicts of arrays/lists."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as f:
+            obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except Exception as exc:
+        raise DataError(f"cifar10: cannot read {path}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"cifar10: {path} is not a CIFAR batch")
+    data = obj.get("data", obj.get(b"data"))
+    labels = obj.get("labels", obj.get(b"labels"))
+    if data is None or labels is None:
+        raise DataError(f"cifar10: {path} lacks 'data' or 'labels'")
+    data = np.asarray(data, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"cifar10: {path} has data {data.shape} / labels {labels.shape}, expected [N, 3072] / [N]"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar10(
+    path: str,
+    input_size: tuple[int, int, int] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    model_input_size: tuple[int, int, int] | None,
+) -> DataBundle:
+    if not path:
+        raise DataError(
+            "cifar10 needs a path: --data cifar10:DIR (the folder holding cifar-10-batches-py)"
+        )
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise DataError(f"cifar10: {d} does not exist or is not a directory")
+    base = d / "cifar-10-batches-py" if (d / "cifar-10-batches-py").is_dir() else d
+    train_files = [base / f"data_batch_{i}" for i in range(1, 6)]
+    test_file = base / "test_batch"
+    missing = [p.name for p in [*train_files, test_file] if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"cifar10: {base} lacks {', '.join(missing)}; expected the python version (cifar-10-python.tar.gz) unpacked"
+        )
+    parts = [_read_cifar_batch(p) for p in train_files]
+    tr_x = np.concatenate([p[0] for p in parts])
+    tr_y = np.concatenate([p[1] for p in parts])
+    va_x, va_y = _read_cifar_batch(test_file)
+    if tr_y.size and (tr_y.min() < 0 or tr_y.max() > 9 or va_y.min() < 0 or va_y.max() > 9):
+        raise DataError("cifar10: labels outside 0..9")
+    classes = [str(i) for i in range(10)]
+    meta = base / "batches.meta"
+    if meta.is_file():
+        try:
+            with meta.open("rb") as f:
+                names = _NumpyOnlyUnpickler(f, encoding="latin1").load().get("label_names")
+            if isinstance(names, list) and len(names) == 10:
+                classes = [str(n) for n in names]
+        except Exception:
+            pass
+    size = input_size or (model_input_size and (3, *model_input_size[-2:])) or (3, 32, 32)
+    if size[0] != 3:
+        raise DataError(f"cifar10 is RGB; input size needs 3 channels, got {size}")
+    m, s = _pick_norm(mean, std, _CIFAR_MEAN, _CIFAR_STD, 3)
+    kw: dict[str, Any] = {
+        "mean": m,
+        "std": s,
+        "channels": 3,
+        "scale": 1 / 255,
+        "size": tuple(size[-2:]),
+    }
+    return DataBundle(
+        spec=f"cifar10:{d.resolve()}",
+        name="cifar10",
+        train=TensorImageDataset(torch.from_numpy(tr_x), torch.from_numpy(tr_y), **kw),
+        val=TensorImageDataset(torch.from_numpy(va_x), torch.from_numpy(va_y), **kw),
+        num_classes=10,
+        input_size=tuple(size),  # type: ignore[arg-type]
+        mean=m,
+        std=s,
+        channels=3,
+        classes=classes,
+        source=str(base),
+    )
+
+
+# --------------------------------------------------------------------------- imagefolder
+
+
+def _load_imagefolder(
+    path: str,
+    input_size: tuple[int, int, int] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    model_input_size: tuple[int, int, int] | None,
+    crop_pct: float,
+) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    if not path:
+        raise DataError(
+            "imagefolder needs a path: --data imagefolder:DIR (with train/ and val/ class folders)"
+        )
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise DataError(f"imagefolder: {d} does not exist or is not a directory")
+    for split in ("train", "val"):
+        if not (d / split).is_dir():
+            raise DataError(
+                f"imagefolder: {d} has no {split}/ folder; expected {d}/train/<class>/* and {d}/val/<class>/*"
+            )
+    size = input_size or (model_input_size and (3, *model_input_size[-2:])) or (3, 224, 224)
+    if size[0] != 3:
+        raise DataError(f"imagefolder images are RGB; input size needs 3 channels, got {size}")
+    m, s = _pick_norm(mean, std, _IMAGENET_MEAN, _IMAGENET_STD, 3)
+    h, w = size[1], size[2]
+    if not 0 < crop_pct <= 1:
+        raise DataError(f"crop_pct must be in (0, 1]; got {crop_pct}")
+    # timm/torchvision evaluation: shorter side to size / crop_pct (aspect kept), center crop
+    resize: int | tuple[int, int] = (
+        int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
+    )
+    tf = transforms.Compose(
+        [
+            transforms.Resize(resize),
+            transforms.CenterCrop((h, w)),
+            transforms.ToTensor(),
+            transforms.Normalize(m, s),
+        ]
+    )
+    try:
+        train = datasets.ImageFolder(str(d / "train"), transform=tf)
+        val = datasets.ImageFolder(str(d / "val"), transform=tf)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"imagefolder: {' '.join(str(exc).split())}") from exc
+    extra = sorted(set(val.classes) - set(train.classes))
+    if extra:
+        raise DataError(f"imagefolder: val/ has classes not in train/: {', '.join(extra[:5])}")
+    remap = {val.class_to_idx[c]: train.class_to_idx[c] for c in val.classes}
+    val.samples = [(p, remap[t]) for p, t in val.samples]
+    val.imgs = val.samples
+    val.targets = [t for _, t in val.samples]
+    val.classes = list(train.classes)
+    val.class_to_idx = dict(train.class_to_idx)
+    return DataBundle(
+        spec=f"imagefolder:{d.resolve()}",
+        name="imagefolder",
+        train=train,
+        val=val,
+        num_classes=len(train.classes),
+        input_size=tuple(size),  # type: ignore[arg-type]
+        mean=m,
+        std=s,
+        channels=3,
+        classes=list(train.classes),
+        source=str(d),
+    )
+
+
+# --------------------------------------------------------------------------- fake
+
+
+def _load_fake(
+    input_size: tuple[int, int, int] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    num_classes: int = 10,
+    n_train: int = 256,
+    n_val: int = 128,
+) -> DataBundle:
+    c, h, w = input_size or (3, 32, 32)
+    g = torch.Generator().manual_seed(20240601)
+    patterns = torch.rand((num_classes, c, 8, 8), generator=g)
+    patterns = F.interpolate(patterns, size=(h, w), mode="bilinear", align_corners=False)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=g)]
+        noise = 0.25 * torch.randn((n, c, h, w), generator=g)
+        return (patterns[labels] + noise).clamp_(0, 1), labels
+
+    tr_x, tr_y = make(n_train)
+    va_x, va_y = make(n_val)
+    m, s = _pick_norm(mean, std, (0.5,) * c, (0.25,) * c, c)
+    kw: dict[str, Any] = {"mean": m, "std": s, "channels": c}
+    return DataBundle(
+        spec="fake",
+        name="fake",
+        train=TensorImageDataset(tr_x, tr_y, **kw),
+        val=TensorImageDataset(va_x, va_y, **kw),
+        num_classes=num_classes,
+        input_size=(c, h, w),
+        mean=m,
+        std=s,
+        channels=c,
+        classes=[f"class{i}" for i in range(num_classes)],
+        source="synthetic",
+    )
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_data(
+    spec: str = "digits",
+    *,
+    input_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+    model_input_size: Sequence[int] | None = None,
+    crop_pct: float = 0.875,
+) -> DataBundle:
+    """Load a data spec (see the module docstring).
+
+    Args:
+        input_size: explicit size (``--input-size``): N, (H, W) or (C, H, W); every set.
+        mean, std: the model's normalisation, used by RGB sets (cifar10, imagefolder, fake);
+            grayscale sets standardise with their own training statistics.
+        model_input_size: the model's (C, H, W); the default size of cifar10/imagefolder.
+        crop_pct: the model's center-crop fraction (imagefolder).
+        seed: accepted for symmetry with the loaders; splits are fixed, not seed-dependent.
+    """
+    del seed  # the splits are fixed on purpose (comparable accuracies across seeds)
+    text = (spec or "digits").strip()
+    name, _, path = text.partition(":")
+    name = name.lower()
+    mis = tuple(int(v) for v in model_input_size) if model_input_size is not None else None
+    if name == "digits":
+        if path:
+            raise DataError("digits takes no path (it ships with scikit-learn); use --data digits")
+        return _load_digits(parse_input_size(input_size, 3))
+    if name in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        return _load_fashion(path or None, parse_input_size(input_size, 3))
+    if name == "cifar10":
+        return _load_cifar10(path, parse_input_size(input_size, 3), mean, std, mis)  # type: ignore[arg-type]
+    if name == "imagefolder":
+        return _load_imagefolder(path, parse_input_size(input_size, 3), mean, std, mis, crop_pct)  # type: ignore[arg-type]
+    if name == "fake":
+        if path:
+            raise DataError("fake takes no path; use --data fake")
+        return _load_fake(parse_input_size(input_size, 3), mean, std)
+    raise DataError(f"unknown data spec {spec!r}; use one of: {', '.join(DATA_SPECS)}")
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in a loader worker from torch's per-worker seed."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+    distributed: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+) -> DataLoader:
+    """A DataLoader whose order depends only on ``seed`` (and the epoch, via the sampler).
+
+    Shuffling draws from a ``torch.Generator`` seeded with ``seed``; iterating the loader
+    again continues that generator (a new, still deterministic, order per epoch). With
+    ``distributed=True`` a ``DistributedSampler(shuffle, seed, drop_last)`` shards the data
+    over ranks; call ``loader.sampler.set_epoch(epoch)`` each epoch
+    (:func:`binarize_cli.convert.training.train_one_epoch` does it when given ``epoch``).
+    ``num_replicas``/``rank`` default to the initialised process group's.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1 (got {batch_size})")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("the dataset is empty")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "drop_last": drop_last,
+        "num_workers": num_workers,
+        "generator": generator,
+        "pin_memory": pin_memory,
+        "worker_init_fn": _seed_worker if num_workers > 0 else None,
+    }
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=int(seed),
+            drop_last=drop_last,
+        )
+        return DataLoader(dataset, sampler=sampler, **kwargs)
+    return DataLoader(dataset, shuffle=shuffle, **kwargs)
+
+
+def describe(bundle: DataBundle) -> str:
+    """One line about a bundle, for logs: name, sizes, classes, input size."""
+    return (
+        f"{bundle.spec}: {len(bundle.train)} train / {len(bundle.val)} val, "  # type: ignore[arg-type]
+        f"{bundle.num_classes} classes, input {bundle.input_size[0]}x{bundle.input_size[1]}x{bundle.input_size[2]}"
+    )

@@ -1,0 +1,113 @@
+"""binarize_cli.analyze.plots: the figures exist, are PNGs, and show both distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.container import BarContainer
+from test_report import make_run_dir
+
+from binarize_cli.analyze.plots import (
+    AccuracyPoint,
+    accuracy_memory,
+    activation_histogram,
+    save_figure,
+    weight_histogram,
+    write_figures,
+)
+from binarize_cli.analyze.report import PlotData, layer_samples, plot_data, run_report
+from binarize_cli.core.errors import BadInputError
+from binarize_cli.quant import get_scheme
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _bars(fig):
+    (ax,) = fig.axes
+    return ax, [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def test_weight_histogram_has_both_distributions_on_shared_bins(tmp_path):
+    w = torch.randn(32, 16, 3, 3) * 0.05
+    quantizer = get_scheme("pa").weight_quantizer(4)
+    quantizer.calibrate(w)
+    w_hat = quantizer(w).detach()
+    fig = weight_histogram(w, w_hat, layer="layer2.0.conv1", scheme="pa", m=4)
+    ax, bars = _bars(fig)
+    assert len(bars) == 2
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels[0].startswith("full precision W") and "W_hat" in labels[1] and "M=4" in labels[1]
+    heights = [np.array([p.get_height() for p in b.patches]) for b in bars]
+    assert heights[0].sum() == w.numel() and heights[1].sum() == w.numel()  # every value binned
+    # the approximation is concentrated on few levels (M + 1 for PA), the original is spread
+    assert (heights[1] > 0).sum() <= 5 < (heights[0] > 0).sum()
+    assert [p.get_x() for p in bars[0].patches][:3] == pytest.approx(
+        [p.get_x() for p in bars[1].patches][:3], abs=0.02
+    )
+    assert "layer2.0.conv1" in ax.get_title()
+    path = save_figure(fig, tmp_path / "w.png")
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    assert [p.name for p in tmp_path.iterdir()] == ["w.png"]  # no temporary files left
+
+
+def test_activation_histogram_log_counts():
+    a = torch.relu(torch.randn(4, 8, 10, 10))
+    a_hat = torch.clamp(torch.round(a * 2) / 2, max=2.0)
+    fig = activation_histogram(a, a_hat, layer="layer2.0.conv2", scheme="pa", n=5)
+    ax, bars = _bars(fig)
+    assert len(bars) == 2 and ax.get_yscale() == "log"
+    label = ax.get_legend_handles_labels()[1][1]
+    assert "A_hat" in label and "N=5" in label
+    assert sum(p.get_height() for p in bars[1].patches) == a.numel()
+
+
+def test_accuracy_memory_plots_runs_and_baselines():
+    points = [
+        AccuracyPoint("fp", 374e6, 90.0, full_precision=True),
+        AccuracyPoint("pa M=4 N=5", 61.6e6, 86.0),
+        AccuracyPoint("bireal", 33.6e6, 70.0),
+    ]
+    fig = accuracy_memory(points)
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    offsets = [c.get_offsets() for c in ax.collections]
+    assert [len(o) for o in offsets] == [2, 1]
+    assert sorted(offsets[0][:, 0].tolist()) == pytest.approx([33.6, 61.6])
+    assert len(ax.texts) == 3
+
+
+def test_write_figures_for_a_run(tmp_path):
+    from binarize_cli.core.rundir import load_run
+
+    run = load_run(make_run_dir(tmp_path / "run"))
+    rep = run_report(run.path, errors=False)
+    data = plot_data(run, [rep])
+    assert data.weights is not None and data.activations is not None
+    assert data.weights.layer != data.activations.layer
+    assert data.activations.original.shape == data.activations.approx.shape
+    files = write_figures(data, tmp_path / "figs")
+    names = sorted(f.name for f in files)
+    assert names[0] == "accuracy_memory.png"
+    assert names[1].startswith("activations_") and names[2].startswith("weights_")
+    for f in files:
+        assert f.read_bytes().startswith(PNG_MAGIC) and f.stat().st_size > 5000
+    assert [p.label for p in data.points][0].endswith("FP")
+
+
+def test_layer_samples_rejects_a_kept_layer(tmp_path):
+    from binarize_cli.core.rundir import load_run
+
+    run = load_run(make_run_dir(tmp_path / "run"))
+    with pytest.raises(BadInputError):
+        layer_samples(run.model, None, weight_layer="fc")
+    w, a = layer_samples(run.model, None)
+    assert w is not None and a is None  # no batch: no activation figure
+
+
+def test_write_figures_refuses_a_file(tmp_path):
+    target = tmp_path / "file.png"
+    target.write_bytes(b"x")
+    with pytest.raises(BadInputError):
+        write_figures(PlotData(None, None, []), target)

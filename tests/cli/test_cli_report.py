@@ -1,0 +1,174 @@
+"""`binarize report` through the CLI: analytic, run, --compare, --plot, --paper, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+from test_report import make_run_dir
+from typer.testing import CliRunner
+
+from binarize_cli.cli import app
+from binarize_cli.core.errors import BadInputError, RunDirError
+
+runner = CliRunner()
+CONTRACT_KEYS = {
+    "memory_bits",
+    "fp_memory_bits",
+    "memory_saving",
+    "flops",
+    "fp_flops",
+    "speedup",
+    "bops",
+    "params",
+    "layers",
+}
+
+
+def _json(args: list[str]) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+def _check_sums(d: dict) -> None:
+    rows = d["layers"]
+    assert d["memory_bits"] == sum(r["bits"] for r in rows)
+    assert d["fp_memory_bits"] == sum(r["fp_bits"] for r in rows)
+    assert d["flops"] == sum(r["flops"] for r in rows)
+    assert d["fp_flops"] == sum(r["fp_flops"] for r in rows)
+    assert d["bops"] == sum(r["bops"] for r in rows)
+    assert d["params"] == {
+        "real": sum(r["params_real"] for r in rows),
+        "binary": sum(r["params_binary"] for r in rows),
+    }
+
+
+def test_analytic_json_pa_resnet18_224():
+    d = _json(
+        [
+            "report",
+            "resnet18",
+            "--scheme",
+            "pa",
+            "-M",
+            "4",
+            "-N",
+            "5",
+            "--input-size",
+            "224",
+            "--json",
+        ]
+    )
+    assert set(d) >= CONTRACT_KEYS and "accuracy" not in d
+    assert (d["scheme"], d["M"], d["N"], d["input_size"]) == ("pa", 4, 5, [3, 224, 224])
+    assert d["memory_bits"] == pytest.approx(61.6e6, rel=0.005)
+    assert d["fp_memory_bits"] == pytest.approx(374.1e6, rel=0.005)
+    assert d["fp_flops"] == pytest.approx(1.81e9, rel=0.005)
+    assert d["memory_saving"] == pytest.approx(d["fp_memory_bits"] / d["memory_bits"])
+    assert d["speedup"] == pytest.approx(d["fp_flops"] / d["flops"])
+    _check_sums(d)
+    conv = next(r for r in d["layers"] if r["name"] == "layer1.0.conv1")
+    assert conv["binarized"] and conv["M"] == 4 and conv["N"] == 5
+    assert conv["input_shape"] == [64, 56, 56] and conv["bops"] == 20 * conv["macs"]
+
+
+def test_analytic_tables(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    result = runner.invoke(
+        app, ["report", "timm:test_resnet", "--scheme", "bireal", "--input-size", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    for text in ("Layers", "Totals", "memory (Mbit)", "FLOPs", "downsample", "first convolution"):
+        assert text in result.stdout, text
+    assert "Accuracy" not in result.stdout
+
+
+def test_run_json_has_accuracy_and_errors(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    d = _json(["report", str(run_dir), "--json"])
+    assert CONTRACT_KEYS | {"accuracy"} <= set(d)
+    assert d["accuracy"]["binarized"] == {"top1": 85.0, "top5": 97.0}
+    assert d["mode"] == "run" and d["run_dir"] == str(run_dir)
+    _check_sums(d)
+    binarized = [r for r in d["layers"] if r["binarized"]]
+    assert all(
+        r["weight_error"] is not None and r["activation_error"] is not None for r in binarized
+    )
+
+
+def test_default_run_is_the_most_recent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_run_dir(tmp_path / "runs" / "only", scheme="pa", m=4, n=0)
+    d = _json(["report", "--json", "--input-size", "32"])
+    assert (d["scheme"], d["M"], d["N"]) == ("pa", 4, 0)
+    assert d["bops"] == 0
+
+
+def test_run_tables_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    run_dir = make_run_dir(tmp_path / "run")
+    figs = tmp_path / "figs"
+    result = runner.invoke(app, ["report", str(run_dir), "--plot", str(figs)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (
+        "Accuracy" in result.stdout and "fine-tuned" in result.stdout and "W err" in result.stdout
+    )
+    pngs = sorted(p.name for p in figs.iterdir())
+    assert len(pngs) == 3 and all(p.endswith(".png") for p in pngs)
+
+
+def test_compare_json_and_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    a = make_run_dir(tmp_path / "a", top1=85.0)
+    b = make_run_dir(tmp_path / "b", scheme="bireal", m=1, n=1, top1=70.0)
+    d = _json(["report", str(a), "--compare", str(b), "--json"])
+    rows = d["runs"]
+    assert [r["label"] for r in rows] == ["full precision", "a", "b"]
+    assert [r["scheme"] for r in rows] == [None, "pa", "bireal"]
+    assert rows[2]["gap_top1"] == pytest.approx(20.0)
+    assert rows[0]["memory_bits"] > max(rows[1]["memory_bits"], rows[2]["memory_bits"])
+    result = runner.invoke(app, ["report", "--compare", str(a), "--compare", str(b)])
+    assert result.exit_code == 0, result.output
+    assert "Runs compared" in result.stdout and "bireal" in result.stdout
+
+
+def test_paper_json(monkeypatch):
+    import binarize_cli.analyze.report as lib
+
+    monkeypatch.setattr(lib, "paper_comparison", partial(lib.paper_comparison, ("resnet18",)))
+    d = _json(["report", "--paper", "--json", "--input-size", "32"])  # memory: size-independent
+    rows = {r["label"]: r for r in d["paper"]}
+    assert rows["PA ResNet18"]["paper_memory_bits"] == 61.6e6
+    assert abs(rows["PA ResNet18"]["memory_diff"]) < 0.005
+    assert rows["ABC ResNet18"]["note"]
+
+
+def test_bad_combinations_are_bad_input(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    result = runner.invoke(app, ["report", str(run_dir), "-M", "4"])
+    assert isinstance(result.exception, BadInputError)
+    result = runner.invoke(app, ["report", str(tmp_path / "nope")])
+    assert isinstance(result.exception, RunDirError)
+    result = runner.invoke(app, ["report", "resnet18", "--plot", str(tmp_path / "figs")])
+    assert isinstance(result.exception, BadInputError)
+    assert not (tmp_path / "figs").exists()
+
+
+def test_error_is_one_line_exit_2(tmp_path):
+    env = {**os.environ, "BINARIZE_DEBUG": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "binarize_cli", "report", "resnet18", "--plot", str(tmp_path / "f")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("binarize: error: --plot")
+    assert list(tmp_path.iterdir()) == []

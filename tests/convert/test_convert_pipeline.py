@@ -1,0 +1,179 @@
+"""`binarize convert` end to end on tiny settings: run directory contract, resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from binarize_cli.cli import app
+from binarize_cli.convert.finetune import load_checkpoint
+from binarize_cli.convert.pipeline import run_convert, work_dir_for
+from binarize_cli.core.rundir import load_run
+from binarize_cli.core.settings import merge_settings
+
+FAST = {
+    "model": "resnet18",
+    "data": "fake",
+    "baseline_epochs": 1,
+    "epochs": 1.0,
+    "batch_size": 32,
+    "calib_batches": 2,
+}
+CONTRACT_KEYS = ("model", "scheme", "M", "N", "data", "recipe", "accuracy", "timings")
+
+
+def test_convert_writes_the_contract(tmp_path):
+    out = tmp_path / "run"
+    result = run_convert(
+        merge_settings(None, {**FAST, "scheme": "pa", "M": 4, "N": 5}), out_dir=out
+    )
+    assert result.run_dir == out
+    meta = json.loads((out / "binarize.json").read_text())
+    for key in CONTRACT_KEYS:
+        assert key in meta
+    for stage in ("fp", "calibrated", "binarized"):
+        assert set(meta["accuracy"][stage]) >= {"top1", "top5"}
+        assert 0.0 <= meta["accuracy"][stage]["top1"] <= 100.0
+    timings = meta["timings"]
+    assert len(timings["finetune_epoch_s"]) == 1 and timings["finetune_epoch_s"][0] > 0
+    assert len(timings["baseline_epoch_s"]) == 1 and timings["calibrate_s"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["binarize.json", "model.safetensors"]
+    assert not work_dir_for(out).exists()
+    # The run reloads into an identical model.
+    run = load_run(out)
+    state = load_file(str(out / "model.safetensors"))
+    for key, value in run.model.state_dict().items():
+        assert (value == state[key]).all(), key
+    binarized = [d for d in result.decisions if d.binarized]
+    assert len(binarized) == 19  # 16 3x3 convs + 3 downsample convs for PA
+
+
+def test_resume_continues_after_the_last_epoch(tmp_path):
+    out = tmp_path / "run"
+    settings = merge_settings(None, {**FAST, "scheme": "abc", "M": 2, "N": 2, "epochs": 2.0})
+    # Simulate an interruption after epoch 1: run 1 epoch keeping the work dir.
+    work = work_dir_for(out)
+    first = merge_settings(None, {**FAST, "scheme": "abc", "M": 2, "N": 2, "epochs": 1.0})
+    from binarize_cli.convert import pipeline
+
+    original = pipeline.write_run
+    pipeline.write_run = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_convert(first, out_dir=out)
+    finally:
+        pipeline.write_run = original
+    saved = load_checkpoint(work)
+    assert saved is not None and saved["epochs_done"] == 1
+    assert not out.exists()
+    result = run_convert(settings, out_dir=out, resume=True)
+    assert result.resumed_from_epoch == 1
+    meta = json.loads((out / "binarize.json").read_text())
+    assert len(meta["timings"]["finetune_epoch_s"]) == 2
+    assert meta["timings"]["finetune_epoch_s"][0] == pytest.approx(saved["epoch_seconds"][0])
+
+
+def test_cli_convert_and_refuses_foreign_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    runner = CliRunner()
+    from binarize_cli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "resnet18", "--data", "fake", "-o", str(foreign), "--epochs", "0"])
+    assert exc.value.code == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            "resnet18",
+            "--data",
+            "fake",
+            "--scheme",
+            "xnor",
+            "-M",
+            "1",
+            "-N",
+            "1",
+            "--epochs",
+            "0",
+            "--baseline-epochs",
+            "1",
+            "--calib-batches",
+            "1",
+            "--batch-size",
+            "32",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Graph surgery" in result.output
+    assert (tmp_path / "runs" / "resnet18-xnor-M1N1" / "binarize.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_one_process_shape(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BINARIZE_CACHE": str(tmp_path / "cache")}
+    args = [
+        "convert",
+        "resnet18",
+        "--data",
+        "fake",
+        "--scheme",
+        "pa",
+        "-M",
+        "2",
+        "-N",
+        "2",
+        "--epochs",
+        "1",
+        "--baseline-epochs",
+        "1",
+        "--calib-batches",
+        "1",
+        "--batch-size",
+        "16",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "binarize_cli", *args, "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "binarize_cli",
+            *args,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert two.returncode == 0, two.stderr
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a)
+    meta = json.loads((tmp_path / "two" / "binarize.json").read_text())
+    assert meta["world_size"] == 2
+    assert len(meta["timings"]["finetune_epoch_s"]) == 1

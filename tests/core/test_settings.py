@@ -1,0 +1,66 @@
+"""Recipes: TOML files validated strictly; defaults < recipe < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from binarize_cli.core.errors import RecipeError
+from binarize_cli.core.settings import load_recipe, merge_settings
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
+
+
+def test_paper_recipes_are_valid_and_cover_table_3_and_4():
+    seen = set()
+    for path in RECIPES:
+        data = load_recipe(path)
+        seen.add((data["model"], data["scheme"], data["M"], data["N"]))
+    for net in ("resnet18", "resnet34", "resnet50"):
+        for cfg in (
+            ("abc", 5, 0),
+            ("abc", 5, 5),
+            ("pa", 4, 0),
+            ("pa", 8, 0),
+            ("pa", 4, 5),
+            ("pa", 8, 7),
+        ):
+            assert (net, *cfg) in seen
+    assert ("densenet121", "pa", 8, 6) in seen
+    assert ("mobilenetv1_100", "pa", 8, 7) in seen
+
+
+def test_flags_override_recipe_and_recipe_overrides_defaults(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('scheme = "abc"\nM = 5\nN = 5\nepochs = 3\n[scheme_options]\nlambda_a = 0.5\n')
+    s = merge_settings(
+        load_recipe(p), {"M": 3, "epochs": None, "scheme_options": {"lambda_w": 2.0}}
+    )
+    assert s.scheme == "abc" and s.M == 3 and s.N == 5 and s.epochs == 3
+    assert s.scheme_options == {"lambda_a": 0.5, "lambda_w": 2.0}
+    assert merge_settings(None, {}).batch_size == 64
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("emochs = 2\n", "unknown key"),
+        ('M = "four"\n', "M must be int"),
+        ("M = true\n", "M must be int"),
+        ("distill = 1\n", "distill must be bool"),
+        ("keep = [1]\n", "keep item"),
+        ("[scheme_options]\nlambda_q = 1\n", "unknown scheme option"),
+        ("M = \n", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_are_rejected(tmp_path, text, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=needle):
+        load_recipe(p)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "none.toml")
