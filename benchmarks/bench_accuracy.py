@@ -30,58 +30,26 @@ from pathlib import Path
 import torch
 from _cmdline import shown_args
 
-from binarize_cli.convert.baseline import ensure_baseline
-from binarize_cli.convert.finetune import finetune
-from binarize_cli.convert.pipeline import run_convert
+from binarize_cli.convert.distributed import DistContext
+from binarize_cli.convert.pipeline import (
+    build_reference,
+    finetune_student,
+    load_inputs,
+    run_convert,
+)
 from binarize_cli.convert.training import evaluate
-from binarize_cli.core.settings import merge_settings
-from binarize_cli.load.data import load_data, make_loader
-from binarize_cli.load.models import load_model
+from binarize_cli.core.settings import ConvertSettings, merge_settings
 
 CONFIGS = (("pa", 4, 5), ("abc", 5, 5), ("pa", 8, 7), ("pa", 4, 0))
 
 
-def control_run(args: argparse.Namespace) -> dict[str, float]:
-    """The baseline fine-tuned ``--epochs`` more with the fine-tuning recipe (no binarization)."""
-    data = load_data(args.data, seed=args.seed)
-    loaded = load_model(args.model, num_classes=data.num_classes)
-    base = ensure_baseline(
-        loaded,
-        data,
-        epochs=args.baseline_epochs,
-        batch_size=args.batch_size,
-        lr=args.baseline_lr,
-        seed=args.seed,
-    )
-    model = copy.deepcopy(base.model)
-    state = finetune(
-        model,
-        make_train_loader=lambda e: make_loader(
-            data.train, batch_size=args.batch_size, shuffle=True, seed=args.seed + e, drop_last=True
-        ),
-        epochs=args.epochs,
-        lr=args.lr,
-    )
-    val = make_loader(data.val, batch_size=256, shuffle=False, seed=args.seed)
-    acc = evaluate(model, val).to_dict()
-    return {
-        "baseline_top1": base.accuracy.top1,
-        "baseline_top5": base.accuracy.top5,
-        "baseline_epoch_s": sum(base.epoch_times) / max(1, len(base.epoch_times)),
-        "control_top1": acc["top1"],
-        "control_top5": acc["top5"],
-        "control_epoch_s": sum(state.epoch_seconds) / max(1, len(state.epoch_seconds)),
-    }
-
-
-def binarized_run(args: argparse.Namespace, scheme: str, m: int, n: int, out: Path) -> dict:
-    settings = merge_settings(
+def bench_settings(args: argparse.Namespace, **scheme: object) -> ConvertSettings:
+    """The `convert` settings of this benchmark (``scheme``: ``scheme``, ``M``, ``N``)."""
+    return merge_settings(
         None,
         {
             "model": args.model,
-            "scheme": scheme,
-            "M": m,
-            "N": n,
+            **scheme,
             "data": args.data,
             "epochs": args.epochs,
             "baseline_epochs": args.baseline_epochs,
@@ -93,6 +61,34 @@ def binarized_run(args: argparse.Namespace, scheme: str, m: int, n: int, out: Pa
             "distill": args.distill,
         },
     )
+
+
+def control_run(args: argparse.Namespace) -> dict[str, float]:
+    """The baseline fine-tuned ``--epochs`` more with the fine-tuning recipe (no binarization).
+
+    The `convert` pipeline's own stages on one CPU process: load, baseline (the binarized
+    runs' cached one), fine-tune a copy without a teacher, evaluate.
+    """
+    settings = bench_settings(args)
+    ctx = DistContext()
+    inputs = load_inputs(settings)
+    reference = build_reference(settings, inputs, ctx)
+    base = reference.baseline
+    model = copy.deepcopy(reference.model)
+    state = finetune_student(settings, model, inputs.data, ctx)
+    acc = evaluate(model, reference.val_loader).to_dict()
+    return {
+        "baseline_top1": base.accuracy.top1,
+        "baseline_top5": base.accuracy.top5,
+        "baseline_epoch_s": sum(base.epoch_times) / max(1, len(base.epoch_times)),
+        "control_top1": acc["top1"],
+        "control_top5": acc["top5"],
+        "control_epoch_s": sum(state.epoch_seconds) / max(1, len(state.epoch_seconds)),
+    }
+
+
+def binarized_run(args: argparse.Namespace, scheme: str, m: int, n: int, out: Path) -> dict:
+    settings = bench_settings(args, scheme=scheme, M=m, N=n)
     result = run_convert(settings, out_dir=out / f"{scheme}-M{m}N{n}")
     return result.meta
 

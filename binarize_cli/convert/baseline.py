@@ -195,18 +195,27 @@ def _make_progress(progress: Any) -> tuple[Any, bool]:
     return bar, True
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """How a baseline trains and is evaluated (see the module doc); ``progress`` as in
+    :func:`ensure_baseline`."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    device: str
+    progress: Any
+    num_workers: int
+
+
 def _train(
-    loaded: LoadedModel,
-    data: DataBundle,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: str,
-    progress: Any,
-    num_workers: int,
+    loaded: LoadedModel, data: DataBundle, recipe: _Recipe
 ) -> tuple[list[float], list[dict[str, float]]]:
+    """``recipe.epochs`` of Adam with a per-step cosine schedule to 0; the epoch times and
+    :meth:`EpochStats.summary` records."""
+    epochs, batch_size, lr, seed = recipe.epochs, recipe.batch_size, recipe.lr, recipe.seed
+    device, progress, num_workers = recipe.device, recipe.progress, recipe.num_workers
     model = loaded.model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     n_train = len(data.train)  # type: ignore[arg-type]
@@ -266,9 +275,7 @@ def _train(
                     "lower --baseline-lr or check the data (nothing was cached)"
                 ) from None
             times.append(float(stats.seconds))
-            stats_list.append(
-                {"loss": stats.loss, "top1": stats.top1, "images_per_s": stats.images_per_s}
-            )
+            stats_list.append(stats.summary())
     finally:
         if bar is not None and owned:
             bar.stop()
@@ -277,6 +284,94 @@ def _train(
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
+
+
+def _from_cache(
+    directory: Path, key: str, model: nn.Module, *, train: bool, device: str, notes: list[str]
+) -> tuple[Accuracy, list[float], list[dict[str, float]]] | None:
+    """A complete entry's accuracy and training record, its weights (trained baselines)
+    loaded into ``model``; None when there is none or it is damaged (noted; rebuilt)."""
+    entry = _read_entry(directory, key, train)
+    if entry is None:
+        return None
+    try:
+        if train:
+            _load_model_into(model, directory / "model.safetensors")
+        model.to(device).eval()
+        acc = Accuracy(
+            **{
+                k: entry["accuracy"][k]
+                for k in ("top1", "top5", "samples")
+                if k in entry["accuracy"]
+            }
+        )
+        times = [float(t) for t in entry.get("epoch_times", [])]
+        return acc, times, list(entry.get("epoch_stats", []))
+    except Exception as exc:  # a damaged entry: rebuild it
+        notes.append(f"ignored an unreadable cached baseline in {directory} ({type(exc).__name__})")
+    return None
+
+
+def _fit(
+    loaded: LoadedModel, data: DataBundle, val_loader: Any, *, train: bool, recipe: _Recipe
+) -> tuple[Accuracy, list[float], list[dict[str, float]]]:
+    """Train (when ``train``) from the seeded initialisation of the module doc, under a forked
+    RNG, then evaluate; ``loaded.model`` ends on ``device`` in eval mode."""
+    seed, device = recipe.seed, recipe.device
+    model = loaded.model
+    times: list[float] = []
+    stats: list[dict[str, float]] = []
+    cuda = torch.device(device).type == "cuda"
+    fork_devices = [torch.device(device).index or 0] if cuda else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        if train:
+            if loaded.weights == "random":
+                fresh = create_architecture(loaded.spec, data.num_classes).model
+                model.load_state_dict(fresh.state_dict())
+            else:
+                reset_classifier(loaded, data.num_classes)
+            model.to(device)
+            times, stats = _train(loaded, data, recipe)
+        model.to(device)
+        acc = evaluate(model, val_loader, device=device)
+    model.eval()
+    return acc, times, stats
+
+
+def _write_cache(
+    directory: Path,
+    model: nn.Module,
+    key: str,
+    fields: dict[str, Any],
+    record: tuple[Accuracy, list[float], list[dict[str, float]]],
+    *,
+    train: bool,
+    notes: list[str],
+) -> Path | None:
+    """Write the entry (weights first, the json last); None, with a note, when it cannot.
+    ``record`` is the accuracy, epoch times and epoch stats."""
+    acc, times, stats = record
+    meta = {
+        "key": key,
+        "fields": fields,
+        "accuracy": {"top1": acc.top1, "top5": acc.top5, "samples": acc.samples},
+        "epoch_times": times,
+        "epoch_stats": stats,
+        "trained": train,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        if train:
+            _save_model(model, directory / "model.safetensors")
+        _atomic_write(
+            directory / "baseline.json",
+            lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
+        )
+        return directory
+    except OSError as exc:
+        notes.append(f"could not write the baseline cache {directory} ({exc.strerror or exc})")
+    return None
 
 
 def ensure_baseline(
@@ -317,89 +412,23 @@ def ensure_baseline(
         data.val, batch_size=max(batch_size, 128), shuffle=False, seed=seed, num_workers=num_workers
     )
 
-    entry = _read_entry(directory, key, train) if use_cache else None
-    if entry is not None:
-        try:
-            if train:
-                _load_model_into(model, directory / "model.safetensors")
-            model.to(device).eval()
-            acc = Accuracy(
-                **{
-                    k: entry["accuracy"][k]
-                    for k in ("top1", "top5", "samples")
-                    if k in entry["accuracy"]
-                }
-            )
-            return Baseline(
-                model=model,
-                accuracy=acc,
-                epoch_times=[float(t) for t in entry.get("epoch_times", [])],
-                cache_hit=True,
-                cache_path=directory,
-                trained=train,
-                key=key,
-                epoch_stats=list(entry.get("epoch_stats", [])),
-                notes=notes,
-            )
-        except Exception as exc:  # a damaged entry: rebuild it
-            notes.append(
-                f"ignored an unreadable cached baseline in {directory} ({type(exc).__name__})"
-            )
-
-    times: list[float] = []
-    stats: list[dict[str, float]] = []
-    cuda = torch.device(device).type == "cuda"
-    fork_devices = [torch.device(device).index or 0] if cuda else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        if train:
-            if loaded.weights == "random":
-                fresh = create_architecture(loaded.spec, data.num_classes).model
-                model.load_state_dict(fresh.state_dict())
-            else:
-                reset_classifier(loaded, data.num_classes)
-            model.to(device)
-            times, stats = _train(
-                loaded,
-                data,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                device=device,
-                progress=progress,
-                num_workers=num_workers,
-            )
-        model.to(device)
-        acc = evaluate(model, val_loader, device=device)
-    model.eval()
-
-    path: Path | None = None
+    cached = None
     if use_cache:
-        meta = {
-            "key": key,
-            "fields": fields,
-            "accuracy": {"top1": acc.top1, "top5": acc.top5, "samples": acc.samples},
-            "epoch_times": times,
-            "epoch_stats": stats,
-            "trained": train,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        }
-        try:
-            if train:
-                _save_model(model, directory / "model.safetensors")
-            _atomic_write(
-                directory / "baseline.json",
-                lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
-            )
-            path = directory
-        except OSError as exc:
-            notes.append(f"could not write the baseline cache {directory} ({exc.strerror or exc})")
+        cached = _from_cache(directory, key, model, train=train, device=device, notes=notes)
+    if cached is not None:
+        (acc, times, stats), path = cached, directory
+    else:
+        recipe = _Recipe(epochs, batch_size, lr, seed, device, progress, num_workers)
+        acc, times, stats = _fit(loaded, data, val_loader, train=train, recipe=recipe)
+        record = (acc, times, stats)
+        path = None
+        if use_cache:
+            path = _write_cache(directory, model, key, fields, record, train=train, notes=notes)
     return Baseline(
         model=model,
         accuracy=acc,
         epoch_times=times,
-        cache_hit=False,
+        cache_hit=cached is not None,
         cache_path=path,
         trained=train,
         key=key,

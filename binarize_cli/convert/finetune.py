@@ -130,10 +130,6 @@ def check_finite_state(model: nn.Module) -> None:
             raise TrainingDivergedError(f"training diverged: {name} became non-finite")
 
 
-#: Former name, kept for callers.
-check_finite_parameters = check_finite_state
-
-
 def _retarget_schedule(
     optimizer: torch.optim.Optimizer, scheduler: Any, lr: float, total_steps: int
 ) -> None:
@@ -173,6 +169,34 @@ def _diverged(exc: TrainingDivergedError, epoch: int, done: int, work_dir: Path 
     else:
         advice = "no epoch completed, nothing was saved: rerun with a lower --lr"
     return f"{head} in fine-tune epoch {epoch + 1}; {advice}"
+
+
+def _restore(
+    saved: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    lr: float,
+    total_steps: int,
+    work_dir: Path | None,
+) -> FinetuneState:
+    """Load a checkpoint into the model, optimizer and (retargeted) schedule; its state."""
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(
+            f"the fine-tune checkpoint in {work_dir} does not fit this model ({first}); "
+            "rerun with the settings of the interrupted run, or without --resume"
+        ) from None
+    _retarget_schedule(optimizer, scheduler, lr, total_steps)
+    return FinetuneState(
+        epochs_done=int(saved["epochs_done"]),
+        epoch_seconds=[float(s) for s in saved["epoch_seconds"]],
+        epoch_stats=list(saved.get("epoch_stats", [])),
+    )
 
 
 def finetune(
@@ -217,30 +241,14 @@ def finetune(
     total_steps = max(1, sum(plan))
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    state = FinetuneState()
-
     if work_dir is not None and work_dir.is_dir():
         _clean_stale_temporaries(work_dir)
     saved = resume_state
     if saved is None and resume and work_dir is not None:
         saved = load_checkpoint(work_dir)
+    state = FinetuneState()
     if saved is not None:
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise CheckpointError(
-                f"the fine-tune checkpoint in {work_dir} does not fit this model ({first}); "
-                "rerun with the settings of the interrupted run, or without --resume"
-            ) from None
-        _retarget_schedule(optimizer, scheduler, lr, total_steps)
-        state = FinetuneState(
-            epochs_done=int(saved["epochs_done"]),
-            epoch_seconds=[float(s) for s in saved["epoch_seconds"]],
-            epoch_stats=list(saved.get("epoch_stats", [])),
-        )
+        state = _restore(saved, model, optimizer, scheduler, lr, total_steps, work_dir)
 
     for epoch in range(state.epochs_done, len(plan)):
         loader = first_loader if epoch == 0 else make_train_loader(epoch)
@@ -267,13 +275,7 @@ def finetune(
             ) from None
         state.epochs_done = epoch + 1
         state.epoch_seconds.append(float(stats.seconds))
-        state.epoch_stats.append(
-            {
-                "loss": float(stats.loss),
-                "top1": float(stats.top1),
-                "images_per_s": float(stats.images_per_s),
-            }
-        )
+        state.epoch_stats.append(stats.summary())
         if work_dir is not None and is_main:
             save_checkpoint(work_dir, model, optimizer, scheduler, state, checkpoint_extra or {})
     return state

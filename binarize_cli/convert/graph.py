@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -283,11 +283,3 @@ def execution_order(
             handle.remove()
         model.train(was_training)
     return list(order)
-
-
-def first_weight_module(names: Iterable[str], modules: dict[str, nn.Module]) -> str | None:
-    """The first name in ``names`` whose module is a convolution (any ``_ConvNd``)."""
-    for name in names:
-        if isinstance(modules.get(name), nn.modules.conv._ConvNd):
-            return name
-    return None

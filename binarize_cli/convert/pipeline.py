@@ -1,8 +1,13 @@
 """The `convert` pipeline: validate -> load -> baseline -> evaluate -> surgery -> calibrate ->
 evaluate -> fine-tune -> evaluate -> save.
 
-Every stage is a library call that returns data; progress is reported through an optional
-:class:`Reporter` (the CLI implements it with rich). The run directory is written once, at the
+Every stage is a public function with a typed input and output, so a caller (a benchmark, a
+notebook) can run them one at a time: :func:`prepare` (-> :class:`ConvertPlan`),
+:func:`load_inputs` (-> :class:`ConvertInputs`), :func:`build_reference` (-> :class:`Reference`),
+:func:`binarize_student` (-> ``SurgeryResult``), :func:`calibrate_student`
+(-> :class:`Calibration`), :func:`finetune_student` (-> ``FinetuneState``),
+:func:`run_metadata` and :func:`write_result`; :func:`run_convert` chains them. Progress is
+reported through an optional :class:`Reporter` (the CLI implements it with rich). The run directory is written once, at the
 end, atomically (:func:`binarize_cli.core.rundir.write_run`); while fine-tuning, per-epoch
 checkpoints live in a hidden sibling work directory ``.<run>.partial`` that ``--resume``
 picks up and a successful run removes.
@@ -42,7 +47,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -57,6 +62,15 @@ from binarize_cli.core.errors import (
 )
 from binarize_cli.core.rundir import DEFAULT_RUNS_ROOT, check_writable_dir, is_run_dir, write_run
 from binarize_cli.core.settings import ConvertSettings
+
+if TYPE_CHECKING:
+    from binarize_cli.convert.baseline import Baseline
+    from binarize_cli.convert.distributed import DistContext
+    from binarize_cli.convert.finetune import FinetuneState
+    from binarize_cli.convert.surgery import SurgeryResult
+    from binarize_cli.load.data import DataBundle
+    from binarize_cli.load.models import LoadedModel
+    from binarize_cli.quant import Scheme
 
 #: Settings a resumed fine-tune must share with the interrupted one (``lr`` and ``epochs``
 #: may change: the rest of the schedule is retargeted; ``calib_batches`` is not used when
@@ -158,7 +172,7 @@ def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
     Raises a one-line BadInputError subclass for the first problem found.
     """
     from binarize_cli.convert.policy import LayerPolicy
-    from binarize_cli.load.data import DATA_SPECS
+    from binarize_cli.load.data import DATA_LOADERS, DATA_SPECS
     from binarize_cli.quant import get_scheme
 
     if not settings.model or not str(settings.model).strip():
@@ -208,8 +222,7 @@ def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
                 f"checkpoint {ckpt} is not a file; pass a .safetensors or .pt file"
             )
     data_name = re.split(r":", str(settings.data or "digits").strip(), maxsplit=1)[0].lower()
-    known = {d.split("[")[0].split(":")[0] for d in DATA_SPECS} | {"fashion_mnist", "fashionmnist"}
-    if data_name not in known:
+    if data_name not in DATA_LOADERS:
         raise DataError(f"unknown data spec {settings.data!r}; use one of: {', '.join(DATA_SPECS)}")
     return scheme, m, n
 
@@ -282,30 +295,67 @@ def _calibration_batches(loader: Any, count: int) -> list[torch.Tensor]:
     return batches
 
 
-def run_convert(
-    settings: ConvertSettings,
-    *,
-    out_dir: Path | None = None,
-    resume: bool = False,
-    reporter: Reporter | None = None,
-    progress_console: Any = None,
-) -> ConvertResult:
-    """Run the whole conversion; returns the run directory and its metadata.
+# --------------------------------------------------------------------------- stages
+#
+# Each stage is a public function with a typed input and output; :func:`run_convert` chains
+# them. Calling them one at a time in the same order, after ``torch.manual_seed(seed)``, gives
+# the same numbers as ``run_convert`` (benchmarks/bench_accuracy.py does so for its control).
 
-    Raises BadInputError subclasses (before any output or directory) for bad input,
-    TrainingDivergedError, ConvertInterrupted, or other BinarizeErrors for failures.
+
+@dataclass
+class ConvertPlan:
+    """Stage 0 (:func:`prepare`): validated settings, bases and where the run goes.
+
+    ``saved`` is the fine-tune checkpoint a ``--resume`` continues (already checked against
+    ``fingerprint``), or None.
     """
-    from binarize_cli.convert import distributed
-    from binarize_cli.convert.baseline import ensure_baseline
-    from binarize_cli.convert.calibrate import calibrate_model
-    from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune, load_checkpoint
-    from binarize_cli.convert.surgery import binarize_model
-    from binarize_cli.convert.training import evaluate
-    from binarize_cli.load.data import describe, load_data, make_loader
-    from binarize_cli.load.models import load_model
 
-    rep: Reporter = reporter or _Silent()
-    # 0. validate everything that can be validated, silently, before writing anything.
+    settings: ConvertSettings
+    scheme: Scheme
+    m: int
+    n: int
+    run_dir: Path
+    work_dir: Path
+    fingerprint: dict[str, Any]
+    resume: bool = False
+    saved: dict[str, Any] | None = None
+
+
+@dataclass
+class ConvertInputs:
+    """Stage 1 (:func:`load_inputs`): the model, sized to the data's classes, and the data."""
+
+    loaded: LoadedModel
+    data: DataBundle
+
+
+@dataclass
+class Reference:
+    """Stage 2 (:func:`build_reference`): the full-precision baseline, the model on the
+    device in eval mode (teacher and calibration reference), and the validation loader."""
+
+    baseline: Baseline
+    model: nn.Module
+    val_loader: Any
+
+
+@dataclass
+class Calibration:
+    """Stage 4 (:func:`calibrate_student`): the calibrated accuracy (``top1``, ``top5``,
+    ``samples``) and seconds, or those recorded in the resumed checkpoint."""
+
+    accuracy: dict[str, Any]
+    seconds: float
+    resumed_from_epoch: int = 0
+
+
+def prepare(
+    settings: ConvertSettings, *, out_dir: Path | None = None, resume: bool = False
+) -> ConvertPlan:
+    """Validate everything that needs no model or data, silently, before writing anything:
+    the settings, the output location and (with ``resume``) the checkpoint to continue."""
+    from binarize_cli.convert.finetune import load_checkpoint
+
     scheme, m, n = validate_settings(settings)
     assert settings.model is not None
     run_dir = out_dir or default_run_dir(settings.model, scheme.name, m, n)
@@ -315,7 +365,291 @@ def run_convert(
     saved = load_checkpoint(work_dir) if resume else None
     if saved is not None:
         check_resume(saved, fingerprint, work_dir)
+    return ConvertPlan(settings, scheme, m, n, run_dir, work_dir, fingerprint, resume, saved)
 
+
+def load_inputs(settings: ConvertSettings) -> ConvertInputs:
+    """Load the model first (its normalisation and input size shape RGB data), then the
+    data; reload the model with the data's number of classes when they differ."""
+    from binarize_cli.load.data import load_data
+    from binarize_cli.load.models import load_model
+
+    assert settings.model is not None
+    loaded = load_model(
+        settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint
+    )
+    data = load_data(
+        settings.data,
+        input_size=settings.input_size,
+        mean=loaded.mean,
+        std=loaded.std,
+        model_input_size=loaded.input_size,
+        crop_pct=loaded.crop_pct,
+    )
+    if data.num_classes != loaded.num_classes:
+        loaded = load_model(
+            settings.model,
+            pretrained=settings.pretrained,
+            checkpoint=settings.checkpoint,
+            num_classes=data.num_classes,
+        )
+    return ConvertInputs(loaded, data)
+
+
+def _report_resume(plan: ConvertPlan, rep: Reporter) -> None:
+    """Say when ``--resume`` finds nothing, or when a run without it ignores a checkpoint."""
+    from binarize_cli.convert.finetune import CHECKPOINT_FILE
+
+    if plan.resume and plan.saved is None:
+        rep.stage(f"nothing to resume in {plan.work_dir}; starting from the beginning")
+    elif not plan.resume and (plan.work_dir / CHECKPOINT_FILE).is_file():
+        rep.stage(
+            f"an interrupted fine-tune is in {plan.work_dir}; starting over "
+            "(pass --resume to continue it instead)"
+        )
+
+
+def build_reference(
+    settings: ConvertSettings,
+    inputs: ConvertInputs,
+    ctx: DistContext,
+    *,
+    progress: Any = None,
+) -> Reference:
+    """The full-precision baseline (adapted and cached when needed; rank 0 trains first and
+    the other ranks then read its cache), moved to ``ctx.device`` in eval mode."""
+    from binarize_cli.convert.baseline import ensure_baseline
+    from binarize_cli.load.data import make_loader
+
+    def baseline_with(bar: Any) -> Baseline:
+        return ensure_baseline(
+            inputs.loaded,
+            inputs.data,
+            epochs=settings.baseline_epochs,
+            batch_size=settings.batch_size,
+            lr=settings.baseline_lr,
+            seed=settings.seed,
+            progress=bar,
+        )
+
+    baseline = baseline_with(progress) if ctx.is_main else None
+    ctx.barrier()
+    if baseline is None:
+        baseline = baseline_with(None)
+    fp_model: nn.Module = baseline.model.to(ctx.device).eval()
+    val_loader = make_loader(
+        inputs.data.val,
+        batch_size=max(settings.batch_size, 128),
+        shuffle=False,
+        seed=settings.seed,
+    )
+    return Reference(baseline, fp_model, val_loader)
+
+
+def binarize_student(
+    plan: ConvertPlan, inputs: ConvertInputs, reference: Reference, device: str
+) -> SurgeryResult:
+    """Graph surgery on a copy of the reference model (which stays the teacher), moved to
+    ``device``; ``result.model`` is the student."""
+    from binarize_cli.convert.surgery import binarize_model
+
+    surgery = binarize_model(
+        copy.deepcopy(reference.model),
+        plan.scheme,
+        plan.m,
+        plan.n,
+        keep=tuple(plan.settings.keep),
+        first_conv=inputs.loaded.first_conv,
+        classifier=inputs.loaded.classifier,
+        options=dict(plan.settings.scheme_options),
+    )
+    surgery.model.to(device)
+    return surgery
+
+
+def calibrate_student(
+    plan: ConvertPlan,
+    student: nn.Module,
+    inputs: ConvertInputs,
+    reference: Reference,
+    device: str,
+    reporter: Reporter | None = None,
+) -> Calibration:
+    """Activation endpoints/levels from ``calib_batches`` shuffled training batches, then
+    batch-norm statistics; evaluated on the validation split. A resumed run takes the record
+    from its checkpoint instead (the checkpoint holds the calibrated and trained weights)."""
+    from binarize_cli.convert.calibrate import calibrate_model
+    from binarize_cli.convert.training import evaluate
+    from binarize_cli.load.data import make_loader
+
+    rep: Reporter = reporter or _Silent()
+    settings = plan.settings
+    if plan.saved is not None:
+        extra = plan.saved["extra"]
+        resumed_from = int(plan.saved["epochs_done"])
+        rep.stage(f"resuming after epoch {resumed_from} from {plan.work_dir}")
+        return Calibration(extra["calibrated"], float(extra["calibrate_s"]), resumed_from)
+    rep.stage(f"calibrating on {settings.calib_batches} batches")
+    calib_loader = make_loader(
+        inputs.data.train, batch_size=settings.batch_size, shuffle=True, seed=settings.seed
+    )
+    stats = calibrate_model(
+        student,
+        reference.model,
+        _calibration_batches(calib_loader, settings.calib_batches),
+        seed=settings.seed,
+    )
+    rep.stage("evaluating the calibrated model")
+    accuracy = evaluate(student, reference.val_loader, device=device).to_dict()
+    return Calibration(accuracy, stats.seconds)
+
+
+def finetune_student(
+    settings: ConvertSettings,
+    student: nn.Module,
+    data: DataBundle,
+    ctx: DistContext,
+    *,
+    teacher: nn.Module | None = None,
+    work_dir: Path | None = None,
+    resume_state: dict[str, Any] | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+) -> FinetuneState:
+    """Fine-tune ``student`` in place for ``settings.epochs`` (loaders seeded ``seed + epoch``).
+
+    With ``work_dir`` (and ``epochs > 0``) a checkpoint is written there after each epoch;
+    Ctrl-C becomes :class:`ConvertInterrupted`, saying whether one was kept.
+    """
+    from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune
+    from binarize_cli.load.data import make_loader
+
+    rep: Reporter = reporter or _Silent()
+    train_module: nn.Module = student
+    if ctx.enabled:
+        train_module = torch.nn.parallel.DistributedDataParallel(student)
+
+    def make_train_loader(epoch: int) -> Any:
+        return make_loader(
+            data.train,
+            batch_size=settings.batch_size,
+            shuffle=True,
+            seed=settings.seed + epoch,
+            drop_last=True,
+            distributed=ctx.enabled,
+        )
+
+    try:
+        return finetune(
+            student,
+            make_train_loader=make_train_loader,
+            epochs=settings.epochs,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            teacher=teacher,
+            distill_weight=settings.distill_weight,
+            temperature=settings.temperature,
+            device=ctx.device,
+            work_dir=work_dir if settings.epochs > 0 else None,
+            resume=resume_state is not None,
+            is_main=ctx.is_main,
+            checkpoint_extra=checkpoint_extra,
+            on_epoch_start=rep.epoch_start,
+            on_step=rep.step,
+            train_module=train_module,
+            resume_state=resume_state,
+        )
+    except KeyboardInterrupt:
+        if work_dir is not None and (work_dir / CHECKPOINT_FILE).is_file():
+            raise ConvertInterrupted(
+                f"interrupted; the completed fine-tune epochs are saved in {work_dir}: rerun "
+                "the same command with --resume to continue"
+            ) from None
+        raise ConvertInterrupted(
+            "interrupted before the first fine-tune epoch completed; nothing was saved"
+        ) from None
+
+
+def run_metadata(
+    plan: ConvertPlan,
+    inputs: ConvertInputs,
+    reference: Reference,
+    surgery: SurgeryResult,
+    calibration: Calibration,
+    state: FinetuneState,
+    final_acc: dict[str, Any],
+    world_size: int,
+) -> dict[str, Any]:
+    """The ``binarize.json`` of a run (BRIEF section 2 keys plus provenance)."""
+    settings, data, baseline = plan.settings, inputs.data, reference.baseline
+    loaded, fp_acc, cal_acc = inputs.loaded, baseline.accuracy, calibration.accuracy
+    return {
+        "model": loaded.spec,
+        "weights": loaded.weights,
+        "scheme": plan.scheme.name,
+        "M": plan.m,
+        "N": plan.n,
+        "data": data.spec,
+        "recipe": settings.to_dict(),
+        "accuracy": {"fp": fp_acc.to_dict(), "calibrated": cal_acc, "binarized": final_acc},
+        "timings": {
+            "baseline_epoch_s": [float(t) for t in baseline.epoch_times],
+            "baseline_cached": bool(baseline.cache_hit),
+            "finetune_epoch_s": state.epoch_seconds,
+            "calibrate_s": calibration.seconds,
+        },
+        "finetune_epochs": state.epoch_stats,
+        "num_classes": data.num_classes,
+        "keep": list(settings.keep),
+        "scheme_options": dict(settings.scheme_options),
+        "first_conv": surgery.first_conv,
+        "classifier": surgery.classifier,
+        "policy": surgery.policy.to_dict(),
+        "input_size": data.input_size,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "world_size": world_size,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "binarize_version": __version__,
+    }
+
+
+def write_result(
+    plan: ConvertPlan, student: nn.Module, meta: dict[str, Any], ctx: DistContext
+) -> Path | None:
+    """Rank 0 writes the run directory atomically and removes the work directory; returns
+    the run directory (None on other ranks)."""
+    written: Path | None = None
+    if ctx.is_main:
+        written = write_run(
+            plan.run_dir, {k: v.cpu() for k, v in student.state_dict().items()}, meta
+        )
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    ctx.barrier()
+    return written
+
+
+def run_convert(
+    settings: ConvertSettings,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    progress_console: Any = None,
+) -> ConvertResult:
+    """Run the whole conversion (the stages above, in order); returns the run directory and
+    its metadata.
+
+    Raises BadInputError subclasses (before any output or directory) for bad input,
+    TrainingDivergedError, ConvertInterrupted, or other BinarizeErrors for failures.
+    """
+    from binarize_cli.convert import distributed
+    from binarize_cli.convert.finetune import CHECKPOINT_FILE
+    from binarize_cli.convert.training import evaluate
+    from binarize_cli.load.data import describe
+
+    rep: Reporter = reporter or _Silent()
+    plan = prepare(settings, out_dir=out_dir, resume=resume)
     ctx = distributed.setup()
     torch.manual_seed(settings.seed)
     # oneDNN's CPU convolution backward may reduce over threads in a run-dependent order
@@ -324,206 +658,50 @@ def run_convert(
     torch.backends.mkldnn.deterministic = True
     created: list[Path] = []
     try:
-        # 1. load: model first (its normalisation and input size shape RGB data), then data.
-        loaded = load_model(
-            settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint
-        )
-        data = load_data(
-            settings.data,
-            input_size=settings.input_size,
-            mean=loaded.mean,
-            std=loaded.std,
-            seed=settings.seed,
-            model_input_size=loaded.input_size,
-            crop_pct=loaded.crop_pct,
-        )
-        if data.num_classes != loaded.num_classes:
-            loaded = load_model(
-                settings.model,
-                pretrained=settings.pretrained,
-                checkpoint=settings.checkpoint,
-                num_classes=data.num_classes,
-            )
-        rep.stage(f"loaded {loaded.spec} ({loaded.weights} weights); data {describe(data)}")
-        if resume and saved is None:
-            rep.stage(f"nothing to resume in {work_dir}; starting from the beginning")
-        elif not resume and (work_dir / CHECKPOINT_FILE).is_file():
-            rep.stage(
-                f"an interrupted fine-tune is in {work_dir}; starting over "
-                "(pass --resume to continue it instead)"
-            )
-
-        # 2. full-precision baseline (adapted and cached when needed); rank 0 trains first.
+        inputs = load_inputs(settings)
+        loaded = inputs.loaded
+        rep.stage(f"loaded {loaded.spec} ({loaded.weights} weights); data {describe(inputs.data)}")
+        _report_resume(plan, rep)
         rep.stage("full-precision baseline")
-        baseline = None
-        if ctx.is_main:
-            baseline = ensure_baseline(
-                loaded,
-                data,
-                epochs=settings.baseline_epochs,
-                batch_size=settings.batch_size,
-                lr=settings.baseline_lr,
-                seed=settings.seed,
-                progress=progress_console,
-            )
-        ctx.barrier()
-        if baseline is None:
-            baseline = ensure_baseline(
-                loaded,
-                data,
-                epochs=settings.baseline_epochs,
-                batch_size=settings.batch_size,
-                lr=settings.baseline_lr,
-                seed=settings.seed,
-                progress=None,
-            )
-        fp_model: nn.Module = baseline.model.to(ctx.device).eval()
-        val_loader = make_loader(
-            data.val, batch_size=max(settings.batch_size, 128), shuffle=False, seed=settings.seed
-        )
-        fp_acc = baseline.accuracy
-
-        # 3. surgery on a copy: the full-precision model stays the teacher and reference.
-        rep.stage(f"graph surgery: {scheme.name} M={m} N={n}")
-        student = copy.deepcopy(fp_model)
-        surgery = binarize_model(
-            student,
-            scheme,
-            m,
-            n,
-            keep=tuple(settings.keep),
-            first_conv=loaded.first_conv,
-            classifier=loaded.classifier,
-            options=dict(settings.scheme_options),
-        )
-        student = surgery.model.to(ctx.device)
-
-        if saved is not None:
-            extra = saved["extra"]
-            cal_acc = extra["calibrated"]
-            calibrate_s = float(extra["calibrate_s"])
-            resumed_from = int(saved["epochs_done"])
-            rep.stage(f"resuming after epoch {resumed_from} from {work_dir}")
-        else:
-            # 4. calibrate: activation endpoints/levels from data, then batch-norm statistics.
-            rep.stage(f"calibrating on {settings.calib_batches} batches")
-            calib_loader = make_loader(
-                data.train, batch_size=settings.batch_size, shuffle=True, seed=settings.seed
-            )
-            stats = calibrate_model(
-                student,
-                fp_model,
-                _calibration_batches(calib_loader, settings.calib_batches),
-                seed=settings.seed,
-            )
-            calibrate_s = stats.seconds
-            rep.stage("evaluating the calibrated model")
-            cal_acc = evaluate(student, val_loader, device=ctx.device).to_dict()
-            resumed_from = 0
+        reference = build_reference(settings, inputs, ctx, progress=progress_console)
+        rep.stage(f"graph surgery: {plan.scheme.name} M={plan.m} N={plan.n}")
+        surgery = binarize_student(plan, inputs, reference, ctx.device)
+        student = surgery.model
+        calibration = calibrate_student(plan, student, inputs, reference, ctx.device, rep)
         if ctx.is_main and settings.epochs > 0:
-            created = _make_dirs(work_dir)
-
-        # 5. fine-tune.
-        teacher = fp_model if settings.distill else None
-        train_module: nn.Module = student
-        if ctx.enabled:
-            train_module = torch.nn.parallel.DistributedDataParallel(student)
-
-        def make_train_loader(epoch: int) -> Any:
-            return make_loader(
-                data.train,
-                batch_size=settings.batch_size,
-                shuffle=True,
-                seed=settings.seed + epoch,
-                drop_last=True,
-                distributed=ctx.enabled,
-            )
-
-        try:
-            state = finetune(
-                student,
-                make_train_loader=make_train_loader,
-                epochs=settings.epochs,
-                lr=settings.lr,
-                weight_decay=settings.weight_decay,
-                teacher=teacher,
-                distill_weight=settings.distill_weight,
-                temperature=settings.temperature,
-                device=ctx.device,
-                work_dir=work_dir if settings.epochs > 0 else None,
-                resume=resume,
-                is_main=ctx.is_main,
-                checkpoint_extra={
-                    "calibrated": cal_acc,
-                    "calibrate_s": calibrate_s,
-                    "settings": fingerprint,
-                },
-                on_epoch_start=rep.epoch_start,
-                on_step=rep.step,
-                train_module=train_module,
-                resume_state=saved,
-            )
-        except KeyboardInterrupt:
-            if (work_dir / CHECKPOINT_FILE).is_file():
-                raise ConvertInterrupted(
-                    f"interrupted; the completed fine-tune epochs are saved in {work_dir}: rerun "
-                    "the same command with --resume to continue"
-                ) from None
-            raise ConvertInterrupted(
-                "interrupted before the first fine-tune epoch completed; nothing was saved"
-            ) from None
-
-        # 6. evaluate and save.
-        rep.stage("evaluating the fine-tuned model")
-        final_acc = evaluate(student, val_loader, device=ctx.device).to_dict()
-        meta = {
-            "model": loaded.spec,
-            "weights": loaded.weights,
-            "scheme": scheme.name,
-            "M": m,
-            "N": n,
-            "data": data.spec,
-            "recipe": settings.to_dict(),
-            "accuracy": {"fp": fp_acc.to_dict(), "calibrated": cal_acc, "binarized": final_acc},
-            "timings": {
-                "baseline_epoch_s": [float(t) for t in baseline.epoch_times],
-                "baseline_cached": bool(baseline.cache_hit),
-                "finetune_epoch_s": state.epoch_seconds,
-                "calibrate_s": calibrate_s,
+            created = _make_dirs(plan.work_dir)
+        state = finetune_student(
+            settings,
+            student,
+            inputs.data,
+            ctx,
+            teacher=reference.model if settings.distill else None,
+            work_dir=plan.work_dir,
+            resume_state=plan.saved,
+            checkpoint_extra={
+                "calibrated": calibration.accuracy,
+                "calibrate_s": calibration.seconds,
+                "settings": plan.fingerprint,
             },
-            "finetune_epochs": state.epoch_stats,
-            "num_classes": data.num_classes,
-            "keep": list(settings.keep),
-            "scheme_options": dict(settings.scheme_options),
-            "first_conv": surgery.first_conv,
-            "classifier": surgery.classifier,
-            "policy": surgery.policy.to_dict(),
-            "input_size": data.input_size,
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "world_size": ctx.world_size,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "binarize_version": __version__,
-        }
-        written: Path | None = None
-        if ctx.is_main:
-            written = write_run(
-                run_dir, {k: v.cpu() for k, v in student.state_dict().items()}, meta
-            )
-            shutil.rmtree(work_dir, ignore_errors=True)
-        ctx.barrier()
+            reporter=rep,
+        )
+        rep.stage("evaluating the fine-tuned model")
+        final_acc = evaluate(student, reference.val_loader, device=ctx.device).to_dict()
+        meta = run_metadata(
+            plan, inputs, reference, surgery, calibration, state, final_acc, ctx.world_size
+        )
         return ConvertResult(
-            run_dir=written,
+            run_dir=write_result(plan, student, meta, ctx),
             meta=meta,
             decisions=list(surgery.decisions),
             warnings=list(surgery.warnings),
-            resumed_from_epoch=resumed_from,
+            resumed_from_epoch=calibration.resumed_from_epoch,
         )
     except BaseException:
         # Keep a work directory that holds a checkpoint (``--resume`` needs it); remove the
         # directories this call created if nothing worth keeping is in them.
-        if created and not (work_dir / CHECKPOINT_FILE).is_file():
-            shutil.rmtree(work_dir, ignore_errors=True)
+        if created and not (plan.work_dir / CHECKPOINT_FILE).is_file():
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
             _remove_if_empty(created[:-1])
         raise
     finally:

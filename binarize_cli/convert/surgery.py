@@ -339,6 +339,131 @@ def _resolve_scheme(scheme: str | Scheme) -> Scheme:
     return get_scheme(scheme)
 
 
+def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module owning a weight of rank >= 2, except the internals of binarized layers."""
+    weight_layers: dict[str, nn.Module] = {}
+    inside_binarized: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_binarized):
+            continue
+        if isinstance(module, BinarizedConv2d):
+            inside_binarized.append(name)
+            weight_layers[name] = module
+        elif _own_weight(module):
+            weight_layers[name] = module
+    return weight_layers
+
+
+@dataclass
+class _Structure:
+    """What the graph says: traced or not, downsample convs, execution order, the roles."""
+
+    traced: bool
+    trace_error: str | None
+    downsample: set[str]
+    first: set[str]
+    last: set[str]
+
+
+def _structure(
+    model: nn.Module,
+    weight_layers: dict[str, nn.Module],
+    first_conv: str | Sequence[str] | None,
+    classifier: str | Sequence[str] | None,
+    example_input: torch.Tensor | None,
+    warnings: list[str],
+) -> _Structure:
+    """Downsample convolutions (torch.fx, else by name) and the first-conv/classifier roles."""
+    gm, trace_error = try_trace(model)
+    if gm is not None:
+        downsample = shortcut_convs(gm)
+        graph_names: list[str] | None = graph_order(gm)
+    else:
+        downsample = _downsample_by_name(weight_layers)
+        graph_names = None
+        warnings.append(
+            f"model does not trace with torch.fx ({trace_error}); downsample convolutions were "
+            "found by name ('downsample', 'shortcut', 'skip', 'proj'): check the table"
+        )
+    order = _order_of_weight_layers(model, weight_layers, graph_names, example_input, warnings)
+    first = _resolve_role("first_conv", first_conv, model, weight_layers, order, warnings)
+    last = _resolve_role("classifier", classifier, model, weight_layers, order, warnings) - first
+    return _Structure(gm is not None, trace_error, downsample, first, last)
+
+
+def _decision_row(info: LayerInfo, binarized: bool, reason: str) -> LayerDecision:
+    return LayerDecision(
+        name=info.name or "(root)",
+        kind=info.kind,
+        binarized=binarized,
+        reason=reason,
+        in_channels=info.in_channels,
+        out_channels=info.out_channels,
+        kernel_size=info.kernel_size,
+        stride=info.stride,
+        groups=info.groups,
+        op=info.op,
+    )
+
+
+@dataclass
+class _Swaps:
+    """The replacements one :func:`binarize_model` call collects, and what it could not do."""
+
+    scheme: Scheme
+    m: int
+    n: int
+    options: dict[str, Any] | None
+    warnings: list[str]
+    replacements: dict[int, nn.Module] = field(default_factory=dict)
+    unsupported: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def requested(self) -> tuple[str, int, int]:
+        """What a layer binarized by this call records (to spot earlier, different surgery)."""
+        return (
+            self.scheme.name,
+            int(self.scheme.weight_quantizer(self.m, self.options).num_bases),
+            int(self.scheme.activation_quantizer(self.n, self.options).num_bases),
+        )
+
+    def apply(
+        self,
+        name: str,
+        module: nn.Module,
+        binarize: bool,
+        reason: str,
+        requested: tuple[str, int, int],
+    ) -> tuple[bool, str]:
+        """``(binarized, reason)`` for one weight layer; queues its replacement if any."""
+        if isinstance(module, BinarizedConv2d):
+            reason = f"already binarized ({module.scheme_name} M={module.weight_bases} N={module.activation_bases})"
+            if (module.scheme_name, module.weight_bases, module.activation_bases) != requested:
+                self.warnings.append(
+                    f"{name!r} was already binarized with {module.scheme_name} "
+                    f"M={module.weight_bases} N={module.activation_bases}; left as it is"
+                )
+            return True, reason
+        if not binarize:
+            return False, reason
+        why = (
+            _unsupported_conv_reason(module)
+            if isinstance(module, nn.Conv2d)
+            else f"{type(module).__name__} (only nn.Conv2d is binarized)"
+        )
+        if why is not None:
+            self.unsupported.setdefault((type(module).__name__, why), []).append(name or "(root)")
+            return False, f"unsupported: {why}"
+        if id(module) not in self.replacements:
+            self.replacements[id(module)] = BinarizedConv2d.from_conv(
+                module,  # type: ignore[arg-type]
+                self.scheme,
+                self.m,
+                self.n,
+                self.options,
+            )
+        return True, reason
+
+
 def binarize_model(
     model: nn.Module,
     scheme: str | Scheme,
@@ -378,111 +503,41 @@ def binarize_model(
     scheme_obj.check(m, n)
     active = (policy or LayerPolicy.for_scheme(scheme_obj)).with_keep(tuple(keep))
     warnings: list[str] = []
-
-    # Every module owning a weight of rank >= 2, except the internals of binarized layers.
-    weight_layers: dict[str, nn.Module] = {}
-    inside_binarized: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside_binarized):
-            continue
-        if isinstance(module, BinarizedConv2d):
-            inside_binarized.append(name)
-            weight_layers[name] = module
-        elif _own_weight(module):
-            weight_layers[name] = module
-
-    gm, trace_error = try_trace(model)
-    if gm is not None:
-        downsample = shortcut_convs(gm)
-        graph_names: list[str] | None = graph_order(gm)
-    else:
-        downsample = _downsample_by_name(weight_layers)
-        graph_names = None
-        warnings.append(
-            f"model does not trace with torch.fx ({trace_error}); downsample convolutions were "
-            "found by name ('downsample', 'shortcut', 'skip', 'proj'): check the table"
-        )
-    order = _order_of_weight_layers(model, weight_layers, graph_names, example_input, warnings)
-    first = _resolve_role("first_conv", first_conv, model, weight_layers, order, warnings)
-    last = _resolve_role("classifier", classifier, model, weight_layers, order, warnings) - first
-
-    # what a layer binarized by this call would record (to spot earlier, different surgery)
-    requested = (
-        scheme_obj.name,
-        int(scheme_obj.weight_quantizer(m, options).num_bases),
-        int(scheme_obj.activation_quantizer(n, options).num_bases),
-    )
+    weight_layers = _weight_layers(model)
+    graph = _structure(model, weight_layers, first_conv, classifier, example_input, warnings)
+    swaps = _Swaps(scheme_obj, m, n, options, warnings)
+    requested = swaps.requested()
     decisions: list[LayerDecision] = []
-    replacements: dict[int, nn.Module] = {}
-    unsupported: dict[tuple[str, str], list[str]] = {}
     matched_patterns: set[str] = set()
     for name, module in weight_layers.items():
         kind = classify_layer(
-            name, module, first_conv=first, classifier=last, downsample=downsample
+            name, module, first_conv=graph.first, classifier=graph.last, downsample=graph.downsample
         )
         info = _layer_info(name, kind, module)
         pattern = active.matching_pattern(info)
         if pattern is not None:
             matched_patterns.add(pattern)
         decision = active.decide(info)
-        binarized = False
-        reason = decision.reason
-        if isinstance(module, BinarizedConv2d):
-            binarized = True
-            reason = f"already binarized ({module.scheme_name} M={module.weight_bases} N={module.activation_bases})"
-            if (module.scheme_name, module.weight_bases, module.activation_bases) != requested:
-                warnings.append(
-                    f"{name!r} was already binarized with {module.scheme_name} "
-                    f"M={module.weight_bases} N={module.activation_bases}; left as it is"
-                )
-        elif decision.binarize:
-            why = (
-                _unsupported_conv_reason(module)
-                if isinstance(module, nn.Conv2d)
-                else f"{type(module).__name__} (only nn.Conv2d is binarized)"
-            )
-            if why is None:
-                if id(module) not in replacements:
-                    replacements[id(module)] = BinarizedConv2d.from_conv(
-                        module, scheme_obj, m, n, options
-                    )
-                binarized = True
-            else:
-                reason = f"unsupported: {why}"
-                unsupported.setdefault((type(module).__name__, why), []).append(name or "(root)")
-        decisions.append(
-            LayerDecision(
-                name=name or "(root)",
-                kind=kind,
-                binarized=binarized,
-                reason=reason,
-                in_channels=info.in_channels,
-                out_channels=info.out_channels,
-                kernel_size=info.kernel_size,
-                stride=info.stride,
-                groups=info.groups,
-                op=info.op,
-            )
-        )
+        binarized, reason = swaps.apply(name, module, decision.binarize, decision.reason, requested)
+        decisions.append(_decision_row(info, binarized, reason))
 
-    for (op, why), names in unsupported.items():
+    for (op, why), names in swaps.unsupported.items():
         warnings.append(
             f"{len(names)} {op} layer(s) kept full precision, cannot binarize: {why}: {', '.join(names)}"
         )
-    for pattern in active.keep_patterns:
-        if pattern not in matched_patterns:
-            warnings.append(f"--keep {pattern!r} matched no layer")
-
-    converted = _replace_modules(model, replacements)
+    warnings.extend(
+        f"--keep {p!r} matched no layer" for p in active.keep_patterns if p not in matched_patterns
+    )
+    converted = _replace_modules(model, swaps.replacements)
     return SurgeryResult(
         model=converted,
         decisions=decisions,
         warnings=warnings,
-        traced=gm is not None,
-        trace_error=trace_error,
+        traced=graph.traced,
+        trace_error=graph.trace_error,
         policy=active,
-        first_conv=tuple(sorted(first)),
-        classifier=tuple(sorted(last)),
+        first_conv=tuple(sorted(graph.first)),
+        classifier=tuple(sorted(graph.last)),
     )
 
 

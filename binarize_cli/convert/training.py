@@ -71,6 +71,14 @@ class EpochStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> dict[str, float]:
+        """What a run records per epoch (``finetune_epochs``, the baseline cache)."""
+        return {
+            "loss": float(self.loss),
+            "top1": float(self.top1),
+            "images_per_s": float(self.images_per_s),
+        }
+
 
 def topk_correct(
     logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] = (1, 5)

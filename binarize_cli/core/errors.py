@@ -48,9 +48,5 @@ class FormatError(BadInputError):
     """A packed file of another format or format version."""
 
 
-class NotImplementedYetError(BinarizeError):
-    """A command whose implementation has not landed yet (exit code 1)."""
-
-
 class TrainingDivergedError(BinarizeError):
     """Non-finite loss or weights during fine-tuning."""

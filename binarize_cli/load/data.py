@@ -2,6 +2,9 @@
 
 Specs
 -----
+Each name is registered with :func:`register_data` (``DATA_LOADERS``: name -> loader taking a
+:class:`DataRequest`); :data:`DATA_SPECS` lists them as errors show them.
+
 ``digits`` (default)
     scikit-learn's bundled 1797 handwritten 8x8 digits (values 0..16), scaled to [0, 1],
     upsampled bilinearly to the input size (default 32x32), replicated to 3 channels. Fixed
@@ -48,7 +51,7 @@ import gzip
 import os
 import pickle
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,18 +64,20 @@ from torch.utils.data import DataLoader, Dataset
 from binarize_cli.core.errors import DataError
 
 __all__ = [
+    "DATA_LOADERS",
     "DATA_SPECS",
     "DEFAULT_FASHION_MNIST_DIR",
     "DataBundle",
+    "DataRequest",
     "describe",
     "TensorImageDataset",
     "load_data",
     "make_loader",
     "parse_input_size",
     "read_idx",
+    "register_data",
 ]
 
-DATA_SPECS = ("digits", "fashion-mnist[:PATH]", "cifar10:PATH", "imagefolder:PATH", "fake")
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _GRAY_DEFAULT_SIZE = 32
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -231,14 +236,116 @@ def _pick_norm(
     return m, s
 
 
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What :func:`load_data` hands a registered loader: the spec's ``PATH`` part (``""``
+    when absent) and the size/normalisation hints (see :func:`load_data`'s arguments).
+
+    ``input_size`` is as given (parse it with :func:`parse_input_size`); ``model_input_size``
+    is already a tuple of ints.
+    """
+
+    path: str
+    input_size: int | Sequence[int] | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    model_input_size: tuple[int, ...] | None = None
+    crop_pct: float = 0.875
+
+    def rgb_size(self, default: tuple[int, int, int]) -> tuple[int, ...]:
+        """``--input-size``, else the model's (3, H, W), else ``default``."""
+        mis = self.model_input_size
+        return parse_input_size(self.input_size, 3) or (mis and (3, *mis[-2:])) or default
+
+
+DataLoaderFn = Callable[[DataRequest], DataBundle]
+
+#: ``--data`` name (and aliases) -> loader, filled by :func:`register_data`.
+DATA_LOADERS: dict[str, DataLoaderFn] = {}
+_USAGES: list[str] = []
+
+
+def register_data(usage: str, *aliases: str) -> Callable[[DataLoaderFn], DataLoaderFn]:
+    """Register a loader under the name that starts ``usage`` (``"cifar10:PATH"`` ->
+    ``cifar10``) and under ``aliases``; ``usage`` is how errors and docs list the spec."""
+    name = usage.split("[")[0].split(":")[0]
+
+    def register(loader: DataLoaderFn) -> DataLoaderFn:
+        for key in (name, *aliases):
+            DATA_LOADERS[key] = loader
+        _USAGES.append(usage)
+        return loader
+
+    return register
+
+
+def _tensor_bundle(
+    spec: str,
+    name: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    *,
+    size: tuple[int, ...],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    classes: list[str],
+    source: str,
+    scale: float = 1.0,
+) -> DataBundle:
+    """Two in-memory ``(images, labels)`` splits as a bundle of :class:`TensorImageDataset`
+    with items of ``size`` (C, H, W): ``(resize(x * scale) - mean) / std``."""
+    c = size[0]
+    kw: dict[str, Any] = {
+        "mean": mean,
+        "std": std,
+        "channels": c,
+        "scale": scale,
+        "size": tuple(size[-2:]),
+    }
+    return DataBundle(
+        spec=spec,
+        name=name,
+        train=TensorImageDataset(*train, **kw),
+        val=TensorImageDataset(*val, **kw),
+        num_classes=len(classes),
+        input_size=tuple(size),  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
+        channels=c,
+        classes=classes,
+        source=source,
+    )
+
+
+def _required_dir(req: DataRequest, name: str, what: str) -> Path:
+    """The spec's PATH, an existing directory (``what`` says what it holds)."""
+    parse_input_size(req.input_size, 3)  # a bad --input-size is reported before the path
+    if not req.path:
+        raise DataError(f"{name} needs a path: --data {name}:DIR ({what})")
+    d = Path(req.path).expanduser()
+    if not d.is_dir():
+        raise DataError(f"{name}: {d} does not exist or is not a directory")
+    return d
+
+
+def _no_path(req: DataRequest, name: str, why: str = "") -> None:
+    if req.path:
+        raise DataError(f"{name} takes no path{why}; use --data {name}")
+
+
 # --------------------------------------------------------------------------- digits
 
 
-def _load_digits(input_size: tuple[int, int, int] | None) -> DataBundle:
+@register_data("digits")
+def _load_digits(req: DataRequest) -> DataBundle:
+    _no_path(req, "digits", " (it ships with scikit-learn)")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    c, h, w = input_size or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
+    c, h, w = parse_input_size(req.input_size, 3) or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
     digits = load_digits()
     x = np.asarray(digits.data, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0
     y = np.asarray(digits.target, dtype=np.int64)
@@ -252,19 +359,14 @@ def _load_digits(input_size: tuple[int, int, int] | None) -> DataBundle:
     tr = torch.from_numpy(np.sort(idx_train))
     va = torch.from_numpy(np.sort(idx_val))
     mu, sd = _gray_stats(images[tr], 1.0)
-    mean, std = (mu,) * c, (sd,) * c
-    train = TensorImageDataset(images[tr].contiguous(), labels[tr], mean=mean, std=std, channels=c)
-    val = TensorImageDataset(images[va].contiguous(), labels[va], mean=mean, std=std, channels=c)
-    return DataBundle(
-        spec="digits",
-        name="digits",
-        train=train,
-        val=val,
-        num_classes=10,
-        input_size=(c, h, w),
-        mean=mean,
-        std=std,
-        channels=c,
+    return _tensor_bundle(
+        "digits",
+        "digits",
+        (images[tr].contiguous(), labels[tr]),
+        (images[va].contiguous(), labels[va]),
+        size=(c, h, w),
+        mean=(mu,) * c,
+        std=(sd,) * c,
         classes=[str(i) for i in range(10)],
         source="sklearn.datasets.load_digits",
     )
@@ -345,42 +447,45 @@ def _download_fashion(root: Path) -> dict[str, Path] | None:
     return _find_fashion(root)
 
 
-def _load_fashion(path: str | None, input_size: tuple[int, int, int] | None) -> DataBundle:
+def _fashion_files(path: str | None) -> tuple[dict[str, Path], str]:
+    """The four IDX files and the canonical spec: in ``path`` only when given, else in the
+    default places (then downloaded when the mirror is reachable)."""
     if path:
         d = Path(path).expanduser()
         if not d.exists():
             raise DataError(f"fashion-mnist: {d} does not exist")
         if not d.is_dir():
             raise DataError(f"fashion-mnist: {d} is not a directory")
-        files = _find_fashion(d)
-        if files is None:
+        found = _find_fashion(d)
+        if found is None:
             raise DataError(
                 f"fashion-mnist: {d} has no train-images-idx3-ubyte.gz/train-labels-idx1-ubyte.gz/"
                 "t10k-images-idx3-ubyte.gz/t10k-labels-idx1-ubyte.gz"
             )
-        spec = f"fashion-mnist:{d.resolve()}"
-    else:
-        candidates = []
-        if os.environ.get("BINARIZE_DATA"):
-            candidates.append(Path(os.environ["BINARIZE_DATA"]).expanduser())
-        candidates.append(DEFAULT_FASHION_MNIST_DIR)
-        candidates.append(_data_home() / "fashion-mnist")  # where an earlier download went
-        files = None
-        for c in candidates:
-            if c.is_dir():
-                files = _find_fashion(c)
-                if files:
-                    break
-        if files is None:
-            files = _download_fashion(_data_home() / "fashion-mnist")
-        if files is None:
-            where = ", ".join(str(c) for c in candidates)
-            raise DataError(
-                f"fashion-mnist not found (looked in {where}) and the download mirror is unreachable; "
-                "run `apt-get install dataset-fashion-mnist` or pass --data fashion-mnist:DIR"
-            )
-        spec = "fashion-mnist"
-    arrays = {k: read_idx(p) for k, p in files.items()}
+        return found, f"fashion-mnist:{d.resolve()}"
+    candidates = []
+    if os.environ.get("BINARIZE_DATA"):
+        candidates.append(Path(os.environ["BINARIZE_DATA"]).expanduser())
+    candidates.append(DEFAULT_FASHION_MNIST_DIR)
+    candidates.append(_data_home() / "fashion-mnist")  # where an earlier download went
+    files = None
+    for c in candidates:
+        if c.is_dir():
+            files = _find_fashion(c)
+            if files:
+                break
+    if files is None:
+        files = _download_fashion(_data_home() / "fashion-mnist")
+    if files is None:
+        where = ", ".join(str(c) for c in candidates)
+        raise DataError(
+            f"fashion-mnist not found (looked in {where}) and the download mirror is unreachable; "
+            "run `apt-get install dataset-fashion-mnist` or pass --data fashion-mnist:DIR"
+        )
+    return files, "fashion-mnist"
+
+
+def _check_fashion_arrays(arrays: dict[str, np.ndarray]) -> None:
     for split in ("train", "val"):
         imgs, labs = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if imgs.ndim != 3 or labs.ndim != 1 or imgs.shape[0] != labs.shape[0]:
@@ -391,30 +496,29 @@ def _load_fashion(path: str | None, input_size: tuple[int, int, int] | None) -> 
             raise DataError(f"fashion-mnist: the {split} split is empty")
         if labs.max(initial=0) > 9:
             raise DataError(f"fashion-mnist: {split} labels outside 0..9")
+
+
+@register_data("fashion-mnist[:PATH]", "fashion_mnist", "fashionmnist")
+def _load_fashion(req: DataRequest) -> DataBundle:
+    input_size = parse_input_size(req.input_size, 3)
+    files, spec = _fashion_files(req.path or None)
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    _check_fashion_arrays(arrays)
     c, h, w = input_size or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
     tr_images = _resize_u8(arrays["train_images"][:, None], (h, w))
     va_images = _resize_u8(arrays["val_images"][:, None], (h, w))
     mu, sd = _gray_stats(tr_images, 1 / 255)
-    mean, std = (mu,) * c, (sd,) * c
-    kw: dict[str, Any] = {"mean": mean, "std": std, "channels": c, "scale": 1 / 255}
-    train = TensorImageDataset(
-        tr_images, torch.from_numpy(arrays["train_labels"].astype(np.int64)), **kw
-    )
-    val = TensorImageDataset(
-        va_images, torch.from_numpy(arrays["val_labels"].astype(np.int64)), **kw
-    )
-    return DataBundle(
-        spec=spec,
-        name="fashion-mnist",
-        train=train,
-        val=val,
-        num_classes=10,
-        input_size=(c, h, w),
-        mean=mean,
-        std=std,
-        channels=c,
+    return _tensor_bundle(
+        spec,
+        "fashion-mnist",
+        (tr_images, torch.from_numpy(arrays["train_labels"].astype(np.int64))),
+        (va_images, torch.from_numpy(arrays["val_labels"].astype(np.int64))),
+        size=(c, h, w),
+        mean=(mu,) * c,
+        std=(sd,) * c,
         classes=list(_FASHION_CLASSES),
         source=str(files["train_images"].parent),
+        scale=1 / 255,
     )
 
 
@@ -461,20 +565,23 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _load_cifar10(
-    path: str,
-    input_size: tuple[int, int, int] | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    model_input_size: tuple[int, int, int] | None,
-) -> DataBundle:
-    if not path:
-        raise DataError(
-            "cifar10 needs a path: --data cifar10:DIR (the folder holding cifar-10-batches-py)"
-        )
-    d = Path(path).expanduser()
-    if not d.is_dir():
-        raise DataError(f"cifar10: {d} does not exist or is not a directory")
+def _cifar_classes(base: Path) -> list[str]:
+    """The label names from ``batches.meta`` when it is readable, else ``0``..``9``."""
+    meta = base / "batches.meta"
+    if meta.is_file():
+        try:
+            with meta.open("rb") as f:
+                names = _NumpyOnlyUnpickler(f, encoding="latin1").load().get("label_names")
+            if isinstance(names, list) and len(names) == 10:
+                return [str(n) for n in names]
+        except Exception:
+            pass
+    return [str(i) for i in range(10)]
+
+
+@register_data("cifar10:PATH")
+def _load_cifar10(req: DataRequest) -> DataBundle:
+    d = _required_dir(req, "cifar10", "the folder holding cifar-10-batches-py")
     base = d / "cifar-10-batches-py" if (d / "cifar-10-batches-py").is_dir() else d
     train_files = [base / f"data_batch_{i}" for i in range(1, 6)]
     test_file = base / "test_batch"
@@ -489,72 +596,57 @@ def _load_cifar10(
     va_x, va_y = _read_cifar_batch(test_file)
     if tr_y.size and (tr_y.min() < 0 or tr_y.max() > 9 or va_y.min() < 0 or va_y.max() > 9):
         raise DataError("cifar10: labels outside 0..9")
-    classes = [str(i) for i in range(10)]
-    meta = base / "batches.meta"
-    if meta.is_file():
-        try:
-            with meta.open("rb") as f:
-                names = _NumpyOnlyUnpickler(f, encoding="latin1").load().get("label_names")
-            if isinstance(names, list) and len(names) == 10:
-                classes = [str(n) for n in names]
-        except Exception:
-            pass
-    size = input_size or (model_input_size and (3, *model_input_size[-2:])) or (3, 32, 32)
+    classes = _cifar_classes(base)
+    size = req.rgb_size((3, 32, 32))
     if size[0] != 3:
         raise DataError(f"cifar10 is RGB; input size needs 3 channels, got {size}")
-    m, s = _pick_norm(mean, std, _CIFAR_MEAN, _CIFAR_STD, 3)
-    kw: dict[str, Any] = {
-        "mean": m,
-        "std": s,
-        "channels": 3,
-        "scale": 1 / 255,
-        "size": tuple(size[-2:]),
-    }
-    return DataBundle(
-        spec=f"cifar10:{d.resolve()}",
-        name="cifar10",
-        train=TensorImageDataset(torch.from_numpy(tr_x), torch.from_numpy(tr_y), **kw),
-        val=TensorImageDataset(torch.from_numpy(va_x), torch.from_numpy(va_y), **kw),
-        num_classes=10,
-        input_size=tuple(size),  # type: ignore[arg-type]
+    m, s = _pick_norm(req.mean, req.std, _CIFAR_MEAN, _CIFAR_STD, 3)
+    return _tensor_bundle(
+        f"cifar10:{d.resolve()}",
+        "cifar10",
+        (torch.from_numpy(tr_x), torch.from_numpy(tr_y)),
+        (torch.from_numpy(va_x), torch.from_numpy(va_y)),
+        size=size,
         mean=m,
         std=s,
-        channels=3,
         classes=classes,
         source=str(base),
+        scale=1 / 255,
     )
 
 
 # --------------------------------------------------------------------------- imagefolder
 
 
-def _load_imagefolder(
-    path: str,
-    input_size: tuple[int, int, int] | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    model_input_size: tuple[int, int, int] | None,
-    crop_pct: float,
-) -> DataBundle:
+def _use_train_classes(train: Any, val: Any) -> None:
+    """Give ``val`` (an ImageFolder) ``train``'s class indices; val classes must be a subset."""
+    extra = sorted(set(val.classes) - set(train.classes))
+    if extra:
+        raise DataError(f"imagefolder: val/ has classes not in train/: {', '.join(extra[:5])}")
+    remap = {val.class_to_idx[c]: train.class_to_idx[c] for c in val.classes}
+    val.samples = [(p, remap[t]) for p, t in val.samples]
+    val.imgs = val.samples
+    val.targets = [t for _, t in val.samples]
+    val.classes = list(train.classes)
+    val.class_to_idx = dict(train.class_to_idx)
+
+
+@register_data("imagefolder:PATH")
+def _load_imagefolder(req: DataRequest) -> DataBundle:
     from torchvision import datasets, transforms
 
-    if not path:
-        raise DataError(
-            "imagefolder needs a path: --data imagefolder:DIR (with train/ and val/ class folders)"
-        )
-    d = Path(path).expanduser()
-    if not d.is_dir():
-        raise DataError(f"imagefolder: {d} does not exist or is not a directory")
+    d = _required_dir(req, "imagefolder", "with train/ and val/ class folders")
     for split in ("train", "val"):
         if not (d / split).is_dir():
             raise DataError(
                 f"imagefolder: {d} has no {split}/ folder; expected {d}/train/<class>/* and {d}/val/<class>/*"
             )
-    size = input_size or (model_input_size and (3, *model_input_size[-2:])) or (3, 224, 224)
+    size = req.rgb_size((3, 224, 224))
     if size[0] != 3:
         raise DataError(f"imagefolder images are RGB; input size needs 3 channels, got {size}")
-    m, s = _pick_norm(mean, std, _IMAGENET_MEAN, _IMAGENET_STD, 3)
+    m, s = _pick_norm(req.mean, req.std, _IMAGENET_MEAN, _IMAGENET_STD, 3)
     h, w = size[1], size[2]
+    crop_pct = req.crop_pct
     if not 0 < crop_pct <= 1:
         raise DataError(f"crop_pct must be in (0, 1]; got {crop_pct}")
     # timm/torchvision evaluation: shorter side to size / crop_pct (aspect kept), center crop
@@ -574,15 +666,7 @@ def _load_imagefolder(
         val = datasets.ImageFolder(str(d / "val"), transform=tf)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"imagefolder: {' '.join(str(exc).split())}") from exc
-    extra = sorted(set(val.classes) - set(train.classes))
-    if extra:
-        raise DataError(f"imagefolder: val/ has classes not in train/: {', '.join(extra[:5])}")
-    remap = {val.class_to_idx[c]: train.class_to_idx[c] for c in val.classes}
-    val.samples = [(p, remap[t]) for p, t in val.samples]
-    val.imgs = val.samples
-    val.targets = [t for _, t in val.samples]
-    val.classes = list(train.classes)
-    val.class_to_idx = dict(train.class_to_idx)
+    _use_train_classes(train, val)
     return DataBundle(
         spec=f"imagefolder:{d.resolve()}",
         name="imagefolder",
@@ -600,43 +684,41 @@ def _load_imagefolder(
 
 # --------------------------------------------------------------------------- fake
 
+_FAKE_CLASSES, _FAKE_TRAIN, _FAKE_VAL = 10, 256, 128
 
-def _load_fake(
-    input_size: tuple[int, int, int] | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    num_classes: int = 10,
-    n_train: int = 256,
-    n_val: int = 128,
-) -> DataBundle:
-    c, h, w = input_size or (3, 32, 32)
+
+@register_data("fake")
+def _load_fake(req: DataRequest) -> DataBundle:
+    _no_path(req, "fake")
+    c, h, w = parse_input_size(req.input_size, 3) or (3, 32, 32)
     g = torch.Generator().manual_seed(20240601)
-    patterns = torch.rand((num_classes, c, 8, 8), generator=g)
+    patterns = torch.rand((_FAKE_CLASSES, c, 8, 8), generator=g)
     patterns = F.interpolate(patterns, size=(h, w), mode="bilinear", align_corners=False)
 
     def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(n) % num_classes
+        labels = torch.arange(n) % _FAKE_CLASSES
         labels = labels[torch.randperm(n, generator=g)]
         noise = 0.25 * torch.randn((n, c, h, w), generator=g)
         return (patterns[labels] + noise).clamp_(0, 1), labels
 
-    tr_x, tr_y = make(n_train)
-    va_x, va_y = make(n_val)
-    m, s = _pick_norm(mean, std, (0.5,) * c, (0.25,) * c, c)
-    kw: dict[str, Any] = {"mean": m, "std": s, "channels": c}
-    return DataBundle(
-        spec="fake",
-        name="fake",
-        train=TensorImageDataset(tr_x, tr_y, **kw),
-        val=TensorImageDataset(va_x, va_y, **kw),
-        num_classes=num_classes,
-        input_size=(c, h, w),
+    train = make(_FAKE_TRAIN)
+    val = make(_FAKE_VAL)
+    m, s = _pick_norm(req.mean, req.std, (0.5,) * c, (0.25,) * c, c)
+    return _tensor_bundle(
+        "fake",
+        "fake",
+        train,
+        val,
+        size=(c, h, w),
         mean=m,
         std=s,
-        channels=c,
-        classes=[f"class{i}" for i in range(num_classes)],
+        classes=[f"class{i}" for i in range(_FAKE_CLASSES)],
         source="synthetic",
     )
+
+
+#: The ``--data`` specs, as errors and docs list them (registration order).
+DATA_SPECS = tuple(_USAGES)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -648,11 +730,11 @@ def load_data(
     input_size: int | Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    seed: int = 0,
     model_input_size: Sequence[int] | None = None,
     crop_pct: float = 0.875,
 ) -> DataBundle:
-    """Load a data spec (see the module docstring).
+    """Load a data spec ``NAME[:PATH]`` through its registered loader (see the module
+    docstring). The splits are fixed on purpose (no seed: accuracies compare across seeds).
 
     Args:
         input_size: explicit size (``--input-size``): N, (H, W) or (C, H, W); every set.
@@ -660,28 +742,14 @@ def load_data(
             grayscale sets standardise with their own training statistics.
         model_input_size: the model's (C, H, W); the default size of cifar10/imagefolder.
         crop_pct: the model's center-crop fraction (imagefolder).
-        seed: accepted for symmetry with the loaders; splits are fixed, not seed-dependent.
     """
-    del seed  # the splits are fixed on purpose (comparable accuracies across seeds)
     text = (spec or "digits").strip()
     name, _, path = text.partition(":")
-    name = name.lower()
     mis = tuple(int(v) for v in model_input_size) if model_input_size is not None else None
-    if name == "digits":
-        if path:
-            raise DataError("digits takes no path (it ships with scikit-learn); use --data digits")
-        return _load_digits(parse_input_size(input_size, 3))
-    if name in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
-        return _load_fashion(path or None, parse_input_size(input_size, 3))
-    if name == "cifar10":
-        return _load_cifar10(path, parse_input_size(input_size, 3), mean, std, mis)  # type: ignore[arg-type]
-    if name == "imagefolder":
-        return _load_imagefolder(path, parse_input_size(input_size, 3), mean, std, mis, crop_pct)  # type: ignore[arg-type]
-    if name == "fake":
-        if path:
-            raise DataError("fake takes no path; use --data fake")
-        return _load_fake(parse_input_size(input_size, 3), mean, std)
-    raise DataError(f"unknown data spec {spec!r}; use one of: {', '.join(DATA_SPECS)}")
+    loader = DATA_LOADERS.get(name.lower())
+    if loader is None:
+        raise DataError(f"unknown data spec {spec!r}; use one of: {', '.join(DATA_SPECS)}")
+    return loader(DataRequest(path, input_size, mean, std, mis, crop_pct))
 
 
 def _seed_worker(worker_id: int) -> None:

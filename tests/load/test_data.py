@@ -13,7 +13,10 @@ import torch
 
 from binarize_cli.core.errors import DataError
 from binarize_cli.load.data import (
+    DATA_LOADERS,
+    DATA_SPECS,
     DEFAULT_FASHION_MNIST_DIR,
+    DataRequest,
     TensorImageDataset,
     load_data,
     make_loader,
@@ -45,7 +48,8 @@ def test_digits_split_shapes_and_normalisation(digits) -> None:
 
 
 def test_digits_split_is_fixed(digits) -> None:
-    again = load_data("digits", seed=123)  # the split does not depend on the seed
+    torch.manual_seed(123)
+    again = load_data("digits")  # the split does not depend on any seed
     assert torch.equal(again.val.labels, digits.val.labels)
     assert torch.equal(again.val.images, digits.val.images)
     assert digits.train.images.shape[0] + digits.val.images.shape[0] == 1797
@@ -289,7 +293,9 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
 
 
 def test_fake_is_deterministic_and_learnable_shape() -> None:
-    a, b = load_data("fake"), load_data("fake", seed=9)
+    a = load_data("fake")
+    torch.manual_seed(9)
+    b = load_data("fake")  # its own fixed generator, not the global one
     assert (len(a.train), len(a.val), a.num_classes) == (256, 128, 10)
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.val.labels, b.val.labels)
     assert torch.bincount(a.train.labels).tolist() == [26] * 6 + [25] * 4
@@ -375,3 +381,24 @@ def test_make_loader_rejects_empty_and_bad_batch() -> None:
     )
     with pytest.raises(DataError, match="batch size"):
         make_loader(ds, batch_size=0, shuffle=False, seed=0)
+
+
+def test_specs_are_a_registry(monkeypatch) -> None:
+    assert DATA_SPECS == (
+        "digits",
+        "fashion-mnist[:PATH]",
+        "cifar10:PATH",
+        "imagefolder:PATH",
+        "fake",
+    )
+    assert DATA_LOADERS["fashion_mnist"] is DATA_LOADERS["fashion-mnist"]
+    seen: list[DataRequest] = []
+
+    def loader(req: DataRequest):
+        seen.append(req)
+        return load_data("fake", input_size=req.input_size)
+
+    monkeypatch.setitem(DATA_LOADERS, "mine", loader)
+    bundle = load_data("Mine:/x", input_size=16, crop_pct=0.5)
+    assert (seen[0].path, seen[0].input_size, seen[0].crop_pct) == ("/x", 16, 0.5)
+    assert bundle.input_size == (3, 16, 16)
