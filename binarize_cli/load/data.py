@@ -265,7 +265,8 @@ DataLoaderFn = Callable[[DataRequest], DataBundle]
 
 #: ``--data`` name (and aliases) -> loader, filled by :func:`register_data`.
 DATA_LOADERS: dict[str, DataLoaderFn] = {}
-_USAGES: list[str] = []
+#: The registered specs as errors and docs list them (``"cifar10:PATH"``), in order.
+DATA_SPECS: tuple[str, ...] = ()
 
 
 def register_data(usage: str, *aliases: str) -> Callable[[DataLoaderFn], DataLoaderFn]:
@@ -274,9 +275,10 @@ def register_data(usage: str, *aliases: str) -> Callable[[DataLoaderFn], DataLoa
     name = usage.split("[")[0].split(":")[0]
 
     def register(loader: DataLoaderFn) -> DataLoaderFn:
+        global DATA_SPECS
         for key in (name, *aliases):
             DATA_LOADERS[key] = loader
-        _USAGES.append(usage)
+        DATA_SPECS = (*DATA_SPECS, usage)
         return loader
 
     return register
@@ -715,10 +717,6 @@ def _load_fake(req: DataRequest) -> DataBundle:
         classes=[f"class{i}" for i in range(_FAKE_CLASSES)],
         source="synthetic",
     )
-
-
-#: The ``--data`` specs, as errors and docs list them (registration order).
-DATA_SPECS = tuple(_USAGES)
 
 
 # --------------------------------------------------------------------------- entry points

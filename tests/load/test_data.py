@@ -384,6 +384,8 @@ def test_make_loader_rejects_empty_and_bad_batch() -> None:
 
 
 def test_specs_are_a_registry(monkeypatch) -> None:
+    import binarize_cli.load.data as data_mod
+
     assert DATA_SPECS == (
         "digits",
         "fashion-mnist[:PATH]",
@@ -392,13 +394,17 @@ def test_specs_are_a_registry(monkeypatch) -> None:
         "fake",
     )
     assert DATA_LOADERS["fashion_mnist"] is DATA_LOADERS["fashion-mnist"]
+    monkeypatch.setattr(data_mod, "DATA_SPECS", data_mod.DATA_SPECS)
+    monkeypatch.setattr(data_mod, "DATA_LOADERS", dict(data_mod.DATA_LOADERS))
     seen: list[DataRequest] = []
 
-    def loader(req: DataRequest):
+    @data_mod.register_data("mine:PATH", "my")
+    def _mine(req: DataRequest):
         seen.append(req)
         return load_data("fake", input_size=req.input_size)
 
-    monkeypatch.setitem(DATA_LOADERS, "mine", loader)
-    bundle = load_data("Mine:/x", input_size=16, crop_pct=0.5)
+    bundle = load_data("My:/x", input_size=16, crop_pct=0.5)
     assert (seen[0].path, seen[0].input_size, seen[0].crop_pct) == ("/x", 16, 0.5)
     assert bundle.input_size == (3, 16, 16)
+    with pytest.raises(DataError, match=r"use one of: digits, .*, fake, mine:PATH$"):
+        load_data("other")
