@@ -35,41 +35,8 @@ SMALL = "timm:test_resnet"
 # --------------------------------------------------------------------------- fixtures
 
 
-def _write_run(path: Path) -> Path:
-    """A loadable run directory of a binarized ``test_resnet`` (random weights)."""
-    from binarize_cli.convert.surgery import binarize_model
-    from binarize_cli.core.rundir import write_run
-    from binarize_cli.load.models import create_architecture
-
-    loaded = create_architecture(SMALL, num_classes=10)
-    result = binarize_model(
-        loaded.model, "pa", 2, 2, first_conv=loaded.first_conv, classifier=loaded.classifier
-    )
-    meta: dict[str, Any] = {
-        "model": loaded.spec,
-        "scheme": "pa",
-        "M": 2,
-        "N": 2,
-        "data": "fake",
-        "recipe": {},
-        "accuracy": {
-            stage: {"top1": 10.0, "top5": 50.0} for stage in ("fp", "calibrated", "binarized")
-        },
-        "timings": {"baseline_epoch_s": [1.0], "finetune_epoch_s": [1.0], "calibrate_s": 0.1},
-        "num_classes": 10,
-        "keep": [],
-        "scheme_options": {},
-        "first_conv": result.first_conv,
-        "classifier": result.classifier,
-        "input_size": [3, 32, 32],
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5],
-    }
-    return write_run(path, result.model.state_dict(), meta)
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def shared(tmp_path_factory: pytest.TempPathFactory, make_run_dir) -> dict[str, Path]:
     """Inputs shared by the cases (built once): a run, checkpoints, recipes, data folders."""
     import timm
     from safetensors.torch import save_file
@@ -78,7 +45,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("bad-inputs")
     p: dict[str, Path] = {"root": root}
-    p["run"] = _write_run(root / "run")
+    p["run"] = make_run_dir(root / "run", data="fake")  # a loadable run (random weights)
 
     model = timm.create_model("test_resnet", num_classes=10)
     state = model.state_dict()

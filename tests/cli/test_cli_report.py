@@ -9,7 +9,6 @@ import sys
 from functools import partial
 
 import pytest
-from test_report import make_run_dir
 from typer.testing import CliRunner
 
 from binarize_cli.cli import app
@@ -88,7 +87,7 @@ def test_analytic_tables(monkeypatch):
     assert "Accuracy" not in result.stdout
 
 
-def test_run_json_has_accuracy_and_errors(tmp_path):
+def test_run_json_has_accuracy_and_errors(tmp_path, make_run_dir):
     run_dir = make_run_dir(tmp_path / "run")
     d = _json(["report", str(run_dir), "--json"])
     assert CONTRACT_KEYS | {"accuracy"} <= set(d)
@@ -101,7 +100,7 @@ def test_run_json_has_accuracy_and_errors(tmp_path):
     )
 
 
-def test_default_run_is_the_most_recent(tmp_path, monkeypatch):
+def test_default_run_is_the_most_recent(tmp_path, make_run_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_run_dir(tmp_path / "runs" / "only", scheme="pa", m=4, n=0)
     d = _json(["report", "--json", "--input-size", "32"])
@@ -109,7 +108,7 @@ def test_default_run_is_the_most_recent(tmp_path, monkeypatch):
     assert d["bops"] == 0
 
 
-def test_run_tables_and_plot(tmp_path, monkeypatch):
+def test_run_tables_and_plot(tmp_path, make_run_dir, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     run_dir = make_run_dir(tmp_path / "run")
     figs = tmp_path / "figs"
@@ -122,7 +121,7 @@ def test_run_tables_and_plot(tmp_path, monkeypatch):
     assert len(pngs) == 3 and all(p.endswith(".png") for p in pngs)
 
 
-def test_compare_json_and_table(tmp_path, monkeypatch):
+def test_compare_json_and_table(tmp_path, make_run_dir, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     a = make_run_dir(tmp_path / "a", top1=85.0)
     b = make_run_dir(tmp_path / "b", scheme="bireal", m=1, n=1, top1=70.0)
@@ -148,7 +147,7 @@ def test_paper_json(monkeypatch):
     assert rows["ABC ResNet18"]["note"]
 
 
-def test_bad_combinations_are_bad_input(tmp_path):
+def test_bad_combinations_are_bad_input(tmp_path, make_run_dir):
     run_dir = make_run_dir(tmp_path / "run")
     result = runner.invoke(app, ["report", str(run_dir), "-M", "4"])
     assert isinstance(result.exception, BadInputError)
