@@ -309,11 +309,12 @@ def _check_ramp_gradients(
     ramp: Callable[[torch.Tensor, list[float]], torch.Tensor],
     v: list[float],
     h: float = 1e-6,
-) -> None:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward of ``quantizer`` (an activation quantizer with endpoints ``quantizer.v``)
     at ``x`` under a random upstream gradient ``g`` equals central finite differences of the
     surrogate ``ramp(x, v)``: in ``x`` (``dA_hat/dA``, nonzero somewhere) and in each ``v_i``
-    (``dC/dv_i``), with ``ramp`` keeping its segments fixed while ``v_i`` moves."""
+    (``dC/dv_i``), with ``ramp`` keeping its segments fixed while ``v_i`` moves. Returns
+    ``(x, g)`` (``x`` detached) for further checks of the same backward pass."""
     x = x.detach().requires_grad_()
     g = torch.randn(x.shape, dtype=x.dtype)
     (quantizer(x) * g).sum().backward()
@@ -328,6 +329,7 @@ def _check_ramp_gradients(
         vm[i] -= h
         fd_v.append(float((g * ramp(xd, vp)).sum() - (g * ramp(xd, vm)).sum()) / (2 * h))
     assert quantizer.v.grad.tolist() == pytest.approx(fd_v, rel=1e-6, abs=1e-8)
+    return xd, g
 
 
 @pytest.fixture(scope="session")
@@ -343,7 +345,7 @@ def away_from() -> Callable[..., torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def check_ramp_gradients() -> Callable[..., None]:
+def check_ramp_gradients() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """``check_ramp_gradients(quantizer, x, ramp, v, h=1e-6)``: see :func:`_check_ramp_gradients`."""
     return _check_ramp_gradients
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,26 +514,17 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path, monkeypatch, caps
 # --------------------------------------------------------------------------- fresh processes
 
 
-def _subprocess(args: list[str], cwd: Path) -> Outcome:
-    env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings would show up as extra lines
-    proc = subprocess.run(
-        [sys.executable, "-m", "binarize_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
-    return Outcome(proc.returncode, proc.stdout, proc.stderr)
-
-
-def _check_in_subprocess(case: Case, shared: dict[str, Path], tmp_path: Path) -> None:
+def _check_in_subprocess(
+    case: Case, shared: dict[str, Path], tmp_path: Path, binarize_process
+) -> None:
     _id, build, expect = case
     work = tmp_path / "cwd"
     work.mkdir()
     cache = Path(os.environ["BINARIZE_CACHE"])
     before = _snapshot(work, shared["root"], cache)
-    _assert_bad_input(_subprocess(build(shared), work), expect)
+    # PYTHONWARNINGS: warnings would show up as extra lines
+    proc = binarize_process(*build(shared), cwd=work, env={"PYTHONWARNINGS": "default"})
+    _assert_bad_input(Outcome(proc.returncode, proc.stdout, proc.stderr), expect)
     assert _snapshot(work, shared["root"], cache) == before
 
 
@@ -543,15 +532,15 @@ _QUICK = ("unknown-scheme", "recipe-unknown-key", "report-not-a-run")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in _QUICK], ids=list(_QUICK))
-def test_bad_input_in_a_fresh_process(case, shared, tmp_path):
-    _check_in_subprocess(case, shared, tmp_path)
+def test_bad_input_in_a_fresh_process(case, shared, tmp_path, binarize_process):
+    _check_in_subprocess(case, shared, tmp_path, binarize_process)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case", CASES + UNWRITABLE_CASES, ids=[c[0] for c in CASES + UNWRITABLE_CASES]
 )
-def test_every_bad_input_in_a_fresh_process(case, shared, tmp_path):
+def test_every_bad_input_in_a_fresh_process(case, shared, tmp_path, binarize_process):
     if case in UNWRITABLE_CASES and not (UNWRITABLE / "self").exists():
         pytest.skip("needs Linux /proc")
-    _check_in_subprocess(case, shared, tmp_path)
+    _check_in_subprocess(case, shared, tmp_path, binarize_process)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from functools import partial
 
 import pytest
@@ -158,14 +155,14 @@ def test_bad_combinations_are_bad_input(tmp_path, make_run_dir):
     assert not (tmp_path / "figs").exists()
 
 
-def test_error_is_one_line_exit_2(tmp_path):
-    env = {**os.environ, "BINARIZE_DEBUG": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "binarize_cli", "report", "resnet18", "--plot", str(tmp_path / "f")],
-        capture_output=True,
-        text=True,
+def test_error_is_one_line_exit_2(tmp_path, binarize_process):
+    proc = binarize_process(
+        "report",
+        "resnet18",
+        "--plot",
+        str(tmp_path / "f"),
         cwd=tmp_path,
-        env=env,
+        env={"BINARIZE_DEBUG": "0"},
         timeout=120,
     )
     assert proc.returncode == 2
