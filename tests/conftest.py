@@ -4,7 +4,8 @@ builders several test files need (each a session fixture that returns a plain fu
 * ``calibrate_activations`` / ``binarized_model``: a small binarized model with calibrated
   activation quantizers, as the export, ONNX, runtime and verify tests build it;
 * ``run_meta`` / ``make_run_dir``: ``binarize.json`` records and whole run directories;
-* ``top1_recount``: top-1 recounted image by image, independently of the library's loops;
+* ``top1_recount``: correct predictions counted over a loader, independently of the
+  library's evaluation loops;
 * ``numeric_grad`` / ``away_from`` / ``check_ramp_gradients``: finite-difference references
   for the quantizers' backward passes;
 * ``binarize_process``: ``python -m binarize_cli ...`` in a fresh process.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,24 +253,29 @@ def make_run_dir() -> Callable[..., Path]:
 
 @torch.no_grad()
 def _top1_recount(
-    model: Callable[[torch.Tensor], torch.Tensor], dataset: Sequence[Any], limit: int | None = None
+    model: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    limit: int | None = None,
 ) -> tuple[int, int]:
-    """``(correct, total)`` over the first ``limit`` items of ``dataset`` (all by default),
-    one image at a time: the argmax of ``model`` on each image against its label. A torch
-    module is put in eval mode first."""
+    """``(correct, total)``: how many of the images in ``batches`` (the first ``limit`` of
+    them, all by default) ``model`` puts in their labelled class, by argmax of its logits.
+    A torch module is put in eval mode first."""
     if isinstance(model, nn.Module):
         model.eval()
-    total = len(dataset) if limit is None else min(limit, len(dataset))
-    correct = 0
-    for i in range(total):
-        image, label = dataset[i][0], int(dataset[i][1])
-        correct += int(int(model(image.unsqueeze(0)).argmax(dim=1)) == label)
+    correct = total = 0
+    for x, y in batches:
+        if limit is not None:
+            x, y = x[: limit - total], y[: limit - total]
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += int(y.shape[0])
+        if limit is not None and total >= limit:
+            break
     return correct, total
 
 
 @pytest.fixture(scope="session")
 def top1_recount() -> Callable[..., tuple[int, int]]:
-    """``top1_recount(model, dataset, limit=None) -> (correct, total)``."""
+    """``top1_recount(model, batches, limit=None) -> (correct, total)``."""
     return _top1_recount
 
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from binarize_cli.cli import app
 from binarize_cli.core.errors import BadInputError, RunDirError
+from binarize_cli.core.rundir import load_run
 
 runner = CliRunner()
 CONTRACT_KEYS = {
@@ -91,10 +92,16 @@ def test_run_json_has_accuracy_and_errors(tmp_path, make_run_dir):
     assert d["accuracy"]["binarized"] == {"top1": 85.0, "top5": 97.0}
     assert d["mode"] == "run" and d["run_dir"] == str(run_dir)
     _check_sums(d)
+    # weight errors: ||W - W_hat|| / ||W|| of the run's own layers, recomputed here
+    modules = dict(load_run(run_dir).model.named_modules())
     binarized = [r for r in d["layers"] if r["binarized"]]
-    assert all(
-        r["weight_error"] is not None and r["activation_error"] is not None for r in binarized
-    )
+    assert binarized
+    for r in binarized:
+        conv = modules[r["name"]]
+        w = conv.weight.detach()
+        expected = float((w - conv.quantized_weight().detach()).norm() / w.norm())
+        assert r["weight_error"] == pytest.approx(expected, rel=1e-6), r["name"]
+        assert 0.0 < r["activation_error"] < 1.5, r["name"]
 
 
 def test_default_run_is_the_most_recent(tmp_path, make_run_dir, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from binarize_cli.cli import main
-from binarize_cli.load.data import load_data
+from binarize_cli.load.data import load_data, make_loader
 
 
 def make_run(make_run_dir, root: Path, arch: str, scheme: str, m: int, n: int) -> Path:
@@ -83,7 +83,8 @@ def test_export_packed_then_run(capsys, tmp_path, small_run, top1_recount) -> No
         mean=tuple(run.meta["mean"]),
         std=tuple(run.meta["std"]),
     )
-    correct, total = top1_recount(run.model, bundle.val, 64)
+    loader = make_loader(bundle.val, batch_size=64, shuffle=False, seed=0)
+    correct, total = top1_recount(run.model, loader, limit=64)
     assert abs(out["top1"] - 100 * correct / total) <= 100 / 64 + 1e-9
 
 
