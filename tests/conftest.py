@@ -87,6 +87,12 @@ def _calibrate_activations(
     return model
 
 
+@pytest.fixture(scope="session")
+def calibrate_activations() -> Callable[..., nn.Module]:
+    """``calibrate_activations(model, x, *, bn="keep")``: see :func:`_calibrate_activations`."""
+    return _calibrate_activations
+
+
 def _slim_resnet18(num_classes: int = 10) -> nn.Module:
     """timm's ResNet-18 structure at 1/4 width (fast tests)."""
     from timm.models.resnet import BasicBlock, ResNet
@@ -142,12 +148,6 @@ def _binarized_model(
 
 
 @pytest.fixture(scope="session")
-def calibrate_activations() -> Callable[..., nn.Module]:
-    """``calibrate_activations(model, x, *, bn="keep")``: see :func:`_calibrate_activations`."""
-    return _calibrate_activations
-
-
-@pytest.fixture(scope="session")
 def binarized_model() -> Callable[..., nn.Module]:
     """``binarized_model(arch, scheme, m, n, **options)``: see :func:`_binarized_model`."""
     return _binarized_model
@@ -176,6 +176,12 @@ def _run_meta(
         "input_size": [3, 32, 32],
         **extra,
     }
+
+
+@pytest.fixture(scope="session")
+def run_meta() -> Callable[..., dict[str, Any]]:
+    """``run_meta(scheme="pa", m=2, n=2, *, model="timm:test_resnet", **extra)``."""
+    return _run_meta
 
 
 def _accuracy_record(
@@ -237,12 +243,6 @@ def _make_run_dir(
 
 
 @pytest.fixture(scope="session")
-def run_meta() -> Callable[..., dict[str, Any]]:
-    """``run_meta(scheme="pa", m=2, n=2, *, model="timm:test_resnet", **extra)``."""
-    return _run_meta
-
-
-@pytest.fixture(scope="session")
 def make_run_dir() -> Callable[..., Path]:
     """``make_run_dir(path, *, model, scheme, m, n, top1, top5, ..., calibrate_on, **extra)``."""
     return _make_run_dir
@@ -300,6 +300,12 @@ def _numeric_grad(
     return grad
 
 
+@pytest.fixture(scope="session")
+def numeric_grad() -> Callable[..., torch.Tensor]:
+    """``numeric_grad(fn, x, h=1e-6)``: see :func:`_numeric_grad`."""
+    return _numeric_grad
+
+
 def _away_from(values: torch.Tensor, kinks: Sequence[float], margin: float = 1e-3) -> torch.Tensor:
     """``values`` with every element within ``margin`` of a kink moved up by ``3 * margin``
     (kink by kink), where finite differences of a piecewise-linear surrogate are undefined."""
@@ -307,6 +313,12 @@ def _away_from(values: torch.Tensor, kinks: Sequence[float], margin: float = 1e-
     for k in kinks:
         out = torch.where((out - k).abs() < margin, out + 3 * margin, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def away_from() -> Callable[..., torch.Tensor]:
+    """``away_from(values, kinks, margin=1e-3)``: see :func:`_away_from`."""
+    return _away_from
 
 
 def _check_ramp_gradients(
@@ -336,18 +348,6 @@ def _check_ramp_gradients(
         fd_v.append(float((g * ramp(xd, vp)).sum() - (g * ramp(xd, vm)).sum()) / (2 * h))
     assert quantizer.v.grad.tolist() == pytest.approx(fd_v, rel=1e-6, abs=1e-8)
     return xd, g
-
-
-@pytest.fixture(scope="session")
-def numeric_grad() -> Callable[..., torch.Tensor]:
-    """``numeric_grad(fn, x, h=1e-6)``: see :func:`_numeric_grad`."""
-    return _numeric_grad
-
-
-@pytest.fixture(scope="session")
-def away_from() -> Callable[..., torch.Tensor]:
-    """``away_from(values, kinks, margin=1e-3)``: see :func:`_away_from`."""
-    return _away_from
 
 
 @pytest.fixture(scope="session")

@@ -176,27 +176,24 @@ def test_bad_arguments(fake8) -> None:
 def test_digits_resnet18_baseline_reaches_95_percent_and_is_cached(tmp_path: Path) -> None:
     """The documented default: timm resnet18 from scratch on 32x32 digits, >= 95 % top-1."""
     data = load_data("digits")
-    first = ensure_baseline(
-        create_architecture("resnet18", data.num_classes),
-        data,
-        epochs=DEFAULT_BASELINE_EPOCHS,
-        batch_size=DEFAULT_BASELINE_BATCH_SIZE,
-        lr=DEFAULT_BASELINE_LR,
-        cache_dir=tmp_path,
-    )
+
+    def baseline():
+        return ensure_baseline(
+            create_architecture("resnet18", data.num_classes),
+            data,
+            epochs=DEFAULT_BASELINE_EPOCHS,
+            batch_size=DEFAULT_BASELINE_BATCH_SIZE,
+            lr=DEFAULT_BASELINE_LR,
+            cache_dir=tmp_path,
+        )
+
+    first = baseline()
     assert (
         first.trained and not first.cache_hit and len(first.epoch_times) == DEFAULT_BASELINE_EPOCHS
     )
     assert first.accuracy.top1 >= 95.0 and first.accuracy.samples == 360
     start = time.monotonic()
-    second = ensure_baseline(
-        create_architecture("resnet18", data.num_classes),
-        data,
-        epochs=DEFAULT_BASELINE_EPOCHS,
-        batch_size=DEFAULT_BASELINE_BATCH_SIZE,
-        lr=DEFAULT_BASELINE_LR,
-        cache_dir=tmp_path,
-    )
+    second = baseline()
     assert second.cache_hit and second.accuracy == first.accuracy
     assert time.monotonic() - start < max(first.epoch_times)  # no training
     assert os.path.isfile(second.cache_path / "model.safetensors")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,42 +194,32 @@ def test_evaluate_packed_and_batching(tmp_path, binarized_model) -> None:
         rt(np.zeros((3, 32, 32), np.float32))
 
 
+def _packed_like(path: Path, version: str, graph: dict) -> Path:
+    """A safetensors file with one float tensor and a packed file's metadata."""
+    metadata = {
+        "format": "binarize-packed",
+        "format_version": version,
+        "bit_order": "lsb-first",
+        "graph": json.dumps(graph),
+    }
+    save_file({"w": np.zeros(3, np.float32)}, str(path), metadata=metadata)
+    return path
+
+
 def test_format_errors(tmp_path) -> None:
     plain = tmp_path / "plain.safetensors"
     save_file({"w": np.zeros(3, np.float32)}, str(plain))
     with pytest.raises(FormatError, match="not a binarize packed file"):
         load_packed(plain)
-    future = tmp_path / "future.safetensors"
-    save_file(
-        {"w": np.zeros(3, np.float32)},
-        str(future),
-        metadata={
-            "format": "binarize-packed",
-            "format_version": "99",
-            "bit_order": "lsb-first",
-            "graph": "{}",
-        },
-    )
     with pytest.raises(FormatError, match="version '99'"):
-        load_packed(future)
-    odd = tmp_path / "odd.safetensors"
+        load_packed(_packed_like(tmp_path / "future.safetensors", "99", {}))
     graph = {
         "inputs": ["input"],
         "outputs": ["x"],
         "nodes": [{"name": "x", "op": "softmax2", "inputs": ["input"], "attrs": {}}],
     }
-    save_file(
-        {"w": np.zeros(3, np.float32)},
-        str(odd),
-        metadata={
-            "format": "binarize-packed",
-            "format_version": "1",
-            "bit_order": "lsb-first",
-            "graph": json.dumps(graph),
-        },
-    )
     with pytest.raises(FormatError, match="softmax2"):
-        load_packed(odd)
+        load_packed(_packed_like(tmp_path / "odd.safetensors", "1", graph))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(FormatError):
