@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.container import BarContainer
-from test_report import make_run_dir
 
 from binarize_cli.analyze.plots import (
     AccuracyPoint,
@@ -78,7 +77,7 @@ def test_accuracy_memory_plots_runs_and_baselines():
     assert len(ax.texts) == 3
 
 
-def test_write_figures_for_a_run(tmp_path):
+def test_write_figures_for_a_run(tmp_path, make_run_dir):
     from binarize_cli.core.rundir import load_run
 
     run = load_run(make_run_dir(tmp_path / "run"))
@@ -96,7 +95,7 @@ def test_write_figures_for_a_run(tmp_path):
     assert [p.label for p in data.points][0].endswith("FP")
 
 
-def test_layer_samples_rejects_a_kept_layer(tmp_path):
+def test_layer_samples_rejects_a_kept_layer(tmp_path, make_run_dir):
     from binarize_cli.core.rundir import load_run
 
     run = load_run(make_run_dir(tmp_path / "run"))

@@ -33,52 +33,6 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "accounting.md"
 SMALL_MODEL = "timm:test_resnet"
 
 
-def make_run_dir(
-    path: Path,
-    *,
-    scheme: str = "pa",
-    m: int = 2,
-    n: int = 2,
-    top1: float = 85.0,
-    top5: float = 97.0,
-    data: str = "digits",
-    fp: tuple[float, float] = (90.0, 99.0),
-) -> Path:
-    """A run directory the way ``convert`` writes one: a small timm ResNet, binarized, saved
-    with rundir.write_run (random weights; the accuracies are made up)."""
-    from binarize_cli.convert.surgery import binarize_model
-    from binarize_cli.core.rundir import write_run
-    from binarize_cli.load.models import create_architecture
-
-    loaded = create_architecture(SMALL_MODEL, num_classes=10)
-    result = binarize_model(
-        loaded.model, scheme, m, n, first_conv=loaded.first_conv, classifier=loaded.classifier
-    )
-    meta: dict[str, Any] = {
-        "model": loaded.spec,
-        "scheme": scheme,
-        "M": m,
-        "N": n,
-        "data": data,
-        "recipe": {},
-        "accuracy": {
-            "fp": {"top1": fp[0], "top5": fp[1]},
-            "calibrated": {"top1": 40.0, "top5": 70.0},
-            "binarized": {"top1": top1, "top5": top5},
-        },
-        "timings": {"baseline_epoch_s": [], "finetune_epoch_s": [1.0], "calibrate_s": 0.5},
-        "num_classes": 10,
-        "keep": [],
-        "scheme_options": {},
-        "first_conv": loaded.first_conv,
-        "classifier": loaded.classifier,
-        "input_size": [3, 32, 32],
-        "mean": list(loaded.mean),
-        "std": list(loaded.std),
-    }
-    return write_run(path, result.model.state_dict(), meta)
-
-
 def _assert_totals_are_row_sums(d: dict[str, Any]) -> None:
     rows = d["layers"]
     for key in ("memory_bits", "fp_memory_bits", "flops", "fp_flops", "bops"):
@@ -217,7 +171,7 @@ def test_every_paper_note_points_at_a_docs_section():
 # Run mode
 
 
-def test_run_report_accuracy_and_approximation_errors(tmp_path):
+def test_run_report_accuracy_and_approximation_errors(tmp_path, make_run_dir):
     run_dir = make_run_dir(tmp_path / "run-pa")
     rep = run_report(run_dir)
     assert rep.mode == "run" and rep.run_dir == run_dir
@@ -243,7 +197,7 @@ def test_run_report_accuracy_and_approximation_errors(tmp_path):
     assert any(r.kind == "downsample" for r in binarized)
 
 
-def test_run_report_without_loadable_data_skips_activation_errors(tmp_path):
+def test_run_report_without_loadable_data_skips_activation_errors(tmp_path, make_run_dir):
     run_dir = make_run_dir(tmp_path / "run", data="cifar10:" + str(tmp_path / "missing"))
     rep = run_report(run_dir, input_size=48)
     assert rep.profile.input_size == (3, 48, 48)
@@ -272,7 +226,7 @@ def test_weight_and_activation_errors_are_the_relative_frobenius_norms():
 # --compare
 
 
-def test_compare_runs_rows_and_gaps(tmp_path):
+def test_compare_runs_rows_and_gaps(tmp_path, make_run_dir):
     a = make_run_dir(tmp_path / "a", scheme="pa", m=2, n=2, top1=85.0, top5=97.0)
     b = make_run_dir(tmp_path / "b", scheme="pa", m=4, n=0, top1=88.5, top5=98.0)
     rows = compare_runs([a, b])
@@ -293,7 +247,7 @@ def test_compare_needs_runs():
         compare_runs([])
 
 
-def test_compare_reports_without_fp_accuracy(tmp_path):
+def test_compare_reports_without_fp_accuracy(tmp_path, make_run_dir):
     from binarize_cli.core.rundir import load_run
 
     run = load_run(make_run_dir(tmp_path / "x"))

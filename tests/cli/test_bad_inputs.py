@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,41 +33,8 @@ SMALL = "timm:test_resnet"
 # --------------------------------------------------------------------------- fixtures
 
 
-def _write_run(path: Path) -> Path:
-    """A loadable run directory of a binarized ``test_resnet`` (random weights)."""
-    from binarize_cli.convert.surgery import binarize_model
-    from binarize_cli.core.rundir import write_run
-    from binarize_cli.load.models import create_architecture
-
-    loaded = create_architecture(SMALL, num_classes=10)
-    result = binarize_model(
-        loaded.model, "pa", 2, 2, first_conv=loaded.first_conv, classifier=loaded.classifier
-    )
-    meta: dict[str, Any] = {
-        "model": loaded.spec,
-        "scheme": "pa",
-        "M": 2,
-        "N": 2,
-        "data": "fake",
-        "recipe": {},
-        "accuracy": {
-            stage: {"top1": 10.0, "top5": 50.0} for stage in ("fp", "calibrated", "binarized")
-        },
-        "timings": {"baseline_epoch_s": [1.0], "finetune_epoch_s": [1.0], "calibrate_s": 0.1},
-        "num_classes": 10,
-        "keep": [],
-        "scheme_options": {},
-        "first_conv": result.first_conv,
-        "classifier": result.classifier,
-        "input_size": [3, 32, 32],
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5],
-    }
-    return write_run(path, result.model.state_dict(), meta)
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def shared(tmp_path_factory: pytest.TempPathFactory, make_run_dir) -> dict[str, Path]:
     """Inputs shared by the cases (built once): a run, checkpoints, recipes, data folders."""
     import timm
     from safetensors.torch import save_file
@@ -78,7 +43,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("bad-inputs")
     p: dict[str, Path] = {"root": root}
-    p["run"] = _write_run(root / "run")
+    p["run"] = make_run_dir(root / "run", data="fake")  # a loadable run (random weights)
 
     model = timm.create_model("test_resnet", num_classes=10)
     state = model.state_dict()
@@ -549,26 +514,17 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path, monkeypatch, caps
 # --------------------------------------------------------------------------- fresh processes
 
 
-def _subprocess(args: list[str], cwd: Path) -> Outcome:
-    env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings would show up as extra lines
-    proc = subprocess.run(
-        [sys.executable, "-m", "binarize_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
-    return Outcome(proc.returncode, proc.stdout, proc.stderr)
-
-
-def _check_in_subprocess(case: Case, shared: dict[str, Path], tmp_path: Path) -> None:
+def _check_in_subprocess(
+    case: Case, shared: dict[str, Path], tmp_path: Path, binarize_process
+) -> None:
     _id, build, expect = case
     work = tmp_path / "cwd"
     work.mkdir()
     cache = Path(os.environ["BINARIZE_CACHE"])
     before = _snapshot(work, shared["root"], cache)
-    _assert_bad_input(_subprocess(build(shared), work), expect)
+    # PYTHONWARNINGS: warnings would show up as extra lines
+    proc = binarize_process(*build(shared), cwd=work, env={"PYTHONWARNINGS": "default"})
+    _assert_bad_input(Outcome(proc.returncode, proc.stdout, proc.stderr), expect)
     assert _snapshot(work, shared["root"], cache) == before
 
 
@@ -576,15 +532,15 @@ _QUICK = ("unknown-scheme", "recipe-unknown-key", "report-not-a-run")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in _QUICK], ids=list(_QUICK))
-def test_bad_input_in_a_fresh_process(case, shared, tmp_path):
-    _check_in_subprocess(case, shared, tmp_path)
+def test_bad_input_in_a_fresh_process(case, shared, tmp_path, binarize_process):
+    _check_in_subprocess(case, shared, tmp_path, binarize_process)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case", CASES + UNWRITABLE_CASES, ids=[c[0] for c in CASES + UNWRITABLE_CASES]
 )
-def test_every_bad_input_in_a_fresh_process(case, shared, tmp_path):
+def test_every_bad_input_in_a_fresh_process(case, shared, tmp_path, binarize_process):
     if case in UNWRITABLE_CASES and not (UNWRITABLE / "self").exists():
         pytest.skip("needs Linux /proc")
-    _check_in_subprocess(case, shared, tmp_path)
+    _check_in_subprocess(case, shared, tmp_path, binarize_process)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from typer.testing import CliRunner
 
 from binarize_cli import __version__
@@ -33,24 +30,16 @@ def test_version():
     assert __version__ in result.output
 
 
-def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "binarize_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
-
-
-def test_python_dash_m_works():
-    proc = _cli("--version")
+def test_python_dash_m_works(binarize_process):
+    proc = binarize_process("--version", timeout=120)
     assert proc.returncode == 0
     assert __version__ in proc.stdout
 
 
-def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
-    proc = _cli("export", str(tmp_path / "nope"), "--target", "packed", cwd=tmp_path)
+def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, binarize_process):
+    proc = binarize_process(
+        "export", str(tmp_path / "nope"), "--target", "packed", cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -59,14 +48,14 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_export_target_is_bad_input(tmp_path):
-    proc = _cli("export", "--target", "tflite", cwd=tmp_path)
+def test_unknown_export_target_is_bad_input(tmp_path, binarize_process):
+    proc = binarize_process("export", "--target", "tflite", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "tflite" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_usage_error_is_exit_2_one_line(tmp_path):
-    proc = _cli("convert", "resnet18", "-M", "notanumber", cwd=tmp_path)
+def test_usage_error_is_exit_2_one_line(tmp_path, binarize_process):
+    proc = binarize_process("convert", "resnet18", "-M", "notanumber", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1

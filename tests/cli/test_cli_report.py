@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from functools import partial
 
 import pytest
-from test_report import make_run_dir
 from typer.testing import CliRunner
 
 from binarize_cli.cli import app
 from binarize_cli.core.errors import BadInputError, RunDirError
+from binarize_cli.core.rundir import load_run
 
 runner = CliRunner()
 CONTRACT_KEYS = {
@@ -88,20 +85,26 @@ def test_analytic_tables(monkeypatch):
     assert "Accuracy" not in result.stdout
 
 
-def test_run_json_has_accuracy_and_errors(tmp_path):
+def test_run_json_has_accuracy_and_errors(tmp_path, make_run_dir):
     run_dir = make_run_dir(tmp_path / "run")
     d = _json(["report", str(run_dir), "--json"])
     assert CONTRACT_KEYS | {"accuracy"} <= set(d)
     assert d["accuracy"]["binarized"] == {"top1": 85.0, "top5": 97.0}
     assert d["mode"] == "run" and d["run_dir"] == str(run_dir)
     _check_sums(d)
+    # weight errors: ||W - W_hat|| / ||W|| of the run's own layers, recomputed here
+    modules = dict(load_run(run_dir).model.named_modules())
     binarized = [r for r in d["layers"] if r["binarized"]]
-    assert all(
-        r["weight_error"] is not None and r["activation_error"] is not None for r in binarized
-    )
+    assert binarized
+    for r in binarized:
+        conv = modules[r["name"]]
+        w = conv.weight.detach()
+        expected = float((w - conv.quantized_weight().detach()).norm() / w.norm())
+        assert r["weight_error"] == pytest.approx(expected, rel=1e-6), r["name"]
+        assert 0.0 < r["activation_error"] < 1.5, r["name"]
 
 
-def test_default_run_is_the_most_recent(tmp_path, monkeypatch):
+def test_default_run_is_the_most_recent(tmp_path, make_run_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_run_dir(tmp_path / "runs" / "only", scheme="pa", m=4, n=0)
     d = _json(["report", "--json", "--input-size", "32"])
@@ -109,7 +112,7 @@ def test_default_run_is_the_most_recent(tmp_path, monkeypatch):
     assert d["bops"] == 0
 
 
-def test_run_tables_and_plot(tmp_path, monkeypatch):
+def test_run_tables_and_plot(tmp_path, make_run_dir, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     run_dir = make_run_dir(tmp_path / "run")
     figs = tmp_path / "figs"
@@ -122,7 +125,7 @@ def test_run_tables_and_plot(tmp_path, monkeypatch):
     assert len(pngs) == 3 and all(p.endswith(".png") for p in pngs)
 
 
-def test_compare_json_and_table(tmp_path, monkeypatch):
+def test_compare_json_and_table(tmp_path, make_run_dir, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     a = make_run_dir(tmp_path / "a", top1=85.0)
     b = make_run_dir(tmp_path / "b", scheme="bireal", m=1, n=1, top1=70.0)
@@ -148,7 +151,7 @@ def test_paper_json(monkeypatch):
     assert rows["ABC ResNet18"]["note"]
 
 
-def test_bad_combinations_are_bad_input(tmp_path):
+def test_bad_combinations_are_bad_input(tmp_path, make_run_dir):
     run_dir = make_run_dir(tmp_path / "run")
     result = runner.invoke(app, ["report", str(run_dir), "-M", "4"])
     assert isinstance(result.exception, BadInputError)
@@ -159,14 +162,14 @@ def test_bad_combinations_are_bad_input(tmp_path):
     assert not (tmp_path / "figs").exists()
 
 
-def test_error_is_one_line_exit_2(tmp_path):
-    env = {**os.environ, "BINARIZE_DEBUG": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "binarize_cli", "report", "resnet18", "--plot", str(tmp_path / "f")],
-        capture_output=True,
-        text=True,
+def test_error_is_one_line_exit_2(tmp_path, binarize_process):
+    proc = binarize_process(
+        "report",
+        "resnet18",
+        "--plot",
+        str(tmp_path / "f"),
         cwd=tmp_path,
-        env=env,
+        env={"BINARIZE_DEBUG": "0"},
         timeout=120,
     )
     assert proc.returncode == 2

@@ -11,9 +11,6 @@ fail).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -85,24 +82,10 @@ def _finetuned() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _meta() -> dict:
-    return {
-        "model": "timm:test_resnet",
-        "scheme": "pa",
-        "M": 2,
-        "N": 2,
-        "data": "fake",
-        "recipe": {},
-        "accuracy": {},
-        "timings": {},
-        "num_classes": 4,
-    }
-
-
-def test_same_training_gives_the_same_weights_file(tmp_path):
-    a = write_run(tmp_path / "a", _finetuned(), _meta())
+def test_same_training_gives_the_same_weights_file(tmp_path, run_meta):
+    a = write_run(tmp_path / "a", _finetuned(), run_meta(num_classes=4))
     time.sleep(1.1)  # a timestamp in the weights file would now differ
-    b = write_run(tmp_path / "b", _finetuned(), {**_meta(), "created": "later"})
+    b = write_run(tmp_path / "b", _finetuned(), {**run_meta(num_classes=4), "created": "later"})
     assert (a / WEIGHTS_FILE).read_bytes() == (b / WEIGHTS_FILE).read_bytes()
     assert (a / META_FILE).read_bytes() != (b / META_FILE).read_bytes()
     with safe_open(str(a / WEIGHTS_FILE), framework="pt") as fh:
@@ -112,7 +95,7 @@ def test_same_training_gives_the_same_weights_file(tmp_path):
 # --------------------------------------------------------------------------- the real CLI
 
 
-def _convert(cwd: Path, cache: Path, out: str, seed: int) -> Path:
+def _convert(binarize_process, cwd: Path, cache: Path, out: str, seed: int) -> Path:
     args = [
         "convert",
         "test_resnet",
@@ -131,26 +114,19 @@ def _convert(cwd: Path, cache: Path, out: str, seed: int) -> Path:
         "-o",
         out,
     ]
-    env = {**os.environ, "BINARIZE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "binarize_cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    env = {"BINARIZE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = binarize_process(*args, cwd=cwd, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd / out / WEIGHTS_FILE
 
 
 @pytest.mark.slow
-def test_same_seed_same_bytes_across_processes(tmp_path):
-    first = _convert(tmp_path, tmp_path / "cache1", "run1", seed=3)
-    second = _convert(tmp_path, tmp_path / "cache2", "run2", seed=3)
+def test_same_seed_same_bytes_across_processes(tmp_path, binarize_process):
+    first = _convert(binarize_process, tmp_path, tmp_path / "cache1", "run1", seed=3)
+    second = _convert(binarize_process, tmp_path, tmp_path / "cache2", "run2", seed=3)
     assert first.read_bytes() == second.read_bytes()
     meta1 = json.loads((first.parent / META_FILE).read_text())
     meta2 = json.loads((second.parent / META_FILE).read_text())
     assert meta1["accuracy"] == meta2["accuracy"]
-    other = _convert(tmp_path, tmp_path / "cache1", "run3", seed=4)
+    other = _convert(binarize_process, tmp_path, tmp_path / "cache1", "run3", seed=4)
     assert other.read_bytes() != first.read_bytes()

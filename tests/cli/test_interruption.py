@@ -362,20 +362,6 @@ def test_divergence_after_an_epoch_keeps_its_checkpoint(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _tiny_meta() -> dict:
-    return {
-        "model": "timm:test_resnet",
-        "scheme": "pa",
-        "M": 2,
-        "N": 2,
-        "data": "fake",
-        "recipe": {},
-        "accuracy": {},
-        "timings": {},
-        "num_classes": 3,
-    }
-
-
 def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     from binarize_cli.core import rundir
 
@@ -392,24 +378,24 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
 
-def test_an_interrupted_run_write_keeps_the_old_run(tmp_path, monkeypatch):
+def test_an_interrupted_run_write_keeps_the_old_run(tmp_path, monkeypatch, run_meta):
     from binarize_cli.core import rundir
 
-    run = rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), _tiny_meta())
+    run = rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     monkeypatch.setattr(
         rundir, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
     )
     with pytest.raises(KeyboardInterrupt):
-        rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), _tiny_meta())
+        rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # staging removed
 
 
-def test_a_run_moved_aside_by_a_killed_write_is_recovered(tmp_path, monkeypatch):
+def test_a_run_moved_aside_by_a_killed_write_is_recovered(tmp_path, monkeypatch, run_meta):
     from binarize_cli.core import rundir
 
-    run = rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), _tiny_meta())
+    run = rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     aside = tmp_path / ".run.x1y2.old"
     run.rename(aside)  # what a SIGKILL between write_run's two renames leaves
@@ -419,7 +405,7 @@ def test_a_run_moved_aside_by_a_killed_write_is_recovered(tmp_path, monkeypatch)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
-def test_staging_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+def test_staging_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path, run_meta):
     import os
 
     from binarize_cli.core import rundir
@@ -434,7 +420,7 @@ def test_staging_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
     other = tmp_path / ".other.k1ll.staging"  # a different run's: not ours to touch
     other.mkdir()
     os.utime(other, (old, old))
-    rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), _tiny_meta())
+    rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".other.k1ll.staging",
         ".run.busy.staging",
@@ -442,11 +428,13 @@ def test_staging_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
     ]
 
 
-def test_hidden_work_directories_are_never_the_latest_run(tmp_path):
+def test_hidden_work_directories_are_never_the_latest_run(tmp_path, run_meta):
     from binarize_cli.core import rundir
 
     root = tmp_path / "runs"
-    rundir.write_run(root / "real", _tiny_model().state_dict(), _tiny_meta())
+    rundir.write_run(root / "real", _tiny_model().state_dict(), run_meta(num_classes=3))
     time.sleep(0.05)
-    rundir.write_run(root / ".real.abc.staging", _tiny_model().state_dict(), _tiny_meta())
+    rundir.write_run(
+        root / ".real.abc.staging", _tiny_model().state_dict(), run_meta(num_classes=3)
+    )
     assert rundir.find_latest_run(root) == root / "real"

@@ -16,6 +16,7 @@ from binarize_cli.convert.finetune import load_checkpoint
 from binarize_cli.convert.pipeline import run_convert, work_dir_for
 from binarize_cli.core.rundir import load_run
 from binarize_cli.core.settings import merge_settings
+from binarize_cli.load.data import load_data, make_loader
 
 FAST = {
     "model": "resnet18",
@@ -28,7 +29,7 @@ FAST = {
 CONTRACT_KEYS = ("model", "scheme", "M", "N", "data", "recipe", "accuracy", "timings")
 
 
-def test_convert_writes_the_contract(tmp_path):
+def test_convert_writes_the_contract(tmp_path, top1_recount):
     out = tmp_path / "run"
     result = run_convert(
         merge_settings(None, {**FAST, "scheme": "pa", "M": 4, "N": 5}), out_dir=out
@@ -37,9 +38,15 @@ def test_convert_writes_the_contract(tmp_path):
     meta = json.loads((out / "binarize.json").read_text())
     for key in CONTRACT_KEYS:
         assert key in meta
+    data = load_data(
+        meta["data"], input_size=tuple(meta["input_size"]), mean=meta["mean"], std=meta["std"]
+    )
     for stage in ("fp", "calibrated", "binarized"):
-        assert set(meta["accuracy"][stage]) >= {"top1", "top5"}
-        assert 0.0 <= meta["accuracy"][stage]["top1"] <= 100.0
+        acc = meta["accuracy"][stage]
+        assert set(acc) >= {"top1", "top5"} and acc["top5"] >= acc["top1"]
+        # a count of whole validation images, in percent
+        images = acc["top1"] * len(data.val) / 100
+        assert images == pytest.approx(round(images), abs=1e-6), stage
     timings = meta["timings"]
     assert len(timings["finetune_epoch_s"]) == 1 and timings["finetune_epoch_s"][0] > 0
     assert len(timings["baseline_epoch_s"]) == 1 and timings["calibrate_s"] > 0
@@ -50,6 +57,11 @@ def test_convert_writes_the_contract(tmp_path):
     state = load_file(str(out / "model.safetensors"))
     for key, value in run.model.state_dict().items():
         assert (value == state[key]).all(), key
+    # ... whose top-1, recounted over the same validation loader, is the recorded one.
+    loader = make_loader(data.val, batch_size=128, shuffle=False, seed=0)
+    correct, total = top1_recount(run.model, loader)
+    assert total == len(data.val)
+    assert meta["accuracy"]["binarized"]["top1"] == pytest.approx(100 * correct / total, abs=1e-9)
     binarized = [d for d in result.decisions if d.binarized]
     assert len(binarized) == 19  # 16 3x3 convs + 3 downsample convs for PA
 

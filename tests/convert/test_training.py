@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,22 @@ def _small_net(classes: int = 10) -> nn.Module:
     )
 
 
+class _Recording:
+    """A loader that keeps the labels of the batches it hands out, in order."""
+
+    def __init__(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.loader = loader
+        self.labels: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            self.labels.append(y)
+            yield x, y
+
+
 def test_topk_correct_exact() -> None:
     logits = torch.tensor(
         [
@@ -91,17 +108,28 @@ def test_train_one_epoch_learns_and_reports() -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * len(loader))
     calls: list[tuple] = []
     before = evaluate(model, make_loader(data.val, batch_size=64, shuffle=False, seed=0))
+    predictions: list[torch.Tensor] = []  # of the current epoch's training batches
+    hook = model.register_forward_hook(
+        lambda _m, _x, out: predictions.append(out.detach().argmax(dim=1))
+    )
     for epoch in range(3):
+        predictions.clear()
+        recorded = _Recording(loader)
         stats = train_one_epoch(
-            model, loader, opt, scheduler=sched, epoch=epoch, on_step=lambda *a: calls.append(a)
+            model, recorded, opt, scheduler=sched, epoch=epoch, on_step=lambda *a: calls.append(a)
         )
+    hook.remove()
     after = evaluate(model, make_loader(data.val, batch_size=64, shuffle=False, seed=0))
     assert (
         stats.steps == 8 and stats.samples == 256 and stats.seconds > 0 and stats.images_per_s > 0
     )
     assert sched.last_epoch == 24  # stepped once per batch
     assert [c[0] for c in calls[:8]] == list(range(1, 9)) and all(c[1] == 8 for c in calls)
-    assert math.isfinite(stats.loss) and 0 <= stats.top1 <= 100
+    # top1: the last epoch's running accuracy, i.e. of each batch's predictions as trained
+    correct = sum(int((p == y).sum()) for p, y in zip(predictions, recorded.labels, strict=True))
+    assert stats.top1 == pytest.approx(100 * correct / 256) and calls[-1][3] == stats.top1
+    assert stats.top1 > 5 * 100 / 10  # far above chance (10 classes) on its own training data
+    assert math.isfinite(stats.loss)
     assert after.top1 > before.top1 + 30  # the fake set is learnable
 
 

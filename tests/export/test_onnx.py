@@ -259,47 +259,18 @@ def _binarize(model: nn.Module, scheme: Scheme, m: int, n: int) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """Activation quantizers from each layer's inputs, then batch-norm statistics re-estimated
-    (as `binarize convert` does), so no activation sits on a threshold by construction."""
-    samples: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, BinarizedConv2d):
+@pytest.fixture(scope="session")
+def make_model(binarized_model):
+    """``make_model(arch, scheme, m, n, size=(32, 32))``: ``TinyNet`` (arch ``"tiny"``) or a
+    timm model, binarized by :func:`_binarize`, activation quantizers calibrated on 8 random
+    images, then batch-norm statistics re-estimated on them (as `binarize convert` does), so
+    no activation sits on a threshold by construction."""
 
-            def hook(_m, inputs, name=name):
-                samples.setdefault(name, []).append(inputs[0].detach().flatten())
+    def make(arch: str, scheme: Scheme, m: int, n: int, size: tuple[int, int] = (32, 32)):
+        builder = TinyNet if arch == "tiny" else arch
+        return binarized_model(builder, scheme, m, n, size=size, bn="reestimate", surgery=_binarize)
 
-            handles.append(mod.register_forward_pre_hook(hook))
-    model.eval()
-    model(x)
-    for h in handles:
-        h.remove()
-    for name, mod in model.named_modules():
-        if isinstance(mod, BinarizedConv2d):
-            mod.activation_quantizer.calibrate(torch.cat(samples[name]))
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    model(x)
-    model.eval()
-
-
-def _model(
-    arch: str, scheme: Scheme, m: int, n: int, size: tuple[int, int] = (32, 32)
-) -> nn.Module:
-    if arch == "tiny":
-        model: nn.Module = TinyNet()
-    else:
-        import timm
-
-        model = timm.create_model(arch, pretrained=False, num_classes=10)
-    _binarize(model, scheme, m, n)
-    _calibrate(model, torch.randn(8, 3, *size))
-    return model.eval()
+    return make
 
 
 TINY_SIZE = (17, 19)
@@ -335,9 +306,8 @@ def _op_types(model: onnx.ModelProto) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def pa_resnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
-    torch.manual_seed(0)
-    model = _model("resnet18", STANDINS["pa-like"], 4, 3)
+def pa_resnet(tmp_path_factory: pytest.TempPathFactory, make_model) -> tuple[nn.Module, Path]:
+    model = make_model("resnet18", STANDINS["pa-like"], 4, 3)
     path = tmp_path_factory.mktemp("onnx") / "pa.onnx"
     export_onnx_model(model, META, path)
     return model, path
@@ -483,9 +453,9 @@ def _export_and_compare(
     [("pa-like", 4, 3), ("abc-like", 3, 2), ("xnor-like", 1, 1), ("traced", 2, 1)],
 )
 def test_onnxruntime_matches_torch_standins(
-    scheme_name: str, m: int, n: int, tmp_path: Path
+    scheme_name: str, m: int, n: int, tmp_path: Path, make_model
 ) -> None:
-    model = _model("tiny", STANDINS[scheme_name], m, n, TINY_SIZE)
+    model = make_model("tiny", STANDINS[scheme_name], m, n, TINY_SIZE)
     kinds = build_export_model(model, float_weights=True)[2]
     assert set(kinds.values()) == {"traced" if scheme_name == "traced" else "staircase"}
     _export_and_compare(model, TINY_META, tmp_path / "m.onnx", TINY_SIZE)
@@ -503,9 +473,9 @@ def test_onnxruntime_matches_torch_standins(
         ("dorefa", 2, 2),
     ],
 )
-def test_registered_schemes(scheme_name: str, m: int, n: int, tmp_path: Path) -> None:
+def test_registered_schemes(scheme_name: str, m: int, n: int, tmp_path: Path, make_model) -> None:
     scheme = _scheme_or_skip(scheme_name)
-    model = _model("tiny", scheme, m, n, TINY_SIZE)
+    model = make_model("tiny", scheme, m, n, TINY_SIZE)
     kinds = build_export_model(model, float_weights=True)[2]
     # The built-in activation quantizers are exact step functions (or identity for N = 0).
     assert set(kinds.values()) == {"staircase" if n else "identity"}
@@ -560,8 +530,8 @@ def test_float_target_is_plain_float(pa_resnet: tuple[nn.Module, Path], tmp_path
     _assert_agrees(expected, onnx_logits(path, x.numpy()))
 
 
-def test_full_precision_activations_n0(tmp_path: Path) -> None:
-    model = _model("tiny", STANDINS["pa-like"], 2, 0, TINY_SIZE)
+def test_full_precision_activations_n0(tmp_path: Path, make_model) -> None:
+    model = make_model("tiny", STANDINS["pa-like"], 2, 0, TINY_SIZE)
     path = tmp_path / "n0.onnx"
     _export_and_compare(model, TINY_META, path, TINY_SIZE)
     assert not _op_types(onnx.load(str(path))) & {"Where", "GreaterOrEqual"}
@@ -632,7 +602,9 @@ def _first_flips(model: nn.Module, path: Path, x: np.ndarray) -> list[tuple[str,
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100"])
 @pytest.mark.parametrize(("scheme_name", "m", "n"), [("pa", 4, 5), ("abc", 3, 3), ("bnn", 1, 1)])
-def test_512_images_agree(arch: str, scheme_name: str, m: int, n: int, tmp_path: Path) -> None:
+def test_512_images_agree(
+    arch: str, scheme_name: str, m: int, n: int, tmp_path: Path, make_model
+) -> None:
     """The issue's check on 512 images: same top-1 and max |diff| <= 1e-4 of the logit scale.
 
     An activation within float rounding (~1e-7 relative) of an endpoint can fall into the
@@ -643,7 +615,7 @@ def test_512_images_agree(arch: str, scheme_name: str, m: int, n: int, tmp_path:
     image must agree, except one whose first activation flip is such a rounding-level tie,
     checked by reading onnxruntime's pre-activations.
     """
-    model = _model(arch, _scheme_or_skip(scheme_name), m, n)
+    model = make_model(arch, _scheme_or_skip(scheme_name), m, n)
     path = export_onnx_model(model, {**META, "model": arch}, tmp_path / "m.onnx")
     x = torch.randn(512, 3, 32, 32)
     with torch.no_grad():
@@ -662,8 +634,10 @@ def test_512_images_agree(arch: str, scheme_name: str, m: int, n: int, tmp_path:
 # --------------------------------------------------------------------------------------------
 
 
-def test_bad_input_leaves_no_file(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    model = _model("tiny", STANDINS["pa-like"], 2, 1, TINY_SIZE)
+def test_bad_input_leaves_no_file(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, make_model
+) -> None:
+    model = make_model("tiny", STANDINS["pa-like"], 2, 1, TINY_SIZE)
     path = export_onnx_model(model, TINY_META, tmp_path_factory.mktemp("ok") / "ok.onnx")
     with pytest.raises(BadInputError, match="no binarized convolutions"):
         export_onnx_model(nn.Sequential(nn.Conv2d(3, 4, 3)), META, tmp_path / "a.onnx")
@@ -682,29 +656,21 @@ def test_bad_input_leaves_no_file(tmp_path: Path, tmp_path_factory: pytest.TempP
         onnx_logits(tmp_path / "nope.onnx", np.zeros((1, 3, 32, 32), np.float32))
 
 
-def test_export_onnx_from_run_dir(tmp_path: Path) -> None:
+def test_export_onnx_from_run_dir(tmp_path: Path, make_run_dir) -> None:
     scheme = _scheme_or_skip("pa")
-    pytest.importorskip("binarize_cli.core.rundir")
-    from binarize_cli.convert.surgery import binarize_model
     from binarize_cli.core import rundir
-    from binarize_cli.load.models import create_architecture
 
-    loaded = create_architecture("timm:resnet18", num_classes=10)
-    binarize_model(
-        loaded.model, scheme, 4, 3, first_conv=loaded.first_conv, classifier=loaded.classifier
+    run = make_run_dir(
+        tmp_path / "run",
+        model="timm:resnet18",
+        scheme=scheme,
+        m=4,
+        n=3,
+        calibrate_on=torch.randn(2, 3, 32, 32),
+        bn="reestimate",
+        mean=META["mean"],
+        std=META["std"],
     )
-    _calibrate(loaded.model, torch.randn(2, 3, 32, 32))
-    meta = {
-        **META,
-        "data": "digits",
-        "recipe": None,
-        "accuracy": {},
-        "timings": {},
-        "first_conv": loaded.first_conv,
-        "classifier": loaded.classifier,
-    }
-    run = tmp_path / "run"
-    rundir.write_run(run, loaded.model.state_dict(), meta)
     written = export_onnx(run)
     assert written == run / "model.onnx"
     # The CLI dispatch: `binarize export RUN --target onnx-float -o DIR`.

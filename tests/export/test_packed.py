@@ -6,14 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import timm
 import torch
 from safetensors import safe_open
-from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from binarize_cli.analyze.profile import profile_model
-from binarize_cli.convert.surgery import binarize_model
 from binarize_cli.core.errors import BadInputError
 from binarize_cli.export.packed import (
     DEFAULT_FILE,
@@ -27,42 +24,6 @@ from binarize_cli.quant.base import get_scheme
 from binarize_cli.quant.layers import BinarizedConv2d
 from binarize_cli.runtime.bits import unpack_planes
 from binarize_cli.runtime.format import FORMAT_NAME, FORMAT_VERSION
-
-
-def build(arch: str) -> nn.Module:
-    """``slim_resnet18``: timm's ResNet-18 structure at 1/4 width (fast tests); else a timm name."""
-    if arch == "slim_resnet18":
-        return ResNet(BasicBlock, [2, 2, 2, 2], channels=(16, 32, 64, 128), num_classes=10)
-    return timm.create_model(arch, num_classes=10)
-
-
-def converted(arch: str, scheme: str, m: int, n: int, *, seed: int = 0) -> nn.Module:
-    """A model with random weights, binarized, BN statistics perturbed, quantizers calibrated."""
-    torch.manual_seed(seed)
-    model = build(arch)
-    names = {"first_conv": "conv1", "classifier": "fc"} if "resnet" in arch else {}
-    binarize_model(model, scheme, m, n, **names)
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.normal_(0, 0.1)
-            mod.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    samples: dict[str, torch.Tensor] = {}
-    hooks = [
-        mod.register_forward_pre_hook(
-            lambda _m, a, k=name: samples.__setitem__(k, a[0].detach().flatten())
-        )
-        for name, mod in model.named_modules()
-        if isinstance(mod, BinarizedConv2d)
-    ]
-    with torch.no_grad():
-        model(torch.randn(8, 3, 32, 32))
-    for h in hooks:
-        h.remove()
-    for name, mod in model.named_modules():
-        if isinstance(mod, BinarizedConv2d) and mod.activation_bases:
-            mod.activation_quantizer.calibrate(samples[name])
-    return model
 
 
 def meta_for(scheme: str, m: int, n: int, arch: str = "resnet18") -> dict:
@@ -80,8 +41,8 @@ def meta_for(scheme: str, m: int, n: int, arch: str = "resnet18") -> dict:
 
 
 @pytest.fixture(scope="module")
-def pa_resnet(tmp_path_factory) -> tuple[nn.Module, object]:
-    model = converted("slim_resnet18", "pa", 4, 5)
+def pa_resnet(tmp_path_factory, binarized_model) -> tuple[nn.Module, object]:
+    model = binarized_model("slim_resnet18", "pa", 4, 5)
     path = export_packed_model(
         model, meta_for("pa", 4, 5), tmp_path_factory.mktemp("pk") / "r18.safetensors"
     )
@@ -187,8 +148,10 @@ SIZE_CASES = [
 
 
 @pytest.mark.parametrize(("arch", "scheme", "m", "n"), SIZE_CASES)
-def test_file_size_within_one_percent_of_report(tmp_path, arch, scheme, m, n) -> None:
-    model = converted(arch, scheme, m, n)
+def test_file_size_within_one_percent_of_report(
+    tmp_path, binarized_model, arch, scheme, m, n
+) -> None:
+    model = binarized_model(arch, scheme, m, n)
     path = export_packed_model(model, meta_for(scheme, m, n, arch), tmp_path / "m.safetensors")
     report_bits = profile_model(model, (3, 32, 32)).memory_bits
     payload = payload_bits(path)
@@ -196,8 +159,8 @@ def test_file_size_within_one_percent_of_report(tmp_path, arch, scheme, m, n) ->
     assert path.stat().st_size * 8 == payload + 8 * header_bytes(path)
 
 
-def test_xnor_channel_scales_fold_into_batchnorm(tmp_path) -> None:
-    model = converted("slim_resnet18", "xnor", 1, 1)
+def test_xnor_channel_scales_fold_into_batchnorm(tmp_path, binarized_model) -> None:
+    model = binarized_model("slim_resnet18", "xnor", 1, 1)
     path = export_packed_model(model, meta_for("xnor", 1, 1), tmp_path / "x.safetensors")
     with safe_open(str(path), framework="numpy") as fh:
         graph = json.loads(fh.metadata()["graph"])
@@ -241,18 +204,11 @@ def test_output_path_checks(tmp_path, pa_resnet) -> None:
 
 
 @pytest.mark.slow
-def test_export_packed_from_run_dir(tmp_path) -> None:
+def test_export_packed_from_run_dir(tmp_path, binarized_model, run_meta) -> None:
     from binarize_cli.core.rundir import write_run
 
-    model = converted("resnet18", "pa", 2, 2)  # a run rebuilds its model from the timm name
-    meta = {
-        **meta_for("pa", 2, 2),
-        "recipe": {},
-        "accuracy": {},
-        "timings": {},
-        "keep": [],
-        "scheme_options": {},
-    }
+    model = binarized_model("resnet18", "pa", 2, 2)  # a run rebuilds its model from the timm name
+    meta = {**run_meta("pa", 2, 2), **meta_for("pa", 2, 2)}
     run = write_run(tmp_path / "run", model.state_dict(), meta)
     written = export_packed(run)
     assert written == run / DEFAULT_FILE and written.is_file()

@@ -10,56 +10,24 @@ import pytest
 import torch
 
 from binarize_cli.cli import main
-from binarize_cli.convert.surgery import binarize_model
-from binarize_cli.core.rundir import write_run
-from binarize_cli.load.data import load_data
-from binarize_cli.load.models import create_architecture
-from binarize_cli.quant.layers import BinarizedConv2d
+from binarize_cli.load.data import load_data, make_loader
 
 
-def make_run(root: Path, arch: str, scheme: str, m: int, n: int) -> Path:
+def make_run(make_run_dir, root: Path, arch: str, scheme: str, m: int, n: int) -> Path:
     """A run directory as `convert` leaves it, minus training: surgery + calibration on digits."""
-    torch.manual_seed(0)
     bundle = load_data("digits")
-    loaded = create_architecture(f"timm:{arch}", num_classes=bundle.num_classes)
-    model = loaded.model
-    binarize_model(model, scheme, m, n, first_conv=loaded.first_conv, classifier=loaded.classifier)
-    model.eval()
-    x = torch.stack([bundle.train[i][0] for i in range(32)])
-    samples: dict[str, torch.Tensor] = {}
-    hooks = [
-        mod.register_forward_pre_hook(
-            lambda _m, a, k=name: samples.__setitem__(k, a[0].detach().flatten())
-        )
-        for name, mod in model.named_modules()
-        if isinstance(mod, BinarizedConv2d)
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    for name, mod in model.named_modules():
-        if isinstance(mod, BinarizedConv2d) and mod.activation_bases:
-            mod.activation_quantizer.calibrate(samples[name])
-    meta = {
-        "model": loaded.spec,
-        "scheme": scheme,
-        "M": m,
-        "N": n,
-        "data": "digits",
-        "recipe": {},
-        "accuracy": {},
-        "timings": {},
-        "num_classes": bundle.num_classes,
-        "keep": [],
-        "scheme_options": {},
-        "input_size": list(bundle.input_size),
-        "mean": list(bundle.mean),
-        "std": list(bundle.std),
-        "first_conv": loaded.first_conv,
-        "classifier": loaded.classifier,
-    }
-    return write_run(root / f"{arch}-{scheme}", model.state_dict(), meta)
+    return make_run_dir(
+        root / f"{arch}-{scheme}",
+        model=f"timm:{arch}",
+        scheme=scheme,
+        m=m,
+        n=n,
+        calibrate_on=torch.stack([bundle.train[i][0] for i in range(32)]),
+        num_classes=bundle.num_classes,
+        input_size=list(bundle.input_size),
+        mean=list(bundle.mean),
+        std=list(bundle.std),
+    )
 
 
 def cli_json(capsys, *args: str) -> dict:
@@ -74,10 +42,10 @@ def cli_error(capsys, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> Path:
+def small_run(tmp_path_factory, make_run_dir) -> Path:
     # resnet10t: a small registry model (ResNet-D: its shortcuts average-pool with
     # ceil_mode and count_include_pad=False before the 1x1 convolution).
-    return make_run(tmp_path_factory.mktemp("runs"), "resnet10t", "pa", 4, 5)
+    return make_run(make_run_dir, tmp_path_factory.mktemp("runs"), "resnet10t", "pa", 4, 5)
 
 
 def test_verify_json_keys_and_agreement(capsys, small_run) -> None:
@@ -97,7 +65,7 @@ def test_verify_text_output(capsys, small_run) -> None:
     assert "top-1 agreement 100.0%" in text and "onnx" in text
 
 
-def test_export_packed_then_run(capsys, tmp_path, small_run) -> None:
+def test_export_packed_then_run(capsys, tmp_path, small_run, top1_recount) -> None:
     from binarize_cli.core.rundir import load_run
 
     target = tmp_path / "r10.safetensors"
@@ -115,11 +83,9 @@ def test_export_packed_then_run(capsys, tmp_path, small_run) -> None:
         mean=tuple(run.meta["mean"]),
         std=tuple(run.meta["std"]),
     )
-    x = torch.stack([bundle.val[i][0] for i in range(64)])
-    y = np.array([bundle.val[i][1] for i in range(64)])
-    with torch.no_grad():
-        top1 = float((run.model(x).argmax(1).numpy() == y).mean() * 100)
-    assert abs(out["top1"] - top1) <= 100 / 64 + 1e-9
+    loader = make_loader(bundle.val, batch_size=64, shuffle=False, seed=0)
+    correct, total = top1_recount(run.model, loader, limit=64)
+    assert abs(out["top1"] - 100 * correct / total) <= 100 / 64 + 1e-9
 
 
 def test_run_errors_are_one_line(capsys, tmp_path) -> None:
@@ -140,9 +106,9 @@ def test_verify_bad_samples(capsys, small_run) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100"])
-def test_verify_resnet18_and_mobilenetv2_with_onnx(capsys, tmp_path, arch) -> None:
+def test_verify_resnet18_and_mobilenetv2_with_onnx(capsys, tmp_path, make_run_dir, arch) -> None:
     """The issue's check: 100% top-1 agreement, max |logit diff| <= 1e-4 of the logit scale."""
-    run = make_run(tmp_path, arch, "pa", 4, 5)
+    run = make_run(make_run_dir, tmp_path, arch, "pa", 4, 5)
     out = cli_json(capsys, "verify", str(run), "--samples", "100", "--json")
     with capsys.disabled():
         print(json.dumps(out))

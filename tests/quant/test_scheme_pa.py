@@ -110,15 +110,6 @@ def ref_act_ramp(x, v, beta, t, lam, frozen_v):
     return out
 
 
-def away_from(x: torch.Tensor, points: list[float], gap: float) -> torch.Tensor:
-    """Nudge samples that fall within ``gap`` of a breakpoint (FD needs smooth neighbourhoods)."""
-    x = x.clone()
-    for p in points:
-        close = (x - p).abs() < gap
-        x[close] = p + 3 * gap
-    return x
-
-
 def act_quantizer(v, beta, **kw) -> PAActivationQuantizer:
     q = PAActivationQuantizer(len(v), **kw).to(D)
     with torch.no_grad():
@@ -309,35 +300,16 @@ ACT_CASES = [
 
 
 @pytest.mark.parametrize(("v", "beta", "lambda_a", "lambda_delta"), ACT_CASES)
-def test_activation_backward_matches_ramp_surrogate(v, beta, lambda_a, lambda_delta):
+def test_activation_backward_matches_ramp_surrogate(
+    v, beta, lambda_a, lambda_delta, away_from, check_ramp_gradients
+):
     q = act_quantizer(v, beta, lambda_a=lambda_a, lambda_delta=lambda_delta)
     t, lam = ref_act_segments(v, lambda_delta, lambda_a)
     h = 1e-6
     x = away_from(torch.randn(3, 4, 5, 7, dtype=D).abs() * 1.5 - 0.3, t + v, 4 * h)
-    x.requires_grad_()
-    g = torch.randn(x.shape, dtype=D)
-    (q(x) * g).sum().backward()
-    xd = x.detach()
-
-    # dA_hat/dA (eq. 11): FD in x of the ramp
-    fd_x = (
-        g
-        * (ref_act_ramp(xd + h, v, beta, t, lam, v) - ref_act_ramp(xd - h, v, beta, t, lam, v))
-        / (2 * h)
-    )
-    assert torch.allclose(x.grad, fd_x, rtol=1e-6, atol=1e-8)
-    assert float(x.grad.abs().sum()) > 0
-
-    # dC/dv_i (eq. 14, sign corrected): FD in v_i of the same ramp, segments frozen
-    fd_v = []
-    for i in range(len(v)):
-        vp, vm = list(v), list(v)
-        vp[i] += h
-        vm[i] -= h
-        lp = (g * ref_act_ramp(xd, vp, beta, t, lam, v)).sum()
-        lm = (g * ref_act_ramp(xd, vm, beta, t, lam, v)).sum()
-        fd_v.append(float(lp - lm) / (2 * h))
-    assert q.v.grad.tolist() == pytest.approx(fd_v, rel=1e-6, abs=1e-8)
+    # dA_hat/dA (eq. 11) and dC/dv_i (eq. 14, sign corrected): FD of the same ramp, in x and
+    # in v_i with the segments frozen at v
+    xd, g = check_ramp_gradients(q, x, lambda x_, v_: ref_act_ramp(x_, v_, beta, t, lam, v), v, h)
 
     # dC/dbeta_i (eq. 13): A_hat is linear in beta, so FD of the forward itself is exact
     fd_b = []

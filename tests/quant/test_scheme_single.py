@@ -30,28 +30,6 @@ ALL_SCHEMES = [*SIGN_SCHEMES, "dorefa"]
 # ---------------------------------------------------------------------------------------
 
 
-def numeric_grad(fn, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
-    """Central finite differences of the scalar ``fn(x)`` (double precision)."""
-    grad = torch.zeros_like(x)
-    flat = x.reshape(-1)
-    for i in range(flat.numel()):
-        old = float(flat[i])
-        flat[i] = old + h
-        up = float(fn(x))
-        flat[i] = old - h
-        down = float(fn(x))
-        flat[i] = old
-        grad.reshape(-1)[i] = (up - down) / (2 * h)
-    return grad
-
-
-def away_from(values: torch.Tensor, kinks: list[float], margin: float = 1e-3) -> torch.Tensor:
-    out = values.clone()
-    for k in kinks:
-        out = torch.where((out - k).abs() < margin, out + 3 * margin, out)
-    return out
-
-
 def explicit_binary_sum(layer: BinarizedConv2d, x: torch.Tensor) -> torch.Tensor:
     """sum_ij alpha_i beta_j conv(B_i, A_j) on zero-padded planes read in their domains."""
     wp = layer.weight_quantizer.bit_planes(layer.weight)
@@ -197,7 +175,9 @@ def hardtanh_surrogate(u: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("backward", "surrogate"), [("clipped", hardtanh_surrogate), ("approx", approx_sign)]
 )
-def test_sign_activation_backward_matches_surrogate(backward: str, surrogate) -> None:
+def test_sign_activation_backward_matches_surrogate(
+    backward: str, surrogate, numeric_grad, away_from
+) -> None:
     q = SignActivationQuantizer(backward=backward).double()
     with torch.no_grad():
         q.threshold.fill_(0.3)
@@ -227,7 +207,7 @@ def test_sign_weight_backward_is_the_clipped_identity(scaled: bool) -> None:
     torch.testing.assert_close(w.grad, g * (w.detach().abs() <= 1))
 
 
-def test_dorefa_weight_backward_matches_surrogate() -> None:
+def test_dorefa_weight_backward_matches_surrogate(numeric_grad) -> None:
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64) * 0.3
     g = torch.randn_like(w)
     q = DoReFaWeightQuantizer(2)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,47 +16,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from safetensors.numpy import save_file
-from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from binarize_cli.convert.surgery import binarize_model
 from binarize_cli.core.errors import BadInputError, FormatError
 from binarize_cli.export.packed import export_packed_model
 from binarize_cli.export.verify import verify_model
-from binarize_cli.quant.layers import BinarizedConv2d
 from binarize_cli.runtime import evaluate_packed, load_packed, ops
-
-
-def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Perturb BN statistics, then calibrate every activation quantizer on ``x``'s activations."""
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.normal_(0, 0.1)
-            mod.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    samples: dict[str, torch.Tensor] = {}
-    hooks = [
-        mod.register_forward_pre_hook(
-            lambda _m, a, k=name: samples.__setitem__(k, a[0].detach().flatten())
-        )
-        for name, mod in model.named_modules()
-        if isinstance(mod, BinarizedConv2d)
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    for name, mod in model.named_modules():
-        if isinstance(mod, BinarizedConv2d) and mod.activation_bases:
-            mod.activation_quantizer.calibrate(samples[name])
-    return model
-
-
-def slim_resnet(scheme: str, m: int, n: int) -> nn.Module:
-    torch.manual_seed(0)
-    model = ResNet(BasicBlock, [2, 2, 2, 2], channels=(16, 32, 64, 128), num_classes=10)
-    binarize_model(model, scheme, m, n, first_conv="conv1", classifier="fc")
-    return calibrate(model, torch.randn(8, 3, 32, 32))
 
 
 def meta(scheme: str, m: int, n: int, model: str = "timm:resnet18") -> dict:
@@ -86,26 +53,26 @@ def check(result: dict, *, float32_rtol: float = 1e-4) -> None:
     ("scheme", "m", "n"),
     [("pa", 4, 5), ("abc", 3, 3), ("xnor", 1, 1), ("bnn", 1, 1), ("dorefa", 2, 3), ("pa", 4, 0)],
 )
-def test_slim_resnet_matches_pytorch(scheme, m, n) -> None:
-    model = slim_resnet(scheme, m, n)
+def test_slim_resnet_matches_pytorch(scheme, m, n, binarized_model) -> None:
+    model = binarized_model("slim_resnet18", scheme, m, n)
     check(verify_model(model, meta(scheme, m, n), images(), onnx=False, backend="c"))
 
 
-def test_numpy_backend_matches_pytorch() -> None:
-    model = slim_resnet("abc", 2, 2)
+def test_numpy_backend_matches_pytorch(binarized_model) -> None:
+    model = binarized_model("slim_resnet18", "abc", 2, 2)
     result = verify_model(model, meta("abc", 2, 2), images(4), onnx=False, backend="numpy")
     assert result["backend"] == "numpy"
     check(result)
 
 
-def test_torchvision_densenet_concatenation() -> None:
+def test_torchvision_densenet_concatenation(calibrate_activations) -> None:
     """torch.cat, F.relu, F.adaptive_avg_pool2d, torch.flatten, AvgPool2d (torchvision's code)."""
     torch.manual_seed(0)
     model = torchvision.models.DenseNet(
         growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=10
     )
     binarize_model(model, "pa", 2, 3, first_conv="features.conv0", classifier="classifier")
-    calibrate(model, torch.randn(4, 3, 32, 32))
+    calibrate_activations(model, torch.randn(4, 3, 32, 32), bn="perturb")
     check(verify_model(model, meta("pa", 2, 3, "torchvision:densenet121"), images(4), onnx=False))
 
 
@@ -141,7 +108,7 @@ class TinyMobileNet(nn.Module):
         return self.classifier(self.drop(self.global_pool(self.bn2(self.conv_head(x)))))
 
 
-def test_timm_mobilenet_blocks() -> None:
+def test_timm_mobilenet_blocks(calibrate_activations) -> None:
     torch.manual_seed(0)
     model = TinyMobileNet()
     result = binarize_model(model, "pa", 4, 5, first_conv="conv_stem", classifier="classifier")
@@ -149,7 +116,7 @@ def test_timm_mobilenet_blocks() -> None:
     assert (
         "blocks.1.conv_pw" in binarized and "blocks.1.conv_dw" not in binarized
     )  # depthwise stays FP
-    calibrate(model, torch.randn(4, 3, 32, 32))
+    calibrate_activations(model, torch.randn(4, 3, 32, 32), bn="perturb")
     check(verify_model(model, meta("pa", 4, 5, "timm:mobilenetv2_100"), images(4), onnx=False))
 
 
@@ -166,7 +133,7 @@ def test_timm_mobilenet_blocks() -> None:
         "torchvision:densenet121",
     ],
 )
-def test_full_size_architectures(arch) -> None:
+def test_full_size_architectures(arch, calibrate_activations) -> None:
     torch.manual_seed(0)
     family, name = arch.split(":")
     model = (
@@ -175,12 +142,12 @@ def test_full_size_architectures(arch) -> None:
         else getattr(torchvision.models, name)(num_classes=10)
     )
     binarize_model(model, "pa", 4, 5)
-    calibrate(model, torch.randn(8, 3, 32, 32))
+    calibrate_activations(model, torch.randn(8, 3, 32, 32), bn="perturb")
     check(verify_model(model, meta("pa", 4, 5, arch), images(8), onnx=False))
 
 
-def test_runtime_imports_and_runs_without_torch(tmp_path) -> None:
-    model = slim_resnet("pa", 4, 5)
+def test_runtime_imports_and_runs_without_torch(tmp_path, binarized_model) -> None:
+    model = binarized_model("slim_resnet18", "pa", 4, 5)
     path = export_packed_model(model, meta("pa", 4, 5), tmp_path / "m.safetensors")
     x = images(2)
     np.save(tmp_path / "x.npy", x)
@@ -208,8 +175,8 @@ def test_runtime_imports_and_runs_without_torch(tmp_path) -> None:
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-3
 
 
-def test_evaluate_packed_and_batching(tmp_path) -> None:
-    model = slim_resnet("pa", 2, 2)
+def test_evaluate_packed_and_batching(tmp_path, binarized_model) -> None:
+    model = binarized_model("slim_resnet18", "pa", 2, 2)
     path = export_packed_model(model, meta("pa", 2, 2), tmp_path / "m.safetensors")
     rt = load_packed(path)
     x = images(10)
@@ -227,42 +194,32 @@ def test_evaluate_packed_and_batching(tmp_path) -> None:
         rt(np.zeros((3, 32, 32), np.float32))
 
 
+def _packed_like(path: Path, version: str, graph: dict) -> Path:
+    """A safetensors file with one float tensor and a packed file's metadata."""
+    metadata = {
+        "format": "binarize-packed",
+        "format_version": version,
+        "bit_order": "lsb-first",
+        "graph": json.dumps(graph),
+    }
+    save_file({"w": np.zeros(3, np.float32)}, str(path), metadata=metadata)
+    return path
+
+
 def test_format_errors(tmp_path) -> None:
     plain = tmp_path / "plain.safetensors"
     save_file({"w": np.zeros(3, np.float32)}, str(plain))
     with pytest.raises(FormatError, match="not a binarize packed file"):
         load_packed(plain)
-    future = tmp_path / "future.safetensors"
-    save_file(
-        {"w": np.zeros(3, np.float32)},
-        str(future),
-        metadata={
-            "format": "binarize-packed",
-            "format_version": "99",
-            "bit_order": "lsb-first",
-            "graph": "{}",
-        },
-    )
     with pytest.raises(FormatError, match="version '99'"):
-        load_packed(future)
-    odd = tmp_path / "odd.safetensors"
+        load_packed(_packed_like(tmp_path / "future.safetensors", "99", {}))
     graph = {
         "inputs": ["input"],
         "outputs": ["x"],
         "nodes": [{"name": "x", "op": "softmax2", "inputs": ["input"], "attrs": {}}],
     }
-    save_file(
-        {"w": np.zeros(3, np.float32)},
-        str(odd),
-        metadata={
-            "format": "binarize-packed",
-            "format_version": "1",
-            "bit_order": "lsb-first",
-            "graph": json.dumps(graph),
-        },
-    )
     with pytest.raises(FormatError, match="softmax2"):
-        load_packed(odd)
+        load_packed(_packed_like(tmp_path / "odd.safetensors", "1", graph))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(FormatError):
