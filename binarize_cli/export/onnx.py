@@ -72,7 +72,8 @@ from binarize_cli.export.steps import (
 )
 from binarize_cli.quant.base import ActivationQuantizer, Domain
 from binarize_cli.quant.layers import BinarizedConv2d
-from binarize_cli.runtime.bits import pack_planes
+from binarize_cli.runtime.bits import byte_shifts, pack_planes
+from binarize_cli.runtime.staircase import Staircase
 
 ONNX_FORMAT = "binarize-onnx/1"
 INPUT_NAME = "input"
@@ -95,22 +96,6 @@ class OnnxExportError(BinarizeError):
 # --------------------------------------------------------------------------------------------
 # Activation step functions
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Staircase:
-    """An element-wise step function ``f(x) = levels[#{k : x >= thresholds[k]}]``.
-
-    ``thresholds`` (float32, strictly increasing, ``K`` of them) are the first float of each
-    new piece; ``levels`` (float32, ``K + 1``) are the quantizer's outputs on the pieces.
-    """
-
-    thresholds: np.ndarray
-    levels: np.ndarray
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        idx = np.searchsorted(self.thresholds, np.asarray(x, dtype=np.float32), side="right")
-        return self.levels[idx]
 
 
 def _probe(q: ActivationQuantizer, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +151,7 @@ def activation_staircase(q: ActivationQuantizer, *, max_pieces: int = MAX_PIECES
     return Staircase(
         thresholds=ordinal_to_float(np.array(thresholds, dtype=np.int64)).copy(),
         levels=np.array(levels, dtype=np.float32),
-    )
+    )  # no plane code: merged pieces may differ in their planes
 
 
 def check_staircase(q: ActivationQuantizer, stair: Staircase, *, seed: int = 0) -> bool:
@@ -183,6 +168,8 @@ class StaircaseActivation(nn.Module):
 
     def __init__(self, stair: Staircase) -> None:
         super().__init__()
+        if stair.levels is None:
+            raise ValueError("the ONNX step function needs the levels of its pieces")
         self.register_buffer("thresholds", torch.from_numpy(stair.thresholds.copy()))
         self.register_buffer("levels", torch.from_numpy(stair.levels.copy()))
 
@@ -371,7 +358,7 @@ def _unpack_nodes(pw: PackedWeight) -> tuple[list[onnx.NodeProto], list[TensorPr
     ]
     shared = [
         _const("binarize.unsqueeze_axes", np.array([2], np.int64)),
-        _const("binarize.bit_shifts", np.arange(8, dtype=np.uint8)),
+        _const("binarize.bit_shifts", byte_shifts()),
         _const("binarize.bit_mask", np.array(1, np.uint8)),
         _const("binarize.plane_axis", np.array([0], np.int64)),
         _const("binarize.two", np.array(2.0, np.float32)),

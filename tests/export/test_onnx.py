@@ -24,7 +24,6 @@ from binarize_cli.export.onnx import (
     ONNX_FORMAT,
     OUTPUT_NAME,
     ExportConv,
-    Staircase,
     activation_staircase,
     build_export_model,
     check_staircase,
@@ -43,6 +42,7 @@ from binarize_cli.quant.base import (
 )
 from binarize_cli.quant.layers import BinarizedConv2d
 from binarize_cli.runtime.bits import packed_length
+from binarize_cli.runtime.staircase import Staircase
 
 # --------------------------------------------------------------------------------------------
 # Stand-in schemes
