@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,165 +45,84 @@ class OpSpec:
         return f"{self.min_inputs} to {self.max_inputs}"
 
 
-_CONV = (
-    ("stride", "[sh, sw]"),
-    ("padding", "[ph, pw], symmetric zeros"),
-    ("dilation", "[dh, dw]"),
-    ("groups", "channel groups"),
-)
-_POOL = (
-    ("kernel_size", "[kh, kw]"),
-    ("stride", "[sh, sw]"),
-    ("padding", "[ph, pw]"),
-)
+_STRIDE_PAD = (("stride", "[sh, sw]"), ("padding", "[ph, pw]"))
+_CONV = (*_STRIDE_PAD, ("dilation", "[dh, dw]"), ("groups", "channel groups"))
+_POOL = (("kernel_size", "[kh, kw]"), *_STRIDE_PAD)
 _F32_BIAS = (("bias", "F32 [O]"),)
+_SCALAR = (("scalar", "number, with one input"),)
+_OUTPUT_SIZE = (("output_size", "[h or null, w or null]"),)
+_BCONV_ATTRS = (
+    *_CONV,
+    ("in_channels", "C"),
+    ("out_channels", "O"),
+    ("kernel_size", "[kh, kw]"),
+    ("weight_bases", "M, the number of weight planes"),
+    ("weight_domain", "`zero_one` or `plus_minus_one`"),
+    ("activation_bases", "N; 0: the activation stays real"),
+)
+_BCONV_OPTIONAL_ATTRS = (
+    ("activation_domain", "when N > 0"), ("activation_pieces", "L, when N > 0"),
+    ("scheme", "informative"), ("scales_folded_into", "the batchnorm holding the channel scales"),
+)  # fmt: skip
+_BCONV_TENSORS = (
+    ("weight_planes", "U8 [M, ceil(O*C/groups*kh*kw / 8)]"),
+    ("weight_scales", "F32 [M], [M, O] or [1]"),
+)
+_BCONV_OPTIONAL_TENSORS = (
+    *_F32_BIAS,
+    ("act_thresholds", "F32 [L-1]"),
+    ("act_codes", "U8 [L, ceil(N/8)]"),
+    ("act_scales", "F32 [N]"),
+)
+_BN = "`y[:, c] = x[:, c] * scale[c] + shift[c]` (eval-mode batch norm, folded: " + (
+    "`scale = gamma / sqrt(var + eps)`, `shift = beta - mean * scale`)"
+)
+_BINS = "bin `i` of `n` over size `s` is `[floor(i s / n), ceil((i+1) s / n))`"
 
 
-def _unary(name: str, computes: str) -> OpSpec:
-    return OpSpec(name, 1, 1, computes)
+def _op(name: str, computes: str, inputs: tuple[int, int | None] = (1, 1), **kw: Any) -> OpSpec:
+    """An :class:`OpSpec` with ``inputs`` as ``(min, max)`` (default: exactly one)."""
+    return OpSpec(name, inputs[0], inputs[1], computes, **kw)
 
 
 OPS: dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
-        OpSpec(
-            "conv2d",
-            1,
-            1,
-            "`F.conv2d`, zero padding",
-            attrs=_CONV,
-            tensors=(("weight", "F32 [O, C/groups, kh, kw]"),),
-            optional_tensors=_F32_BIAS,
-        ),
-        OpSpec(
-            "bconv2d",
-            1,
-            1,
-            "binarized convolution `conv(W_hat, A_hat) + bias` (section 5)",
-            attrs=(
-                *_CONV,
-                ("in_channels", "C"),
-                ("out_channels", "O"),
-                ("kernel_size", "[kh, kw]"),
-                ("weight_bases", "M, the number of weight planes"),
-                ("weight_domain", "`zero_one` or `plus_minus_one`"),
-                ("activation_bases", "N; 0: the activation stays real"),
-            ),
-            optional_attrs=(
-                ("activation_domain", "when N > 0"),
-                ("activation_pieces", "L, when N > 0"),
-                ("scheme", "informative"),
-                ("scales_folded_into", "the batchnorm holding the channel scales"),
-            ),
-            tensors=(
-                ("weight_planes", "U8 [M, ceil(O*C/groups*kh*kw / 8)]"),
-                ("weight_scales", "F32 [M], [M, O] or [1]"),
-            ),
-            optional_tensors=(
-                *_F32_BIAS,
-                ("act_thresholds", "F32 [L-1]"),
-                ("act_codes", "U8 [L, ceil(N/8)]"),
-                ("act_scales", "F32 [N]"),
-            ),
-        ),
-        OpSpec(
-            "batchnorm",
-            1,
-            1,
-            "`y[:, c] = x[:, c] * scale[c] + shift[c]` (eval-mode batch norm, folded: "
-            "`scale = gamma / sqrt(var + eps)`, `shift = beta - mean * scale`)",
-            tensors=(("scale", "F32 [C]"), ("shift", "F32 [C]")),
-        ),
-        OpSpec(
-            "linear",
-            1,
-            1,
-            "`x W^T + b` (x `[B, K]`)",
-            tensors=(("weight", "F32 [O, K]"),),
-            optional_tensors=_F32_BIAS,
-        ),
-        _unary("relu", "`max(x, 0)`"),
-        OpSpec(
-            "clip",
-            1,
-            1,
-            "`min(max(x, min), max)` (ReLU6, Hardtanh)",
-            attrs=(("min", "number"), ("max", "number")),
-        ),
-        OpSpec(
-            "leaky_relu",
-            1,
-            1,
-            "`x` if `x >= 0` else `negative_slope * x`",
-            attrs=(("negative_slope", "number"),),
-        ),
-        _unary("sigmoid", "`1 / (1 + exp(-x))`"),
-        _unary("tanh", "`tanh(x)`"),
-        _unary("silu", "`x * sigmoid(x)`"),
-        _unary("hardswish", "`x * clip(x + 3, 0, 6) / 6`"),
-        _unary("hardsigmoid", "`clip(x / 6 + 1/2, 0, 1)`"),
-        OpSpec(
-            "maxpool2d",
-            1,
-            1,
-            "`F.max_pool2d` (padding is -inf)",
-            attrs=(*_POOL, ("dilation", "[dh, dw]"), ("ceil_mode", "boolean")),
-        ),
-        OpSpec(
-            "avgpool2d",
-            1,
-            1,
-            "`F.avg_pool2d`",
+        _op("conv2d", "`F.conv2d`, zero padding", attrs=_CONV,
+            tensors=(("weight", "F32 [O, C/groups, kh, kw]"),), optional_tensors=_F32_BIAS),
+        _op("bconv2d", "binarized convolution `conv(W_hat, A_hat) + bias` (section 5)",
+            attrs=_BCONV_ATTRS, optional_attrs=_BCONV_OPTIONAL_ATTRS, tensors=_BCONV_TENSORS,
+            optional_tensors=_BCONV_OPTIONAL_TENSORS),
+        _op("batchnorm", _BN, tensors=(("scale", "F32 [C]"), ("shift", "F32 [C]"))),
+        _op("linear", "`x W^T + b` (x `[B, K]`)", tensors=(("weight", "F32 [O, K]"),),
+            optional_tensors=_F32_BIAS),
+        _op("relu", "`max(x, 0)`"),
+        _op("clip", "`min(max(x, min), max)` (ReLU6, Hardtanh)",
+            attrs=(("min", "number"), ("max", "number"))),
+        _op("leaky_relu", "`x` if `x >= 0` else `negative_slope * x`",
+            attrs=(("negative_slope", "number"),)),
+        _op("sigmoid", "`1 / (1 + exp(-x))`"),
+        _op("tanh", "`tanh(x)`"),
+        _op("silu", "`x * sigmoid(x)`"),
+        _op("hardswish", "`x * clip(x + 3, 0, 6) / 6`"),
+        _op("hardsigmoid", "`clip(x / 6 + 1/2, 0, 1)`"),
+        _op("maxpool2d", "`F.max_pool2d` (padding is -inf)",
+            attrs=(*_POOL, ("dilation", "[dh, dw]"), ("ceil_mode", "boolean"))),
+        _op("avgpool2d", "`F.avg_pool2d`",
             attrs=(*_POOL, ("ceil_mode", "boolean"), ("count_include_pad", "boolean")),
-            optional_attrs=(("divisor_override", "null or int"),),
-        ),
-        OpSpec(
-            "adaptive_avgpool2d",
-            1,
-            1,
-            "`F.adaptive_avg_pool2d`; bin `i` of `n` over size `s` is "
-            "`[floor(i s / n), ceil((i+1) s / n))`",
-            attrs=(("output_size", "[h or null, w or null]"),),
-        ),
-        OpSpec(
-            "adaptive_maxpool2d",
-            1,
-            1,
-            "`F.adaptive_max_pool2d`, bins as `adaptive_avgpool2d`",
-            attrs=(("output_size", "[h or null, w or null]"),),
-        ),
-        OpSpec(
-            "flatten",
-            1,
-            1,
-            "`torch.flatten`",
-            attrs=(("start_dim", "int"), ("end_dim", "int")),
-        ),
-        OpSpec(
-            "mean",
-            1,
-            1,
-            "mean over `dims`",
-            attrs=(("dims", "list of int"), ("keepdim", "boolean")),
-        ),
-        OpSpec(
-            "add",
-            1,
-            2,
-            "`a + b`, NumPy broadcasting; one input: `a + scalar`",
-            optional_attrs=(("scalar", "number, with one input"),),
-        ),
-        OpSpec(
-            "mul",
-            1,
-            2,
-            "`a * b`, NumPy broadcasting; one input: `a * scalar`",
-            optional_attrs=(("scalar", "number, with one input"),),
-        ),
-        OpSpec("cat", 1, None, "concatenation along `dim` (DenseNet)", attrs=(("dim", "int"),)),
-        OpSpec("constant", 0, 0, "a stored tensor", tensors=(("value", "F32"),)),
+            optional_attrs=(("divisor_override", "null or int"),)),
+        _op("adaptive_avgpool2d", f"`F.adaptive_avg_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
+        _op("adaptive_maxpool2d", f"`F.adaptive_max_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
+        _op("flatten", "`torch.flatten`", attrs=(("start_dim", "int"), ("end_dim", "int"))),
+        _op("mean", "mean over `dims`", attrs=(("dims", "list of int"), ("keepdim", "boolean"))),
+        _op("add", "`a + b`, NumPy broadcasting; one input: `a + scalar`", (1, 2),
+            optional_attrs=_SCALAR),
+        _op("mul", "`a * b`, NumPy broadcasting; one input: `a * scalar`", (1, 2),
+            optional_attrs=_SCALAR),
+        _op("cat", "concatenation along `dim` (DenseNet)", (1, None), attrs=(("dim", "int"),)),
+        _op("constant", "a stored tensor", (0, 0), tensors=(("value", "F32"),)),
     )
-}
+}  # fmt: skip
 
 
 def node_problem(node: object) -> str | None:
