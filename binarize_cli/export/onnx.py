@@ -72,7 +72,8 @@ from binarize_cli.export.steps import (
 )
 from binarize_cli.quant.base import ActivationQuantizer, Domain
 from binarize_cli.quant.layers import BinarizedConv2d
-from binarize_cli.runtime.bits import pack_planes
+from binarize_cli.runtime.bits import byte_shifts, pack_planes
+from binarize_cli.runtime.staircase import Staircase
 
 ONNX_FORMAT = "binarize-onnx/1"
 INPUT_NAME = "input"
@@ -95,22 +96,6 @@ class OnnxExportError(BinarizeError):
 # --------------------------------------------------------------------------------------------
 # Activation step functions
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Staircase:
-    """An element-wise step function ``f(x) = levels[#{k : x >= thresholds[k]}]``.
-
-    ``thresholds`` (float32, strictly increasing, ``K`` of them) are the first float of each
-    new piece; ``levels`` (float32, ``K + 1``) are the quantizer's outputs on the pieces.
-    """
-
-    thresholds: np.ndarray
-    levels: np.ndarray
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        idx = np.searchsorted(self.thresholds, np.asarray(x, dtype=np.float32), side="right")
-        return self.levels[idx]
 
 
 def _probe(q: ActivationQuantizer, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +151,7 @@ def activation_staircase(q: ActivationQuantizer, *, max_pieces: int = MAX_PIECES
     return Staircase(
         thresholds=ordinal_to_float(np.array(thresholds, dtype=np.int64)).copy(),
         levels=np.array(levels, dtype=np.float32),
-    )
+    )  # no plane code: merged pieces may differ in their planes
 
 
 def check_staircase(q: ActivationQuantizer, stair: Staircase, *, seed: int = 0) -> bool:
@@ -183,6 +168,8 @@ class StaircaseActivation(nn.Module):
 
     def __init__(self, stair: Staircase) -> None:
         super().__init__()
+        if stair.levels is None:
+            raise ValueError("the ONNX step function needs the levels of its pieces")
         self.register_buffer("thresholds", torch.from_numpy(stair.thresholds.copy()))
         self.register_buffer("levels", torch.from_numpy(stair.levels.copy()))
 
@@ -348,30 +335,11 @@ def _const(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name=name)
 
 
-def _unpack_nodes(pw: PackedWeight) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """Nodes and initializers that rebuild ``pw.name`` (W_hat) from its packed planes."""
-    p, nbytes = pw.packed.shape
-    n = math.prod(pw.shape)
-    base = pw.name[: -len(".w_hat")]
-    pre = f"{UNPACK_PREFIX}{base}/"
-
-    def t(s: str) -> str:
-        return f"{base}.{s}"
-
-    scales = (
-        pw.scales.reshape(p, *([1] * len(pw.shape)))
-        if pw.scales.ndim == 1
-        else (pw.scales.reshape(p, pw.shape[0], *([1] * (len(pw.shape) - 1))))
-    )
-    inits = [
-        _const(t("w_packed"), pw.packed.astype(np.uint8)),
-        _const(t("w_scales"), scales.astype(np.float32)),
-        _const(t("w_bits_shape"), np.array([p, nbytes * 8], np.int64)),
-        _const(t("w_planes_shape"), np.array([p, *pw.shape], np.int64)),
-    ]
-    shared = [
+def _shared_inits() -> list[TensorProto]:
+    """Constants every unpacking subgraph reads (stored once per model)."""
+    return [
         _const("binarize.unsqueeze_axes", np.array([2], np.int64)),
-        _const("binarize.bit_shifts", np.arange(8, dtype=np.uint8)),
+        _const("binarize.bit_shifts", byte_shifts()),
         _const("binarize.bit_mask", np.array(1, np.uint8)),
         _const("binarize.plane_axis", np.array([0], np.int64)),
         _const("binarize.two", np.array(2.0, np.float32)),
@@ -379,67 +347,74 @@ def _unpack_nodes(pw: PackedWeight) -> tuple[list[onnx.NodeProto], list[TensorPr
         _const("binarize.slice_start", np.array([0], np.int64)),
         _const("binarize.slice_axis", np.array([1], np.int64)),
     ]
-    nodes = [
-        helper.make_node(
-            "Unsqueeze",
-            [t("w_packed"), "binarize.unsqueeze_axes"],
-            [t("w_bytes")],
-            name=pre + "unsqueeze",
-        ),
-        helper.make_node(
-            "BitShift",
-            [t("w_bytes"), "binarize.bit_shifts"],
-            [t("w_shifted")],
-            name=pre + "shift",
-            direction="RIGHT",
-        ),
-        helper.make_node(
-            "BitwiseAnd", [t("w_shifted"), "binarize.bit_mask"], [t("w_bits8")], name=pre + "and"
-        ),
-        helper.make_node(
-            "Reshape", [t("w_bits8"), t("w_bits_shape")], [t("w_bits")], name=pre + "flatten"
-        ),
-    ]
-    bits = t("w_bits")
-    if n != nbytes * 8:
-        inits.append(_const(t("w_numel"), np.array([n], np.int64)))
-        nodes.append(
-            helper.make_node(
-                "Slice",
-                [bits, "binarize.slice_start", t("w_numel"), "binarize.slice_axis"],
-                [t("w_bits_n")],
-                name=pre + "slice",
-            )
+
+
+class _Unpack:
+    """Builds the subgraph that rebuilds one ``W_hat`` from its packed planes: its names
+    (``<layer>.w_*`` values, ``binarize_unpack/<layer>/*`` nodes), nodes and initializers."""
+
+    def __init__(self, pw: PackedWeight) -> None:
+        self.pw = pw
+        self.base = pw.name[: -len(".w_hat")]
+        self.nodes: list[onnx.NodeProto] = []
+        p, nbytes = pw.packed.shape
+        shape = pw.shape
+        scales = (
+            pw.scales.reshape(p, *([1] * len(shape)))
+            if pw.scales.ndim == 1
+            else pw.scales.reshape(p, shape[0], *([1] * (len(shape) - 1)))
         )
-        bits = t("w_bits_n")
-    nodes += [
-        helper.make_node("Cast", [bits], [t("w_bits_f")], name=pre + "cast", to=TensorProto.FLOAT),
-        helper.make_node(
-            "Reshape", [t("w_bits_f"), t("w_planes_shape")], [t("w_planes")], name=pre + "reshape"
-        ),
-    ]
-    planes = t("w_planes")
-    if pw.domain is Domain.PLUS_MINUS_ONE:
-        nodes += [
-            helper.make_node(
-                "Mul", [planes, "binarize.two"], [t("w_planes_2")], name=pre + "double"
-            ),
-            helper.make_node(
-                "Sub", [t("w_planes_2"), "binarize.one"], [t("w_planes_pm")], name=pre + "to_pm1"
-            ),
+        self.inits = [
+            _const(self.t("w_packed"), pw.packed.astype(np.uint8)),
+            _const(self.t("w_scales"), scales.astype(np.float32)),
+            _const(self.t("w_bits_shape"), np.array([p, nbytes * 8], np.int64)),
+            _const(self.t("w_planes_shape"), np.array([p, *shape], np.int64)),
         ]
-        planes = t("w_planes_pm")
-    nodes += [
-        helper.make_node("Mul", [planes, t("w_scales")], [t("w_scaled")], name=pre + "scale"),
-        helper.make_node(
-            "ReduceSum",
-            [t("w_scaled"), "binarize.plane_axis"],
-            [pw.name],
-            name=pre + "sum",
-            keepdims=0,
-        ),
-    ]
-    return nodes, inits + shared
+
+    def t(self, s: str) -> str:
+        return f"{self.base}.{s}"
+
+    def node(self, op: str, inputs: list[str], output: str, step: str, **attrs: Any) -> str:
+        name = f"{UNPACK_PREFIX}{self.base}/{step}"
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attrs))
+        return output
+
+    def bits(self) -> str:
+        """``uint8 [P, n]``: every plane's bits, in the file's bit order (``(byte >> s) & 1``)."""
+        pw, t = self.pw, self.t
+        nbytes = pw.packed.shape[1]
+        n = math.prod(pw.shape)
+        b = self.node(
+            "Unsqueeze", [t("w_packed"), "binarize.unsqueeze_axes"], t("w_bytes"), "unsqueeze"
+        )
+        b = self.node(
+            "BitShift", [b, "binarize.bit_shifts"], t("w_shifted"), "shift", direction="RIGHT"
+        )
+        b = self.node("BitwiseAnd", [b, "binarize.bit_mask"], t("w_bits8"), "and")
+        b = self.node("Reshape", [b, t("w_bits_shape")], t("w_bits"), "flatten")
+        if n != nbytes * 8:
+            self.inits.append(_const(t("w_numel"), np.array([n], np.int64)))
+            ins = [b, "binarize.slice_start", t("w_numel"), "binarize.slice_axis"]
+            b = self.node("Slice", ins, t("w_bits_n"), "slice")
+        return b
+
+    def w_hat(self, bits: str) -> None:
+        """``W_hat = sum_i alpha_i read(T_i)`` from the bits, into ``pw.name``."""
+        pw, t = self.pw, self.t
+        f = self.node("Cast", [bits], t("w_bits_f"), "cast", to=TensorProto.FLOAT)
+        planes = self.node("Reshape", [f, t("w_planes_shape")], t("w_planes"), "reshape")
+        if pw.domain is Domain.PLUS_MINUS_ONE:
+            planes = self.node("Mul", [planes, "binarize.two"], t("w_planes_2"), "double")
+            planes = self.node("Sub", [planes, "binarize.one"], t("w_planes_pm"), "to_pm1")
+        scaled = self.node("Mul", [planes, t("w_scales")], t("w_scaled"), "scale")
+        self.node("ReduceSum", [scaled, "binarize.plane_axis"], pw.name, "sum", keepdims=0)
+
+
+def _unpack_nodes(pw: PackedWeight) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Nodes and initializers that rebuild ``pw.name`` (W_hat) from its packed planes."""
+    unpack = _Unpack(pw)
+    unpack.w_hat(unpack.bits())
+    return unpack.nodes, unpack.inits + _shared_inits()
 
 
 def _insert_unpacking(model: onnx.ModelProto, packed: list[PackedWeight]) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,10 @@ from binarize_cli.export.steps import (
 )
 from binarize_cli.quant.base import ActivationQuantizer, Domain
 from binarize_cli.quant.layers import BinarizedConv2d
-from binarize_cli.runtime.bits import pack_planes
-from binarize_cli.runtime.format import BIT_ORDER, FORMAT_NAME, FORMAT_VERSION
+from binarize_cli.runtime.bits import BIT_ORDER, pack_bits, pack_planes
+from binarize_cli.runtime.format import FORMAT_NAME, FORMAT_VERSION
+from binarize_cli.runtime.optable import node_problem
+from binarize_cli.runtime.staircase import Staircase
 
 DEFAULT_FILE = "model.packed.safetensors"
 #: Most pieces an activation step function may have (DoReFa with 16 bits has 65536).
@@ -76,16 +77,6 @@ class PackedExportError(BinarizeError):
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class ActivationStep:
-    """``planes(x) = codes[#{k : x >= thresholds[k]}]``; ``A_hat = sum_j scales[j] read(plane j)``."""
-
-    thresholds: np.ndarray  # float32 [L-1]
-    codes: np.ndarray  # uint8 [L, N]
-    scales: np.ndarray  # float32 [N]
-    domain: Domain
-
-
 def _planes_at(q: ActivationQuantizer, xs: np.ndarray) -> tuple[np.ndarray, torch.Tensor, Domain]:
     x = torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32)).reshape(1, 1, 1, -1)
     with torch.no_grad():
@@ -98,13 +89,14 @@ def _planes_at(q: ActivationQuantizer, xs: np.ndarray) -> tuple[np.ndarray, torc
 
 def _keys(planes: np.ndarray) -> np.ndarray:
     """One hashable row per point: the plane pattern as bytes."""
-    return np.packbits(planes, axis=1, bitorder="little")
+    return pack_bits(planes, axis=1)
 
 
 def activation_code(
     q: ActivationQuantizer, *, name: str = "", max_pieces: int = MAX_PIECES
-) -> ActivationStep:
-    """The step function of an element-wise activation quantizer, read off ``bit_planes``.
+) -> Staircase:
+    """The step function of an element-wise activation quantizer, read off ``bit_planes``:
+    its thresholds and bit-plane code (no ``levels``: the runtime recomputes the value).
 
     Bisection over the float32 line: an interval whose ends have different plane patterns is
     halved until it is one ulp wide; its right end is the first float of a new piece.
@@ -130,26 +122,23 @@ def activation_code(
     thresholds = ordinal_to_float(np.array(jumps, dtype=np.int64)).astype(np.float32)
     probe = np.concatenate([ordinal_to_float(np.array([LOWEST])), thresholds])
     codes, _, _ = _planes_at(q, probe)
-    step = ActivationStep(
+    scales_np = scales.to(torch.float32).numpy().reshape(-1)
+    if codes.shape[1] != scales_np.size:
+        raise PackedExportError(f"{what}: {codes.shape[1]} planes but {scales_np.size} scales")
+    step = Staircase(
         thresholds=thresholds,
         codes=codes.astype(np.uint8),
-        scales=scales.to(torch.float32).numpy().reshape(-1),
-        domain=domain,
+        scales=scales_np,
+        domain=Domain(domain).value,
     )
-    if step.codes.shape[1] != step.scales.size:
-        raise PackedExportError(
-            f"{what}: {step.codes.shape[1]} planes but {step.scales.size} scales"
-        )
     _check_step(q, step, what)
     return step
 
 
-def _check_step(q: ActivationQuantizer, step: ActivationStep, what: str) -> None:
-    t = step.thresholds
-    xs = check_points(t)
+def _check_step(q: ActivationQuantizer, step: Staircase, what: str) -> None:
+    xs = check_points(step.thresholds)
     planes, _, _ = _planes_at(q, xs)
-    idx = np.searchsorted(t, xs, side="right")
-    if not np.array_equal(planes, step.codes[idx].astype(bool)):
+    if not np.array_equal(planes.T, step.planes(xs)):
         raise PackedExportError(
             f"{what} is not an element-wise step function; the packed runtime cannot run it"
         )
@@ -241,6 +230,9 @@ class _Writer:
         node: dict[str, Any] = {"name": name, "op": op, "inputs": inputs, "attrs": attrs or {}}
         if tensors:
             node["tensors"] = tensors
+        problem = node_problem(node)  # the writer emits only what the op table allows
+        if problem:
+            raise PackedExportError(f"the packed writer made an invalid node: {problem}")
         self.nodes.append(node)
         return name
 
@@ -414,11 +406,11 @@ class _Writer:
             step = activation_code(m.activation_quantizer, name=target)
             t["act_thresholds"] = self._tensor(f"{target}.act_thresholds", step.thresholds)
             # One row per piece, the N plane bits packed LSB-first: uint8 [L, ceil(N/8)].
-            codes = np.packbits(step.codes.astype(bool), axis=1, bitorder="little")
+            codes = pack_bits(step.codes, axis=1)  # type: ignore[arg-type]
             t["act_codes"] = self._tensor(f"{target}.act_codes", codes)
-            t["act_scales"] = self._tensor(f"{target}.act_scales", step.scales)
-            attrs["activation_domain"] = Domain(step.domain).value
-            attrs["activation_pieces"] = int(step.codes.shape[0])
+            t["act_scales"] = self._tensor(f"{target}.act_scales", step.scales)  # type: ignore[arg-type]
+            attrs["activation_domain"] = step.domain
+            attrs["activation_pieces"] = step.num_pieces
         return self._emit(base, "bconv2d", [x], attrs, t)
 
     # -- functions and methods -------------------------------------------------------
@@ -772,7 +764,6 @@ def payload_bits(path: str | Path) -> int:
 
 __all__ = [
     "DEFAULT_FILE",
-    "ActivationStep",
     "PackedExportError",
     "activation_code",
     "build_packed",

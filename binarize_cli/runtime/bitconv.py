@@ -49,61 +49,9 @@ from binarize_cli.runtime.kernels import (
     Backend,
     conv_output_size,
     pack_channel_words,
-    piece_index,
-    plane_masks,
     words_for,
 )
-
-ZERO_ONE = "zero_one"
-PLUS_MINUS_ONE = "plus_minus_one"
-
-
-@dataclass
-class ActivationCode:
-    """An activation quantizer as a step function: pieces, their planes and the plane scales.
-
-    ``x`` lies in piece ``#{k : x >= thresholds[k]}`` (``thresholds`` ascending, ``L - 1``
-    of them); ``codes[piece, j]`` is plane ``j``'s bit there; ``A_hat = sum_j scales[j]
-    read(plane_j)``.
-    """
-
-    thresholds: np.ndarray  # float64 [L-1] (float32 values in the file)
-    codes: np.ndarray  # uint8 [L, N]
-    scales: np.ndarray  # float64 [N]
-    domain: str
-
-    def __post_init__(self) -> None:
-        self.thresholds = np.ascontiguousarray(self.thresholds, dtype=np.float64)
-        self.codes = np.asarray(self.codes, dtype=np.uint8)
-        self.scales = np.asarray(self.scales, dtype=np.float64)
-        if self.codes.ndim != 2 or self.codes.shape[0] != self.thresholds.size + 1:
-            raise ValueError("activation codes must have one row per piece (thresholds + 1)")
-        if self.codes.shape[1] != self.scales.size:
-            raise ValueError("activation codes and scales disagree on the number of planes")
-        if self.thresholds.size > 1 and not np.all(np.diff(self.thresholds) > 0):
-            raise ValueError("activation thresholds must be strictly increasing")
-        self.masks = plane_masks(self.codes)
-
-    @property
-    def num_planes(self) -> int:
-        return int(self.scales.size)
-
-    def planes(self, x: np.ndarray) -> np.ndarray:
-        """Bit planes ``bool [N, *x.shape]`` (the oracle form; the kernels pack directly)."""
-        idx = piece_index(x, self.thresholds)
-        return np.moveaxis(self.codes[idx].astype(bool), -1, 0)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """``A_hat``: the quantized activation, in ``x``'s dtype."""
-        p = self.planes(x).astype(x.dtype)
-        if self.domain == PLUS_MINUS_ONE:
-            p = 2 * p - 1
-        return np.tensordot(self.scales.astype(x.dtype), p, axes=1)
-
-
-def read_planes(planes: np.ndarray, domain: str, dtype: np.dtype) -> np.ndarray:
-    p = planes.astype(dtype)
-    return p if domain == ZERO_ONE else 2 * p - 1
+from binarize_cli.runtime.staircase import PLUS_MINUS_ONE, ZERO_ONE, Staircase, read_bits
 
 
 @dataclass
@@ -119,15 +67,16 @@ class BinaryConv2d:
 
     Args:
         planes: bool ``[M, O, Cg, kh, kw]`` weight planes; ``alpha``: ``[O, M]`` scales;
-        weight_domain; bias ``[O]`` or None; act: the activation code (None: N = 0, the
-        activation stays real and the layer is one float convolution with ``W_hat``).
+        weight_domain; bias ``[O]`` or None; act: the activation step function with its
+        bit-plane code (None: N = 0, the activation stays real and the layer is one float
+        convolution with ``W_hat``).
     """
 
     planes: np.ndarray
     alpha: np.ndarray
     weight_domain: str
     bias: np.ndarray | None
-    act: ActivationCode | None
+    act: Staircase | None
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
@@ -144,7 +93,7 @@ class BinaryConv2d:
         self.alpha = np.asarray(self.alpha, dtype=np.float64).reshape(o, m)
         self.bias64 = None if self.bias is None else np.asarray(self.bias, dtype=np.float64)
         # W_hat for the N = 0 path and for reference use.
-        w = read_planes(self.planes, self.weight_domain, np.float64)
+        w = read_bits(self.planes, self.weight_domain, np.float64)
         self.w_hat = np.einsum("om,mochw->ochw", self.alpha, w)
         if self.act is None:
             return
@@ -158,9 +107,14 @@ class BinaryConv2d:
             for g in range(self.groups)
         ]
         self.tapcount = self.planes.sum(axis=2).transpose(1, 0, 2, 3).reshape(o, m, self.taps)
+        if self.act.codes is None:
+            raise ValueError("a binarized layer's activation step function needs its plane code")
+        self.act.masks  # noqa: B018 - checks the plane count once, here
         n = self.act.num_planes
         self.n = n
-        self.phi64 = self.alpha[:, :, None] * self.act.scales[None, None, :]  # [O, M, N]
+        self.beta = np.asarray(self.act.scales, dtype=np.float64)
+        self.thresholds = np.ascontiguousarray(self.act.thresholds, dtype=np.float64)
+        self.phi64 = self.alpha[:, :, None] * self.beta[None, None, :]  # [O, M, N]
         self.phi32 = self.phi64.astype(np.float32)
         ad = self.act.domain
         self.op = (
@@ -178,7 +132,7 @@ class BinaryConv2d:
         else:
             self.cmul, self.cadd = 2, 0
         self.alpha_sum = self.alpha.sum(axis=1)  # [O]
-        self.beta_sum = float(self.act.scales.sum())
+        self.beta_sum = float(self.beta.sum())
 
     # ---------------------------------------------------------------------------------
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
@@ -255,7 +209,7 @@ class BinaryConv2d:
             x = np.ascontiguousarray(x[:, :, :: stride[0], :: stride[1]])
             stride = (1, 1)
         act = be.quantize_pack(
-            x, self.act.thresholds, self.act.masks, self.n, self.groups, self.padding
+            x, self.thresholds, self.act.masks, self.n, self.groups, self.padding
         )
         out = np.empty((b, self.o, p), dtype=dtype)
         for g in range(self.groups):
@@ -280,7 +234,7 @@ class BinaryConv2d:
             if self.weight_domain == PLUS_MINUS_ONE and self.act.domain == ZERO_ONE:
                 # - (sum_i alpha_i[o]) * sum_j beta_j popcount(V_j over the field of q)
                 sa = np.bitwise_count(cols[:, :, :q]).sum(axis=1, dtype=np.int64)  # [N, Q]
-                sab = self.act.scales @ sa  # [Q]
+                sab = self.beta @ sa  # [Q]
                 s = s - np.outer(self.alpha_sum[osl], sab).astype(dtype)
             y = s.reshape(self.og, b, p)
             if geo.corr is not None:
@@ -312,7 +266,7 @@ def from_tensors(
     weight_shape: tuple[int, int, int, int],
     weight_domain: str,
     bias: np.ndarray | None,
-    act: ActivationCode | None,
+    act: Staircase | None,
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],

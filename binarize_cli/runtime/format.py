@@ -4,7 +4,8 @@ A packed file is a safetensors file. Its string metadata holds the format name a
 the run's scheme, M, N, source model, input geometry and normalisation, and ``graph``: the
 network as JSON (an ordered op list naming the safetensors tensors each op reads). This
 module is shared by the writer (:mod:`binarize_cli.export.packed`, torch side) and the reader
-(:mod:`binarize_cli.runtime.model`, no torch).
+(:mod:`binarize_cli.runtime.model`, no torch); the op list is :mod:`.optable`, the bit order
+:mod:`.bits`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 from typing import Any
 
 from binarize_cli.core.errors import FormatError
+from binarize_cli.runtime.bits import BIT_ORDER
+from binarize_cli.runtime.optable import OPS, node_problem
 
 FORMAT_NAME = "binarize-packed"
 FORMAT_VERSION = 1
-BIT_ORDER = "lsb-first"
 
 #: Metadata keys, all values are strings (JSON-encoded where not plain text).
 META_KEYS = (
@@ -33,45 +35,6 @@ META_KEYS = (
     "std",  # JSON [3 floats] or "null"
     "graph",  # JSON, see docs/format.md
 )
-
-#: Op types a graph may contain, with their required attributes.
-OPS: dict[str, tuple[str, ...]] = {
-    "conv2d": ("stride", "padding", "dilation", "groups"),
-    "bconv2d": (
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "weight_bases",
-        "weight_domain",
-        "activation_bases",
-    ),
-    "batchnorm": (),
-    "linear": (),
-    "relu": (),
-    "clip": ("min", "max"),
-    "leaky_relu": ("negative_slope",),
-    "sigmoid": (),
-    "tanh": (),
-    "silu": (),
-    "hardswish": (),
-    "hardsigmoid": (),
-    "maxpool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "avgpool2d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
-    "adaptive_avgpool2d": ("output_size",),
-    "adaptive_maxpool2d": ("output_size",),
-    "flatten": ("start_dim", "end_dim"),
-    "mean": ("dims", "keepdim"),
-    "add": (),
-    "mul": (),
-    "cat": ("dim",),
-    "constant": (),
-}
-
-DOMAINS = ("zero_one", "plus_minus_one")
 
 
 def check_header(meta: dict[str, str] | None, source: str) -> dict[str, Any]:
@@ -101,9 +64,7 @@ def check_header(meta: dict[str, str] | None, source: str) -> dict[str, Any]:
             raise FormatError(
                 f"{source} uses op {op!r}, unknown to this runtime (format v{FORMAT_VERSION})"
             )
-        missing = [a for a in OPS[op] if a not in node.get("attrs", {})]
-        if missing:
-            raise FormatError(
-                f"{source}: node {node.get('name')!r} ({op}) lacks attributes {missing}"
-            )
+        problem = node_problem(node)
+        if problem:
+            raise FormatError(f"{source}: {problem}")
     return graph

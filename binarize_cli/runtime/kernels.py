@@ -31,11 +31,13 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-from typing import Protocol
+from typing import NamedTuple
 
 import numpy as np
 
 from binarize_cli.runtime._build import KernelLibrary, load_kernel
+from binarize_cli.runtime.bits import pack_bits
+from binarize_cli.runtime.staircase import piece_index
 
 WORD_BITS = 32
 LANES = 16
@@ -60,68 +62,21 @@ def pack_channel_words(bits: np.ndarray) -> np.ndarray:
     if cw * WORD_BITS != c:
         pad = np.zeros((*bits.shape[:-1], cw * WORD_BITS - c), dtype=bool)
         bits = np.concatenate([bits.astype(bool, copy=False), pad], axis=-1)
-    packed = np.packbits(bits, axis=-1, bitorder="little")
+    packed = pack_bits(bits, axis=-1)
     return np.ascontiguousarray(packed).view("<u4").astype(np.uint32, copy=False)
 
 
-def plane_masks(codes: np.ndarray) -> np.ndarray:
-    """``uint32 [L]`` masks from a ``{0,1} [L, N]`` piece->planes table (bit j = plane j)."""
-    codes = np.asarray(codes, dtype=np.uint32)
-    if codes.shape[1] > WORD_BITS:
-        raise ValueError(f"at most {WORD_BITS} activation planes are supported")
-    shifts = np.arange(codes.shape[1], dtype=np.uint32)
-    return (codes << shifts).sum(axis=1, dtype=np.uint32)
+#: An activation code as the kernels take it: float64 thresholds, uint32 piece masks.
+_Code = tuple[np.ndarray, np.ndarray]
 
 
-def piece_index(x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """``#{k : x >= thresholds[k]}`` elementwise (NaN -> 0, as ``>=`` is false for NaN)."""
-    idx = np.searchsorted(thresholds, x, side="right")
-    if np.issubdtype(x.dtype, np.floating):
-        nan = np.isnan(x)
-        if nan.any():
-            idx[nan] = 0
-    return idx
+class Window(NamedTuple):
+    """The geometry of one im2col: kernel, stride, dilation (``(h, w)`` pairs), output size."""
 
-
-class Backend(Protocol):
-    name: str
-
-    def quantize_pack(
-        self,
-        x: np.ndarray,
-        thresholds: np.ndarray,
-        masks: np.ndarray,
-        n_planes: int,
-        groups: int,
-        pad: tuple[int, int],
-    ) -> np.ndarray: ...
-
-    def im2col(
-        self,
-        act: np.ndarray,
-        group: int,
-        cwg: int,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        dilation: tuple[int, int],
-        out_hw: tuple[int, int],
-    ) -> np.ndarray: ...
-
-    def bgemm(
-        self,
-        wts: np.ndarray,
-        o: int,
-        m: int,
-        cols: np.ndarray,
-        phi: np.ndarray,
-        op: int,
-        cmul: int = 1,
-        cadd: int = 0,
-    ) -> np.ndarray: ...
-
-    def bgemm_counts(
-        self, wts: np.ndarray, o: int, m: int, cols: np.ndarray, op: int
-    ) -> np.ndarray: ...
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    out_hw: tuple[int, int]
 
 
 def _check_shapes(wts: np.ndarray, o: int, m: int, cols: np.ndarray) -> tuple[int, int, int]:
@@ -133,14 +88,17 @@ def _check_shapes(wts: np.ndarray, o: int, m: int, cols: np.ndarray) -> tuple[in
     return n, kw, qp
 
 
-class NumpyBackend:
-    """Portable backend: NumPy ``bitwise_count`` on 64-bit words."""
+class Backend:
+    """The four operations of the module docstring, on their layouts.
 
-    name = "numpy"
-    simd = "numpy"
+    This class allocates the results and checks the shapes; a backend fills them in
+    ``_pack`` (quantize and pack into the zeroed, padded ``act``), ``_im2col`` (every column
+    of the zeroed ``cols``), ``_counts`` (the exact counts into the zeroed ``out``) and, when it
+    has a faster fused path, ``_bgemm``.
+    """
 
-    def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
+    name = ""
+    simd = ""
 
     def quantize_pack(
         self,
@@ -152,17 +110,11 @@ class NumpyBackend:
         pad: tuple[int, int],
     ) -> np.ndarray:
         b, c, h, w = x.shape
-        cg = c // groups
-        cwg = words_for(cg)
         ph, pw = pad
-        idx = piece_index(x, thresholds)
-        m = masks[idx]  # [B, C, H, W] uint32
-        bits = ((m[..., None] >> np.arange(n_planes, dtype=np.uint32)) & 1).astype(bool)
-        # [B, G, Cg, H, W, N] -> [B, H, W, N, G, Cg]
-        bits = bits.reshape(b, groups, cg, h, w, n_planes).transpose(0, 3, 4, 5, 1, 2)
-        words = pack_channel_words(bits).reshape(b, h, w, n_planes, groups * cwg)
+        cwg = words_for(c // groups)
         act = np.zeros((b, h + 2 * ph, w + 2 * pw, n_planes, groups * cwg), dtype=np.uint32)
-        act[:, ph : ph + h, pw : pw + w] = words
+        thr = np.ascontiguousarray(thresholds, dtype=np.float64)
+        self._pack(act, x, (thr, np.ascontiguousarray(masks, dtype=np.uint32)), groups)
         return act
 
     def im2col(
@@ -175,12 +127,80 @@ class NumpyBackend:
         dilation: tuple[int, int],
         out_hw: tuple[int, int],
     ) -> np.ndarray:
-        b, _, _, n, _ = act.shape
-        kh, kw = kernel
-        sh, sw = stride
-        dh, dw = dilation
-        ho, wo = out_hw
-        sub = act[..., group * cwg : (group + 1) * cwg]
+        (kh, kw), (ho, wo) = kernel, out_hw
+        n = act.shape[3]
+        cols = np.zeros((n, kh * kw * cwg, padded_columns(act.shape[0] * ho * wo)), np.uint32)
+        self._im2col(cols, act, group * cwg, cwg, Window(kernel, stride, dilation, out_hw))
+        return cols
+
+    def bgemm_counts(
+        self, wts: np.ndarray, o: int, m: int, cols: np.ndarray, op: int
+    ) -> np.ndarray:
+        n, _, qp = _check_shapes(wts, o, m, cols)
+        out = np.zeros((o, m, n, qp), dtype=np.int32)
+        self._counts(out, np.ascontiguousarray(wts, np.uint32), cols, op)
+        return out
+
+    def bgemm(
+        self,
+        wts: np.ndarray,
+        o: int,
+        m: int,
+        cols: np.ndarray,
+        phi: np.ndarray,
+        op: int,
+        cmul: int = 1,
+        cadd: int = 0,
+    ) -> np.ndarray:
+        n, _, qp = _check_shapes(wts, o, m, cols)
+        f = np.ascontiguousarray(phi, dtype=np.float32).reshape(o, m, n)
+        return self._bgemm(np.ascontiguousarray(wts, np.uint32), cols, f, (op, cmul, cadd))
+
+    def _bgemm(
+        self, wts: np.ndarray, cols: np.ndarray, phi: np.ndarray, how: tuple[int, int, int]
+    ) -> np.ndarray:
+        """``out[o, q] = sum_ij phi[o, i, j] (cmul * count + cadd)`` from the exact counts."""
+        op, cmul, cadd = how
+        counts = self.bgemm_counts(wts, phi.shape[0], phi.shape[1], cols, op)
+        vals = (cmul * counts + cadd).astype(np.float32)
+        return np.einsum("omnq,omn->oq", vals, phi, optimize=True)
+
+    def _pack(self, act: np.ndarray, x: np.ndarray, code: _Code, groups: int) -> None:
+        raise NotImplementedError
+
+    def _im2col(self, cols: np.ndarray, act: np.ndarray, w0: int, cwg: int, win: Window) -> None:
+        raise NotImplementedError
+
+    def _counts(self, out: np.ndarray, wts: np.ndarray, cols: np.ndarray, op: int) -> None:
+        raise NotImplementedError
+
+
+class NumpyBackend(Backend):
+    """Portable backend: NumPy ``bitwise_count`` on 64-bit words."""
+
+    name = "numpy"
+    simd = "numpy"
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def _pack(self, act: np.ndarray, x: np.ndarray, code: _Code, groups: int) -> None:
+        b, c, h, w = x.shape
+        n_planes = act.shape[3]
+        ph, pw = (act.shape[1] - h) // 2, (act.shape[2] - w) // 2
+        cg = c // groups
+        thr, masks = code
+        m = masks[piece_index(x, thr)]  # [B, C, H, W] uint32
+        bits = ((m[..., None] >> np.arange(n_planes, dtype=np.uint32)) & 1).astype(bool)
+        # [B, G, Cg, H, W, N] -> [B, H, W, N, G, Cg]
+        bits = bits.reshape(b, groups, cg, h, w, n_planes).transpose(0, 3, 4, 5, 1, 2)
+        words = pack_channel_words(bits).reshape(b, h, w, n_planes, act.shape[4])
+        act[:, ph : ph + h, pw : pw + w] = words
+
+    def _im2col(self, cols: np.ndarray, act: np.ndarray, w0: int, cwg: int, win: Window) -> None:
+        b, n = act.shape[0], act.shape[3]
+        (kh, kw), (sh, sw), (dh, dw), (ho, wo) = win
+        sub = act[..., w0 : w0 + cwg]
         taps = [
             sub[
                 :,
@@ -192,9 +212,7 @@ class NumpyBackend:
         ]
         t = np.stack(taps)  # [T, B, Ho, Wo, N, Cwg]
         q = b * ho * wo
-        cols = np.zeros((n, kh * kw * cwg, padded_columns(q)), dtype=np.uint32)
         cols[:, :, :q] = t.transpose(4, 0, 5, 1, 2, 3).reshape(n, kh * kw * cwg, q)
-        return cols
 
     @staticmethod
     def _as64(wts: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -212,19 +230,17 @@ class NumpyBackend:
         c64 = np.ascontiguousarray(c).view(np.uint64)[..., 0]
         return w64, c64, extra
 
-    def bgemm_counts(
-        self, wts: np.ndarray, o: int, m: int, cols: np.ndarray, op: int
-    ) -> np.ndarray:
-        n, _, qp = _check_shapes(wts, o, m, cols)
+    def _counts(self, out: np.ndarray, wts: np.ndarray, cols: np.ndarray, op: int) -> None:
+        n, _, qp = cols.shape
         w64, c64, extra = self._as64(wts, cols)
         r, k64 = w64.shape
-        out = np.zeros((r, n, qp), dtype=np.int32)
+        rows = out.reshape(r, n, qp)
         budget = 1 << 21  # elements per temporary
         kb = max(1, min(k64, budget // max(1, qp)))
         rb = max(1, budget // max(1, kb * qp))
         for j in range(n):
             for r0 in range(0, r, rb):
-                acc = out[r0 : r0 + rb, j]
+                acc = rows[r0 : r0 + rb, j]
                 for k0 in range(0, k64, kb):
                     wk = w64[r0 : r0 + rb, k0 : k0 + kb, None]
                     ck = c64[j, None, k0 : k0 + kb, :]
@@ -232,29 +248,13 @@ class NumpyBackend:
                     acc += np.bitwise_count(x).sum(axis=1, dtype=np.int32)
         if op == OP_XNOR and extra:
             out -= WORD_BITS  # the appended zero word XNOR zero word counted 32 ones
-        return out.reshape(o, m, n, qp)
-
-    def bgemm(
-        self,
-        wts: np.ndarray,
-        o: int,
-        m: int,
-        cols: np.ndarray,
-        phi: np.ndarray,
-        op: int,
-        cmul: int = 1,
-        cadd: int = 0,
-    ) -> np.ndarray:
-        counts = self.bgemm_counts(wts, o, m, cols, op)
-        vals = (cmul * counts + cadd).astype(np.float32)
-        return np.einsum("omnq,omn->oq", vals, phi.astype(np.float32, copy=False), optimize=True)
 
 
 def _ptr(a: np.ndarray, ctype: type) -> ctypes._Pointer:  # type: ignore[name-defined]
     return a.ctypes.data_as(ctypes.POINTER(ctype))
 
 
-class CBackend:
+class CBackend(Backend):
     """The compiled kernel (``_kernel.c``) through ctypes; ``threads`` worker threads."""
 
     name = "c"
@@ -265,27 +265,14 @@ class CBackend:
         self.simd = kernel.simd_name
         self.threads = max(1, threads or default_threads())
 
-    def quantize_pack(
-        self,
-        x: np.ndarray,
-        thresholds: np.ndarray,
-        masks: np.ndarray,
-        n_planes: int,
-        groups: int,
-        pad: tuple[int, int],
-    ) -> np.ndarray:
+    def _pack(self, act: np.ndarray, x: np.ndarray, code: _Code, groups: int) -> None:
         b, c, h, w = x.shape
-        cg = c // groups
-        cwg = words_for(cg)
-        ph, pw = pad
-        hp, wp = h + 2 * ph, w + 2 * pw
-        act = np.zeros((b, hp, wp, n_planes, groups * cwg), dtype=np.uint32)
-        thr = np.ascontiguousarray(thresholds, dtype=np.float64)
-        msk = np.ascontiguousarray(masks, dtype=np.uint32)
+        _, hp, wp, n_planes, words = act.shape
+        thr, masks = code
         args = (
-            b, c, h, w, cg, cwg, groups * cwg,
-            _ptr(thr, ctypes.c_double), int(thr.size), _ptr(msk, ctypes.c_uint32), n_planes,
-            ph, pw, hp, wp, _ptr(act, ctypes.c_uint32), self.threads,
+            b, c, h, w, c // groups, words // groups, words,
+            _ptr(thr, ctypes.c_double), int(thr.size), _ptr(masks, ctypes.c_uint32), n_planes,
+            (hp - h) // 2, (wp - w) // 2, hp, wp, _ptr(act, ctypes.c_uint32), self.threads,
         )  # fmt: skip
         if x.dtype == np.float64:
             xc = np.ascontiguousarray(x)
@@ -293,68 +280,40 @@ class CBackend:
         else:
             xc = np.ascontiguousarray(x, dtype=np.float32)
             self.lib.bk_quantize_pack_f32(_ptr(xc, ctypes.c_float), *args)
-        return act
 
-    def im2col(
-        self,
-        act: np.ndarray,
-        group: int,
-        cwg: int,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        dilation: tuple[int, int],
-        out_hw: tuple[int, int],
-    ) -> np.ndarray:
+    def _im2col(self, cols: np.ndarray, act: np.ndarray, w0: int, cwg: int, win: Window) -> None:
         b, hp, wp, n, wt = act.shape
-        kh, kw = kernel
-        ho, wo = out_hw
-        qp = padded_columns(b * ho * wo)
-        cols = np.empty((n, kh * kw * cwg, qp), dtype=np.uint32)
+        (kh, kw), (sh, sw), (dh, dw), (ho, wo) = win
         a = np.ascontiguousarray(act, dtype=np.uint32)
         self.lib.bk_im2col(
-            _ptr(a, ctypes.c_uint32), b, hp, wp, n, wt, group * cwg, cwg, kh, kw,
-            stride[0], stride[1], dilation[0], dilation[1], ho, wo, qp, _ptr(cols, ctypes.c_uint32),
+            _ptr(a, ctypes.c_uint32), b, hp, wp, n, wt, w0, cwg, kh, kw,
+            sh, sw, dh, dw, ho, wo, cols.shape[2], _ptr(cols, ctypes.c_uint32),
         )  # fmt: skip
-        return cols
 
-    def bgemm(
-        self,
-        wts: np.ndarray,
-        o: int,
-        m: int,
-        cols: np.ndarray,
-        phi: np.ndarray,
-        op: int,
-        cmul: int = 1,
-        cadd: int = 0,
+    def _bgemm(
+        self, wts: np.ndarray, cols: np.ndarray, phi: np.ndarray, how: tuple[int, int, int]
     ) -> np.ndarray:
-        n, kw, qp = _check_shapes(wts, o, m, cols)
-        w = np.ascontiguousarray(wts, dtype=np.uint32)
+        op, cmul, cadd = how
+        (o, m, n), (_, kw, qp) = phi.shape, cols.shape
         c = np.ascontiguousarray(cols, dtype=np.uint32)
-        f = np.ascontiguousarray(phi, dtype=np.float32).reshape(o, m, n)
         out = np.empty((o, qp), dtype=np.float32)
         rc = self.lib.bk_bgemm_f32(
-            _ptr(w, ctypes.c_uint32), o, m, _ptr(c, ctypes.c_uint32), n, kw, qp,
-            _ptr(f, ctypes.c_float), op, cmul, cadd, _ptr(out, ctypes.c_float), self.threads,
+            _ptr(wts, ctypes.c_uint32), o, m, _ptr(c, ctypes.c_uint32), n, kw, qp,
+            _ptr(phi, ctypes.c_float), op, cmul, cadd, _ptr(out, ctypes.c_float), self.threads,
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"bk_bgemm_f32 failed ({rc})")
         return out
 
-    def bgemm_counts(
-        self, wts: np.ndarray, o: int, m: int, cols: np.ndarray, op: int
-    ) -> np.ndarray:
-        n, kw, qp = _check_shapes(wts, o, m, cols)
-        w = np.ascontiguousarray(wts, dtype=np.uint32)
+    def _counts(self, out: np.ndarray, wts: np.ndarray, cols: np.ndarray, op: int) -> None:
+        o, m, n, qp = out.shape
         c = np.ascontiguousarray(cols, dtype=np.uint32)
-        out = np.empty((o, m, n, qp), dtype=np.int32)
         rc = self.lib.bk_bgemm_counts(
-            _ptr(w, ctypes.c_uint32), o, m, _ptr(c, ctypes.c_uint32), n, kw, qp, op,
+            _ptr(wts, ctypes.c_uint32), o, m, _ptr(c, ctypes.c_uint32), n, cols.shape[1], qp, op,
             _ptr(out, ctypes.c_int32), self.threads,
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"bk_bgemm_counts failed ({rc})")
-        return out
 
 
 def default_threads() -> int:

@@ -23,20 +23,22 @@ import numpy as np
 
 from binarize_cli.core.errors import BadInputError, FormatError
 from binarize_cli.runtime import ops
-from binarize_cli.runtime.bitconv import ActivationCode, BinaryConv2d, from_tensors
+from binarize_cli.runtime.bitconv import BinaryConv2d, from_tensors
+from binarize_cli.runtime.bits import packed_length, unpack_bits
 from binarize_cli.runtime.format import check_header
 from binarize_cli.runtime.kernels import CBackend, NumpyBackend, get_backend
+from binarize_cli.runtime.ops import pair
+from binarize_cli.runtime.optable import OPS
+from binarize_cli.runtime.staircase import Staircase
 
 PRECISIONS = {"float32": np.float32, "float64": np.float64}
 
 Fn = Callable[[list[np.ndarray]], np.ndarray]
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    a, b = v
-    return int(a), int(b)
+def _meta(key: str, default: str, parse: Callable[[str], Any]) -> Any:
+    """A read-only attribute: metadata ``key`` (``default`` when absent) through ``parse``."""
+    return property(lambda self: parse(self.metadata.get(key, default)), doc=f"``{key}``")
 
 
 @dataclass
@@ -65,37 +67,14 @@ class PackedModel:
     nodes: list[_Node] = field(default_factory=list)
     last_use: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def scheme(self) -> str:
-        return self.metadata.get("scheme", "")
-
-    @property
-    def m(self) -> int:
-        return int(self.metadata.get("M", "0"))
-
-    @property
-    def n(self) -> int:
-        return int(self.metadata.get("N", "0"))
-
-    @property
-    def source_model(self) -> str:
-        return self.metadata.get("source_model", "")
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.metadata.get("num_classes", "0"))
-
-    @property
-    def input_size(self) -> tuple[int, ...]:
-        return tuple(json.loads(self.metadata.get("input_size", "[]")))
-
-    @property
-    def mean(self) -> list[float] | None:
-        return json.loads(self.metadata.get("mean", "null"))
-
-    @property
-    def std(self) -> list[float] | None:
-        return json.loads(self.metadata.get("std", "null"))
+    scheme = _meta("scheme", "", str)
+    m = _meta("M", "0", int)
+    n = _meta("N", "0", int)
+    source_model = _meta("source_model", "", str)
+    num_classes = _meta("num_classes", "0", int)
+    input_size = _meta("input_size", "[]", lambda v: tuple(json.loads(v)))
+    mean = _meta("mean", "null", json.loads)
+    std = _meta("std", "null", json.loads)
 
     @property
     def binary_layers(self) -> dict[str, BinaryConv2d]:
@@ -142,142 +121,209 @@ class PackedModel:
 # --------------------------------------------------------------------------------------
 
 
-def _tensor(
-    tensors: dict[str, np.ndarray], node: dict[str, Any], role: str, required: bool = True
-) -> np.ndarray | None:
-    name = node.get("tensors", {}).get(role)
-    if name is None:
-        if required:
-            raise FormatError(f"node {node['name']!r} ({node['op']}) lacks its {role!r} tensor")
-        return None
-    if name not in tensors:
-        raise FormatError(f"node {node['name']!r} names tensor {name!r}, which the file lacks")
-    return tensors[name]
+@dataclass
+class _Source:
+    """One graph node as its builder sees it: attributes, the file's tensors, the model."""
+
+    node: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+    model: PackedModel
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.node.get("attrs", {})
+
+    def tensor(self, role: str, required: bool = True) -> np.ndarray | None:
+        node = self.node
+        name = node.get("tensors", {}).get(role)
+        if name is None:
+            if required:
+                raise FormatError(f"node {node['name']!r} ({node['op']}) lacks its {role!r} tensor")
+            return None
+        if name not in self.tensors:
+            raise FormatError(f"node {node['name']!r} names tensor {name!r}, which the file lacks")
+        return self.tensors[name]
+
+
+class _BinaryFn:
+    """A ``bconv2d`` node's callable: the layer run on the model's backend."""
+
+    def __init__(self, layer: BinaryConv2d, backend: NumpyBackend | CBackend) -> None:
+        self.layer, self.backend = layer, backend
+
+    def __call__(self, xs: list[np.ndarray]) -> np.ndarray:
+        return self.layer(xs[0], self.backend)
+
+
+_BUILDERS: dict[str, Callable[[_Source], Fn]] = {}
+
+
+def _builds(*names: str) -> Callable[[Callable[[_Source], Fn]], Callable[[_Source], Fn]]:
+    def register(builder: Callable[[_Source], Fn]) -> Callable[[_Source], Fn]:
+        for name in names:
+            _BUILDERS[name] = builder
+        return builder
+
+    return register
+
+
+@_builds("conv2d")
+def _conv2d(src: _Source) -> Fn:
+    a, w, bias = src.attrs, src.tensor("weight"), src.tensor("bias", required=False)
+    st, pa, di = pair(a["stride"]), pair(a["padding"]), pair(a["dilation"])
+    g = int(a["groups"])
+    return lambda xs: ops.conv2d(xs[0], w, bias, st, pa, di, g)  # type: ignore[arg-type]
+
+
+@_builds("bconv2d")
+def _bconv2d(src: _Source) -> Fn:
+    return _BinaryFn(_binary_layer(src), src.model.backend)
+
+
+@_builds("batchnorm")
+def _batchnorm(src: _Source) -> Fn:
+    sc, sh = src.tensor("scale"), src.tensor("shift")
+    return lambda xs: ops.affine_channels(xs[0], sc, sh)  # type: ignore[arg-type]
+
+
+@_builds("linear")
+def _linear(src: _Source) -> Fn:
+    w, bias = src.tensor("weight"), src.tensor("bias", required=False)
+    return lambda xs: ops.linear(xs[0], w, bias)  # type: ignore[arg-type]
+
+
+_UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relu": ops.relu,
+    "sigmoid": ops.sigmoid,
+    "tanh": np.tanh,
+    "silu": ops.silu,
+    "hardswish": ops.hardswish,
+    "hardsigmoid": ops.hardsigmoid,
+}
+
+
+@_builds(*_UNARY)
+def _unary(src: _Source) -> Fn:
+    f = _UNARY[src.node["op"]]
+    return lambda xs: f(xs[0])
+
+
+@_builds("clip")
+def _clip(src: _Source) -> Fn:
+    lo, hi = src.attrs["min"], src.attrs["max"]
+    return lambda xs: ops.clip(xs[0], lo, hi)
+
+
+@_builds("leaky_relu")
+def _leaky_relu(src: _Source) -> Fn:
+    slope = float(src.attrs["negative_slope"])
+    return lambda xs: ops.leaky_relu(xs[0], slope)
+
+
+@_builds("maxpool2d")
+def _maxpool2d(src: _Source) -> Fn:
+    a = src.attrs
+    k, s, p, d = a["kernel_size"], a["stride"], a["padding"], a["dilation"]
+    c = bool(a["ceil_mode"])
+    return lambda xs: ops.maxpool2d(xs[0], k, s, p, d, c)
+
+
+@_builds("avgpool2d")
+def _avgpool2d(src: _Source) -> Fn:
+    a = src.attrs
+    k, s, p, c = a["kernel_size"], a["stride"], a["padding"], bool(a["ceil_mode"])
+    cip, div = bool(a["count_include_pad"]), a.get("divisor_override")
+    return lambda xs: ops.avgpool2d(xs[0], k, s, p, c, cip, div)
+
+
+@_builds("adaptive_avgpool2d", "adaptive_maxpool2d")
+def _adaptive_pool2d(src: _Source) -> Fn:
+    size = src.attrs["output_size"]
+    mode = "avg" if src.node["op"] == "adaptive_avgpool2d" else "max"
+    return lambda xs: ops.adaptive_pool2d(xs[0], size, mode)
+
+
+@_builds("flatten")
+def _flatten(src: _Source) -> Fn:
+    s0, e0 = int(src.attrs["start_dim"]), int(src.attrs["end_dim"])
+    return lambda xs: ops.flatten(xs[0], s0, e0)
+
+
+@_builds("mean")
+def _mean(src: _Source) -> Fn:
+    dims, keep = tuple(src.attrs["dims"]), bool(src.attrs["keepdim"])
+    return lambda xs: xs[0].mean(axis=dims, keepdims=keep)
+
+
+@_builds("add", "mul")
+def _add_mul(src: _Source) -> Fn:
+    scalar = src.attrs.get("scalar")
+    ufunc = np.add if src.node["op"] == "add" else np.multiply
+    if scalar is None:
+        return lambda xs: ufunc(xs[0], xs[1])
+    return lambda xs: ufunc(xs[0], xs[0].dtype.type(scalar))
+
+
+@_builds("cat")
+def _cat(src: _Source) -> Fn:
+    dim = int(src.attrs["dim"])
+    return lambda xs: np.concatenate(xs, axis=dim)
+
+
+@_builds("constant")
+def _constant(src: _Source) -> Fn:
+    value, dtype = src.tensor("value"), PRECISIONS[src.model.precision]
+    return lambda xs: value.astype(dtype)  # type: ignore[union-attr]
+
+
+#: The runtime's dispatch, built from the op table: one builder per table op (a table op
+#: without a builder fails here, at import).
+DISPATCH: dict[str, Callable[[_Source], Fn]] = {op: _BUILDERS[op] for op in OPS}
 
 
 def _compile(node: dict[str, Any], tensors: dict[str, np.ndarray], model: PackedModel) -> _Node:
-    op = node["op"]
-    a = node.get("attrs", {})
-    name = node["name"]
-    inputs = list(node.get("inputs", []))
-    layer: BinaryConv2d | None = None
-    fn: Fn
-    if op == "conv2d":
-        w = _tensor(tensors, node, "weight")
-        bias = _tensor(tensors, node, "bias", required=False)
-        st, pa, di, g = (
-            _pair(a["stride"]),
-            _pair(a["padding"]),
-            _pair(a["dilation"]),
-            int(a["groups"]),
-        )
-        fn = lambda xs: ops.conv2d(xs[0], w, bias, st, pa, di, g)  # noqa: E731
-    elif op == "bconv2d":
-        layer = _binary_layer(node, tensors)
-        be = model.backend
-        bl = layer
-        fn = lambda xs: bl(xs[0], be)  # noqa: E731
-    elif op == "batchnorm":
-        sc, sh = _tensor(tensors, node, "scale"), _tensor(tensors, node, "shift")
-        fn = lambda xs: ops.affine_channels(xs[0], sc, sh)  # noqa: E731
-    elif op == "linear":
-        w = _tensor(tensors, node, "weight")
-        bias = _tensor(tensors, node, "bias", required=False)
-        fn = lambda xs: ops.linear(xs[0], w, bias)  # noqa: E731
-    elif op == "relu":
-        fn = lambda xs: ops.relu(xs[0])  # noqa: E731
-    elif op == "clip":
-        lo, hi = a["min"], a["max"]
-        fn = lambda xs: ops.clip(xs[0], lo, hi)  # noqa: E731
-    elif op == "leaky_relu":
-        slope = float(a["negative_slope"])
-        fn = lambda xs: ops.leaky_relu(xs[0], slope)  # noqa: E731
-    elif op in ("sigmoid", "tanh", "silu", "hardswish", "hardsigmoid"):
-        f = {
-            "sigmoid": ops.sigmoid,
-            "tanh": np.tanh,
-            "silu": ops.silu,
-            "hardswish": ops.hardswish,
-            "hardsigmoid": ops.hardsigmoid,
-        }[op]
-        fn = lambda xs: f(xs[0])  # noqa: E731
-    elif op == "maxpool2d":
-        k, s, p, d, c = (
-            a["kernel_size"],
-            a["stride"],
-            a["padding"],
-            a["dilation"],
-            bool(a["ceil_mode"]),
-        )
-        fn = lambda xs: ops.maxpool2d(xs[0], k, s, p, d, c)  # noqa: E731
-    elif op == "avgpool2d":
-        k, s, p, c, cip = (
-            a["kernel_size"],
-            a["stride"],
-            a["padding"],
-            bool(a["ceil_mode"]),
-            bool(a["count_include_pad"]),
-        )
-        div = a.get("divisor_override")
-        fn = lambda xs: ops.avgpool2d(xs[0], k, s, p, c, cip, div)  # noqa: E731
-    elif op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):
-        size = a["output_size"]
-        mode = "avg" if op == "adaptive_avgpool2d" else "max"
-        fn = lambda xs: ops.adaptive_pool2d(xs[0], size, mode)  # noqa: E731
-    elif op == "flatten":
-        s0, e0 = int(a["start_dim"]), int(a["end_dim"])
-        fn = lambda xs: ops.flatten(xs[0], s0, e0)  # noqa: E731
-    elif op == "mean":
-        dims, keep = tuple(a["dims"]), bool(a["keepdim"])
-        fn = lambda xs: xs[0].mean(axis=dims, keepdims=keep)  # noqa: E731
-    elif op in ("add", "mul"):
-        scalar = a.get("scalar")
-        ufunc = np.add if op == "add" else np.multiply
-        if scalar is None:
-            fn = lambda xs: ufunc(xs[0], xs[1])  # noqa: E731
-        else:
-            fn = lambda xs: ufunc(xs[0], xs[0].dtype.type(scalar))  # noqa: E731
-    elif op == "cat":
-        dim = int(a["dim"])
-        fn = lambda xs: np.concatenate(xs, axis=dim)  # noqa: E731
-    elif op == "constant":
-        value = _tensor(tensors, node, "value")
-        dtype = PRECISIONS[model.precision]
-        fn = lambda xs: value.astype(dtype)  # noqa: E731
-    else:  # pragma: no cover - check_header rejects unknown ops
-        raise FormatError(f"unsupported op {op!r}")
-    return _Node(name=name, op=op, inputs=inputs, fn=fn, layer=layer)
+    fn = DISPATCH[node["op"]](_Source(node, tensors, model))
+    return _Node(
+        name=node["name"],
+        op=node["op"],
+        inputs=list(node.get("inputs", [])),
+        fn=fn,
+        layer=fn.layer if isinstance(fn, _BinaryFn) else None,
+    )
 
 
-def _binary_layer(node: dict[str, Any], tensors: dict[str, np.ndarray]) -> BinaryConv2d:
-    a = node["attrs"]
+def _binary_layer(src: _Source) -> BinaryConv2d:
+    node, a = src.node, src.attrs
     n = int(a["activation_bases"])
     act = None
     if n > 0:
-        packed = np.asarray(_tensor(tensors, node, "act_codes"), dtype=np.uint8)
-        if packed.ndim != 2 or packed.shape[1] != (n + 7) // 8:
+        packed = np.asarray(src.tensor("act_codes"), dtype=np.uint8)
+        if packed.ndim != 2 or packed.shape[1] != packed_length(n):
             raise FormatError(
                 f"node {node['name']!r}: act_codes of shape {packed.shape} do not hold {n} planes"
             )
-        act = ActivationCode(
-            thresholds=_tensor(tensors, node, "act_thresholds"),  # type: ignore[arg-type]
-            codes=np.unpackbits(packed, axis=1, count=n, bitorder="little"),
-            scales=_tensor(tensors, node, "act_scales"),  # type: ignore[arg-type]
-            domain=str(a["activation_domain"]),
-        )
+        try:
+            act = Staircase(
+                thresholds=src.tensor("act_thresholds"),  # type: ignore[arg-type]
+                codes=unpack_bits(packed, n, axis=1),
+                scales=src.tensor("act_scales"),
+                domain=str(a["activation_domain"]),
+            )
+        except ValueError as exc:
+            raise FormatError(f"node {node['name']!r}: {exc}") from None
     o, cin, groups = int(a["out_channels"]), int(a["in_channels"]), int(a["groups"])
-    kh, kw = _pair(a["kernel_size"])
+    kh, kw = pair(a["kernel_size"])
     try:
         return from_tensors(
-            weight_planes=_tensor(tensors, node, "weight_planes"),  # type: ignore[arg-type]
-            weight_scales=_tensor(tensors, node, "weight_scales"),  # type: ignore[arg-type]
+            weight_planes=src.tensor("weight_planes"),  # type: ignore[arg-type]
+            weight_scales=src.tensor("weight_scales"),  # type: ignore[arg-type]
             weight_shape=(o, cin // groups, kh, kw),
             weight_domain=str(a["weight_domain"]),
-            bias=_tensor(tensors, node, "bias", required=False),
+            bias=src.tensor("bias", required=False),
             act=act,
-            stride=_pair(a["stride"]),
-            padding=_pair(a["padding"]),
-            dilation=_pair(a["dilation"]),
+            stride=pair(a["stride"]),
+            padding=pair(a["padding"]),
+            dilation=pair(a["dilation"]),
             groups=groups,
         )
     except ValueError as exc:

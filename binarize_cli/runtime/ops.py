@@ -15,7 +15,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+def pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """``v`` as an ``(h, w)`` pair of ints (an int is used for both)."""
     if isinstance(v, int):
         return v, v
     a, b = v
@@ -46,26 +47,12 @@ def _windows(
     return win
 
 
-def _taps(
-    xp: np.ndarray,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    out_hw: tuple[int, int],
-) -> list[np.ndarray]:
+def _taps(xp: np.ndarray, *window: tuple[int, int]) -> list[np.ndarray]:
     """The ``kh * kw`` strided views ``[B, C, Ho, Wo]`` of the padded input, one per kernel tap
-    (a loop over taps of whole-array operations is much faster than reducing a window view)."""
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
-    return [
-        xp[
-            :,
-            :,
-            ky * dh : ky * dh + (ho - 1) * sh + 1 : sh,
-            kx * dw : kx * dw + (wo - 1) * sw + 1 : sw,
-        ]
-        for ky in range(kh)
-        for kx in range(kw)
-    ]
+    (``window`` as :func:`_windows`; a loop over taps of whole-array operations is much faster
+    than reducing a window view)."""
+    win = _windows(xp, *window)
+    return [win[..., ky, kx] for ky in range(win.shape[4]) for kx in range(win.shape[5])]
 
 
 def conv2d(
@@ -80,9 +67,9 @@ def conv2d(
     """``F.conv2d`` with zero padding (weight ``[O, C/groups, kh, kw]``)."""
     b, c, h, w = x.shape
     o, cg, kh, kw = weight.shape
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
+    dh, dw = pair(dilation)
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     weight = weight.astype(x.dtype, copy=False)
@@ -184,10 +171,10 @@ def maxpool2d(
     ceil_mode: bool,
 ) -> np.ndarray:
     b, c, h, w = x.shape
-    kh, kw = _pair(kernel)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    kh, kw = pair(kernel)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
+    dh, dw = pair(dilation)
     ho = _pool_out(h, kh, sh, ph, dh, ceil_mode)
     wo = _pool_out(w, kw, sw, pw, dw, ceil_mode)
     need_h = (ho - 1) * sh + (kh - 1) * dh + 1
@@ -212,9 +199,9 @@ def avgpool2d(
 ) -> np.ndarray:
     """``F.avg_pool2d``: windows clipped to the padded input; divisor per PyTorch's rules."""
     b, c, h, w = x.shape
-    kh, kw = _pair(kernel)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
+    kh, kw = pair(kernel)
+    sh, sw = pair(stride)
+    ph, pw = pair(padding)
     ho = _pool_out(h, kh, sh, ph, 1, ceil_mode)
     wo = _pool_out(w, kw, sw, pw, 1, ceil_mode)
     need_h = (ho - 1) * sh + kh

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from binarize_cli.core.errors import BadInputError, SchemeError
@@ -24,7 +25,6 @@ from binarize_cli.export.onnx import (
     ONNX_FORMAT,
     OUTPUT_NAME,
     ExportConv,
-    Staircase,
     activation_staircase,
     build_export_model,
     check_staircase,
@@ -43,6 +43,7 @@ from binarize_cli.quant.base import (
 )
 from binarize_cli.quant.layers import BinarizedConv2d
 from binarize_cli.runtime.bits import packed_length
+from binarize_cli.runtime.staircase import Staircase
 
 # --------------------------------------------------------------------------------------------
 # Stand-in schemes
@@ -690,3 +691,64 @@ def test_export_onnx_from_run_dir(tmp_path: Path, make_run_dir) -> None:
         expected = model(x).numpy()
     _assert_agrees(expected, onnx_logits(written, x.numpy()))
     _assert_agrees(expected, onnx_logits(written_float, x.numpy()))
+
+
+# --------------------------------------------------------------------------------------------
+# The op table end to end
+# --------------------------------------------------------------------------------------------
+
+
+class AllOps(nn.Module):
+    """A small network that uses every op of the packed op table (``runtime/optable.py``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.body = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn_body = nn.BatchNorm2d(8)
+        self.relu6 = nn.ReLU6()
+        self.leaky = nn.LeakyReLU(0.1)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.avgpool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.adaptive_avg = nn.AdaptiveAvgPool2d((2, 2))
+        # torch.onnx exports adaptive max pooling only to a global pool (output 1 x 1).
+        self.adaptive_max = nn.AdaptiveMaxPool2d((1, 1))
+        self.register_buffer("offset", torch.linspace(-0.2, 0.2, 8).reshape(1, 8, 1, 1))
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        y = self.leaky(self.relu6(self.bn_body(self.body(x)))) + x
+        y = y * 0.5
+        y = torch.sigmoid(y) + torch.tanh(y) + F.silu(y) + F.hardswish(y) + F.hardsigmoid(y)
+        y = self.avgpool(self.maxpool(y) + self.offset)
+        a = self.adaptive_avg(y)
+        z = torch.cat([a, a * self.adaptive_max(y)], dim=1)
+        z = z * z.mean(dim=(2, 3), keepdim=True)
+        return self.fc(torch.flatten(z, 1))
+
+
+def test_every_table_op_is_written_run_and_exported(tmp_path: Path) -> None:
+    """The packed writer emits every op of the table for this model, the runtime runs each of
+    them as PyTorch does, and the ONNX exporter exports the same model."""
+    from safetensors.numpy import save_file
+
+    from binarize_cli.export.packed import build_packed
+    from binarize_cli.runtime import load_packed
+    from binarize_cli.runtime.optable import OPS
+
+    torch.manual_seed(0)
+    model = AllOps()
+    _binarize(model, STANDINS["pa-like"], 2, 2)
+    _calibrate(model, torch.randn(8, 3, *TINY_SIZE))
+    model.eval()
+    tensors, metadata = build_packed(model, TINY_META)
+    assert {node["op"] for node in json.loads(metadata["graph"])["nodes"]} == set(OPS)
+    save_file(tensors, str(tmp_path / "m.safetensors"), metadata=metadata)
+    packed = load_packed(tmp_path / "m.safetensors", backend="numpy")
+    x = torch.randn(3, 3, *TINY_SIZE)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    _assert_agrees(expected, packed(x.numpy()))
+    _export_and_compare(model, TINY_META, tmp_path / "m.onnx", TINY_SIZE)

@@ -16,7 +16,7 @@ import pytest
 
 from binarize_cli.runtime import ops
 from binarize_cli.runtime._build import load_kernel
-from binarize_cli.runtime.bitconv import ActivationCode, BinaryConv2d
+from binarize_cli.runtime.bitconv import BinaryConv2d
 from binarize_cli.runtime.kernels import (
     OP_AND,
     OP_XNOR,
@@ -28,6 +28,7 @@ from binarize_cli.runtime.kernels import (
     pack_channel_words,
     words_for,
 )
+from binarize_cli.runtime.staircase import Staircase
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -48,19 +49,19 @@ def _backends(c_backend: CBackend) -> list:
     return [NumpyBackend(), c_backend]
 
 
-def pa_code(n: int, rng: np.random.Generator) -> ActivationCode:
+def pa_code(n: int, rng: np.random.Generator) -> Staircase:
     """PA eq. 18: N endpoints, piece 0 -> no plane, piece i -> plane i (one-hot), {0,1}."""
     thr = np.sort(rng.standard_normal(n)).astype(np.float32)
     codes = np.zeros((n + 1, n), np.uint8)
     codes[np.arange(1, n + 1), np.arange(n)] = 1
-    return ActivationCode(thr, codes, rng.uniform(0.2, 2.0, n), "zero_one")
+    return Staircase(thr, codes=codes, scales=rng.uniform(0.2, 2.0, n), domain="zero_one")
 
 
-def abc_code(n: int, rng: np.random.Generator) -> ActivationCode:
+def abc_code(n: int, rng: np.random.Generator) -> Staircase:
     """ABC: plane n is +1 iff x >= t_n (thermometer code), {-1,+1}."""
     thr = np.sort(rng.standard_normal(n)).astype(np.float32)
     codes = np.tril(np.ones((n + 1, n), np.uint8), k=-1)
-    return ActivationCode(thr, codes, rng.uniform(0.2, 2.0, n), "plus_minus_one")
+    return Staircase(thr, codes=codes, scales=rng.uniform(0.2, 2.0, n), domain="plus_minus_one")
 
 
 def make_layer(
@@ -72,7 +73,7 @@ def make_layer(
     stride: int,
     pad: int,
     m: int,
-    act: ActivationCode | None,
+    act: Staircase | None,
     weight_domain: str,
     groups: int = 1,
     dilation: int = 1,
@@ -184,7 +185,7 @@ def test_mixed_domains_with_border(c_backend, weight_domain, act_domain) -> None
     """DoReFa ({-1,+1} weights, {0,1} activations) and the converse, with zero padding."""
     rng = np.random.default_rng(7)
     base = pa_code(3, rng) if act_domain == "zero_one" else abc_code(3, rng)
-    act = ActivationCode(base.thresholds, base.codes, base.scales, act_domain)
+    act = Staircase(base.thresholds, codes=base.codes, scales=base.scales, domain=act_domain)
     layer = make_layer(
         rng, c=37, o=4, k=3, stride=1, pad=1, m=2, act=act, weight_domain=weight_domain
     )

@@ -1,0 +1,185 @@
+"""The op table of the packed format (version 1): the one list of ops, as data.
+
+Read by the writer (:mod:`binarize_cli.export.packed` checks every node it emits), the
+reader (:func:`binarize_cli.runtime.format.check_header` validates every node, and
+:mod:`binarize_cli.runtime.model` builds its dispatch from it: one builder per table op,
+no other) and ``docs/format.md`` (its op list is :func:`markdown_table`, pasted between
+the ``optable`` marker comments; ``tests/runtime/test_optable.py`` fails when they differ and
+:func:`sync_doc` rewrites it). Torch-free.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op: its name, input count, attributes, tensors and what it computes.
+
+    ``attrs``/``optional_attrs`` and ``tensors``/``optional_tensors`` are ``(name, meaning)``
+    pairs; a node must carry every required attribute, and its ``inputs`` must number between
+    ``min_inputs`` and ``max_inputs`` (``None``: any number).
+    """
+
+    name: str
+    min_inputs: int
+    max_inputs: int | None
+    computes: str
+    attrs: tuple[tuple[str, str], ...] = ()
+    optional_attrs: tuple[tuple[str, str], ...] = ()
+    tensors: tuple[tuple[str, str], ...] = ()
+    optional_tensors: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def required_attrs(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.attrs)
+
+    def inputs_text(self) -> str:
+        if self.max_inputs is None:
+            return f"{self.min_inputs} or more"
+        if self.min_inputs == self.max_inputs:
+            return str(self.min_inputs)
+        return f"{self.min_inputs} to {self.max_inputs}"
+
+
+_STRIDE_PAD = (("stride", "[sh, sw]"), ("padding", "[ph, pw]"))
+_CONV = (*_STRIDE_PAD, ("dilation", "[dh, dw]"), ("groups", "channel groups"))
+_POOL = (("kernel_size", "[kh, kw]"), *_STRIDE_PAD)
+_F32_BIAS = (("bias", "F32 [O]"),)
+_SCALAR = (("scalar", "number, with one input"),)
+_OUTPUT_SIZE = (("output_size", "[h or null, w or null]"),)
+_BCONV_ATTRS = (
+    *_CONV,
+    ("in_channels", "C"),
+    ("out_channels", "O"),
+    ("kernel_size", "[kh, kw]"),
+    ("weight_bases", "M, the number of weight planes"),
+    ("weight_domain", "`zero_one` or `plus_minus_one`"),
+    ("activation_bases", "N; 0: the activation stays real"),
+)
+_BCONV_OPTIONAL_ATTRS = (
+    ("activation_domain", "when N > 0"), ("activation_pieces", "L, when N > 0"),
+    ("scheme", "informative"), ("scales_folded_into", "the batchnorm holding the channel scales"),
+)  # fmt: skip
+_BCONV_TENSORS = (
+    ("weight_planes", "U8 [M, ceil(O*C/groups*kh*kw / 8)]"),
+    ("weight_scales", "F32 [M], [M, O] or [1]"),
+)
+_BCONV_OPTIONAL_TENSORS = (
+    *_F32_BIAS,
+    ("act_thresholds", "F32 [L-1]"),
+    ("act_codes", "U8 [L, ceil(N/8)]"),
+    ("act_scales", "F32 [N]"),
+)
+_BN = "`y[:, c] = x[:, c] * scale[c] + shift[c]` (eval-mode batch norm, folded: " + (
+    "`scale = gamma / sqrt(var + eps)`, `shift = beta - mean * scale`)"
+)
+_BINS = "bin `i` of `n` over size `s` is `[floor(i s / n), ceil((i+1) s / n))`"
+
+
+def _op(name: str, computes: str, inputs: tuple[int, int | None] = (1, 1), **kw: Any) -> OpSpec:
+    """An :class:`OpSpec` with ``inputs`` as ``(min, max)`` (default: exactly one)."""
+    return OpSpec(name, inputs[0], inputs[1], computes, **kw)
+
+
+OPS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        _op("conv2d", "`F.conv2d`, zero padding", attrs=_CONV,
+            tensors=(("weight", "F32 [O, C/groups, kh, kw]"),), optional_tensors=_F32_BIAS),
+        _op("bconv2d", "binarized convolution `conv(W_hat, A_hat) + bias` (section 5)",
+            attrs=_BCONV_ATTRS, optional_attrs=_BCONV_OPTIONAL_ATTRS, tensors=_BCONV_TENSORS,
+            optional_tensors=_BCONV_OPTIONAL_TENSORS),
+        _op("batchnorm", _BN, tensors=(("scale", "F32 [C]"), ("shift", "F32 [C]"))),
+        _op("linear", "`x W^T + b` (x `[B, K]`)", tensors=(("weight", "F32 [O, K]"),),
+            optional_tensors=_F32_BIAS),
+        _op("relu", "`max(x, 0)`"),
+        _op("clip", "`min(max(x, min), max)` (ReLU6, Hardtanh)",
+            attrs=(("min", "number"), ("max", "number"))),
+        _op("leaky_relu", "`x` if `x >= 0` else `negative_slope * x`",
+            attrs=(("negative_slope", "number"),)),
+        _op("sigmoid", "`1 / (1 + exp(-x))`"),
+        _op("tanh", "`tanh(x)`"),
+        _op("silu", "`x * sigmoid(x)`"),
+        _op("hardswish", "`x * clip(x + 3, 0, 6) / 6`"),
+        _op("hardsigmoid", "`clip(x / 6 + 1/2, 0, 1)`"),
+        _op("maxpool2d", "`F.max_pool2d` (padding is -inf)",
+            attrs=(*_POOL, ("dilation", "[dh, dw]"), ("ceil_mode", "boolean"))),
+        _op("avgpool2d", "`F.avg_pool2d`",
+            attrs=(*_POOL, ("ceil_mode", "boolean"), ("count_include_pad", "boolean")),
+            optional_attrs=(("divisor_override", "null or int"),)),
+        _op("adaptive_avgpool2d", f"`F.adaptive_avg_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
+        _op("adaptive_maxpool2d", f"`F.adaptive_max_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
+        _op("flatten", "`torch.flatten`", attrs=(("start_dim", "int"), ("end_dim", "int"))),
+        _op("mean", "mean over `dims`", attrs=(("dims", "list of int"), ("keepdim", "boolean"))),
+        _op("add", "`a + b`, NumPy broadcasting; one input: `a + scalar`", (1, 2),
+            optional_attrs=_SCALAR),
+        _op("mul", "`a * b`, NumPy broadcasting; one input: `a * scalar`", (1, 2),
+            optional_attrs=_SCALAR),
+        _op("cat", "concatenation along `dim` (DenseNet)", (1, None), attrs=(("dim", "int"),)),
+        _op("constant", "a stored tensor", (0, 0), tensors=(("value", "F32"),)),
+    )
+}  # fmt: skip
+
+
+def node_problem(node: object) -> str | None:
+    """What makes ``node`` (one entry of the graph's ``nodes``) invalid for this table, or
+    ``None``: an unknown op, a missing required attribute, a wrong number of inputs (a
+    missing tensor is reported when the reader looks it up)."""
+    op = node.get("op") if isinstance(node, dict) else None
+    spec = OPS.get(op) if isinstance(op, str) else None
+    if spec is None:
+        return f"uses op {op!r}, unknown to this runtime"
+    assert isinstance(node, dict)
+    missing = [a for a in spec.required_attrs if a not in node.get("attrs", {})]
+    if missing:
+        return f"node {node.get('name')!r} ({op}) lacks attributes {missing}"
+    n = len(node.get("inputs", []))
+    if n < spec.min_inputs or (spec.max_inputs is not None and n > spec.max_inputs):
+        return f"node {node.get('name')!r} ({op}) has {n} inputs, expected {spec.inputs_text()}"
+    return None
+
+
+def _pairs(pairs: tuple[tuple[str, str], ...], optional: tuple[tuple[str, str], ...]) -> str:
+    parts = [f"`{n}` {m}" for n, m in pairs] + [f"`{n}` {m} (optional)" for n, m in optional]
+    return "; ".join(parts) or "—"
+
+
+def markdown_table() -> str:
+    """``docs/format.md``'s op list, generated from :data:`OPS`."""
+    rows = [
+        "| op | inputs | attrs | tensors | computes |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in OPS.values():
+        attrs = (
+            "see section 5" if spec.name == "bconv2d" else _pairs(spec.attrs, spec.optional_attrs)
+        )
+        tensors = (
+            "see section 5"
+            if spec.name == "bconv2d"
+            else _pairs(spec.tensors, spec.optional_tensors)
+        )
+        rows.append(
+            f"| `{spec.name}` | {spec.inputs_text()} | {attrs} | {tensors} | {spec.computes} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+BEGIN = "<!-- optable: begin (generated by binarize_cli.runtime.optable.markdown_table) -->"
+END = "<!-- optable: end -->"
+
+
+def sync_doc(text: str) -> str:
+    """``text`` (``docs/format.md``) with the block between the markers replaced by
+    :func:`markdown_table`; raises ``ValueError`` when the markers are missing."""
+    pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError("the optable markers are missing")
+    return pattern.sub(lambda _: f"{BEGIN}\n{markdown_table()}{END}", text, count=1)
+
+
+__all__ = ["BEGIN", "END", "OPS", "OpSpec", "markdown_table", "node_problem", "sync_doc"]
