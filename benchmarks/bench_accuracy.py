@@ -94,7 +94,7 @@ def binarized_run(args: argparse.Namespace, scheme: str, m: int, n: int, out: Pa
         },
     )
     result = run_convert(settings, out_dir=out / f"{scheme}-M{m}N{n}")
-    return result.meta
+    return result.meta.to_dict()
 
 
 def markdown(

@@ -55,7 +55,9 @@ from binarize_cli.core.errors import (
     DataError,
     RunDirError,
 )
-from binarize_cli.core.rundir import DEFAULT_RUNS_ROOT, check_writable_dir, is_run_dir, write_run
+from binarize_cli.core.files import check_writable_dir
+from binarize_cli.core.metadata import RunAccuracy, RunMetadata, RunTimings, StageAccuracy
+from binarize_cli.core.rundir import DEFAULT_RUNS_ROOT, is_run_dir, write_run
 from binarize_cli.core.settings import ConvertSettings
 
 #: Settings a resumed fine-tune must share with the interrupted one (``lr`` and ``epochs``
@@ -120,7 +122,7 @@ class ConvertResult:
     """What `convert` produced: where, the metadata written, and the surgery table."""
 
     run_dir: Path | None
-    meta: dict[str, Any]
+    meta: RunMetadata
     decisions: list[Any] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed_from_epoch: int = 0
@@ -476,35 +478,39 @@ def run_convert(
         # 6. evaluate and save.
         rep.stage("evaluating the fine-tuned model")
         final_acc = evaluate(student, val_loader, device=ctx.device).to_dict()
-        meta = {
-            "model": loaded.spec,
-            "weights": loaded.weights,
-            "scheme": scheme.name,
-            "M": m,
-            "N": n,
-            "data": data.spec,
-            "recipe": settings.to_dict(),
-            "accuracy": {"fp": fp_acc.to_dict(), "calibrated": cal_acc, "binarized": final_acc},
-            "timings": {
-                "baseline_epoch_s": [float(t) for t in baseline.epoch_times],
-                "baseline_cached": bool(baseline.cache_hit),
-                "finetune_epoch_s": state.epoch_seconds,
-                "calibrate_s": calibrate_s,
-            },
-            "finetune_epochs": state.epoch_stats,
-            "num_classes": data.num_classes,
-            "keep": list(settings.keep),
-            "scheme_options": dict(settings.scheme_options),
-            "first_conv": surgery.first_conv,
-            "classifier": surgery.classifier,
-            "policy": surgery.policy.to_dict(),
-            "input_size": data.input_size,
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "world_size": ctx.world_size,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "binarize_version": __version__,
-        }
+        meta = RunMetadata(
+            model=loaded.spec,
+            weights=loaded.weights,
+            scheme=scheme.name,
+            M=m,
+            N=n,
+            data=data.spec,
+            recipe=settings.to_dict(),
+            accuracy=RunAccuracy(
+                fp=StageAccuracy(**fp_acc.to_dict()),
+                calibrated=StageAccuracy(**cal_acc),
+                binarized=StageAccuracy(**final_acc),
+            ),
+            timings=RunTimings(
+                baseline_epoch_s=[float(t) for t in baseline.epoch_times],
+                baseline_cached=bool(baseline.cache_hit),
+                finetune_epoch_s=state.epoch_seconds,
+                calibrate_s=calibrate_s,
+            ),
+            finetune_epochs=state.epoch_stats,
+            num_classes=data.num_classes,
+            keep=list(settings.keep),
+            scheme_options=dict(settings.scheme_options),
+            first_conv=list(surgery.first_conv),
+            classifier=list(surgery.classifier),
+            policy=surgery.policy.to_dict(),
+            input_size=list(data.input_size),
+            mean=list(data.mean),
+            std=list(data.std),
+            world_size=ctx.world_size,
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            binarize_version=__version__,
+        )
         written: Path | None = None
         if ctx.is_main:
             written = write_run(

@@ -574,7 +574,7 @@ def export_onnx_model(
     ``scheme``, ``M``, ``N``, ``num_classes``, ``mean``, ``std`` go into the metadata). The file
     is written atomically: on any error no file is left behind.
     """
-    from binarize_cli.core.rundir import atomic_write_bytes
+    from binarize_cli.core.files import atomic_write_bytes
 
     out = Path(path)
     if out.is_dir():
@@ -603,7 +603,7 @@ def export_onnx(
     out = run.path / default if output is None else Path(output)
     if out.is_dir():
         out = out / default
-    return export_onnx_model(run.model, run.meta, out, float_weights=float_weights)
+    return export_onnx_model(run.model, run.meta.to_dict(), out, float_weights=float_weights)
 
 
 # --------------------------------------------------------------------------------------------

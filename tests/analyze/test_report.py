@@ -47,6 +47,7 @@ def make_run_dir(
     """A run directory the way ``convert`` writes one: a small timm ResNet, binarized, saved
     with rundir.write_run (random weights; the accuracies are made up)."""
     from binarize_cli.convert.surgery import binarize_model
+    from binarize_cli.core.metadata import RunMetadata
     from binarize_cli.core.rundir import write_run
     from binarize_cli.load.models import create_architecture
 
@@ -76,7 +77,7 @@ def make_run_dir(
         "mean": list(loaded.mean),
         "std": list(loaded.std),
     }
-    return write_run(path, result.model.state_dict(), meta)
+    return write_run(path, result.model.state_dict(), RunMetadata.from_dict(meta))
 
 
 def _assert_totals_are_row_sums(d: dict[str, Any]) -> None:
@@ -297,6 +298,6 @@ def test_compare_reports_without_fp_accuracy(tmp_path):
     from binarize_cli.core.rundir import load_run
 
     run = load_run(make_run_dir(tmp_path / "x"))
-    run.meta["accuracy"]["fp"] = None
+    run.meta.accuracy.fp = None
     rows = compare_reports([report_for_run(run, errors=False)])
     assert len(rows) == 1 and rows[0].gap_top1 is None

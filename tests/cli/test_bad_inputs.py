@@ -38,6 +38,7 @@ SMALL = "timm:test_resnet"
 def _write_run(path: Path) -> Path:
     """A loadable run directory of a binarized ``test_resnet`` (random weights)."""
     from binarize_cli.convert.surgery import binarize_model
+    from binarize_cli.core.metadata import RunMetadata
     from binarize_cli.core.rundir import write_run
     from binarize_cli.load.models import create_architecture
 
@@ -65,7 +66,7 @@ def _write_run(path: Path) -> Path:
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
     }
-    return write_run(path, result.model.state_dict(), meta)
+    return write_run(path, result.model.state_dict(), RunMetadata.from_dict(meta))
 
 
 @pytest.fixture(scope="module")

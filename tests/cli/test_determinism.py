@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from binarize_cli.convert.finetune import finetune
-from binarize_cli.core.rundir import META_FILE, WEIGHTS_FILE, write_run
+from binarize_cli.core.metadata import META_FILE, RunMetadata
+from binarize_cli.core.rundir import WEIGHTS_FILE, write_run
 from binarize_cli.load.data import make_loader
 
 
@@ -85,24 +87,26 @@ def _finetuned() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _meta() -> dict:
-    return {
-        "model": "timm:test_resnet",
-        "scheme": "pa",
-        "M": 2,
-        "N": 2,
-        "data": "fake",
-        "recipe": {},
-        "accuracy": {},
-        "timings": {},
-        "num_classes": 4,
-    }
+def _meta() -> RunMetadata:
+    return RunMetadata.from_dict(
+        {
+            "model": "timm:test_resnet",
+            "scheme": "pa",
+            "M": 2,
+            "N": 2,
+            "data": "fake",
+            "recipe": {},
+            "accuracy": {},
+            "timings": {},
+            "num_classes": 4,
+        }
+    )
 
 
 def test_same_training_gives_the_same_weights_file(tmp_path):
     a = write_run(tmp_path / "a", _finetuned(), _meta())
     time.sleep(1.1)  # a timestamp in the weights file would now differ
-    b = write_run(tmp_path / "b", _finetuned(), {**_meta(), "created": "later"})
+    b = write_run(tmp_path / "b", _finetuned(), replace(_meta(), created="later"))
     assert (a / WEIGHTS_FILE).read_bytes() == (b / WEIGHTS_FILE).read_bytes()
     assert (a / META_FILE).read_bytes() != (b / META_FILE).read_bytes()
     with safe_open(str(a / WEIGHTS_FILE), framework="pt") as fh:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune, load_checkpoint
 from binarize_cli.core.errors import CheckpointError, TrainingDivergedError
+from binarize_cli.core.metadata import RunMetadata
 
 # --------------------------------------------------------------------------- tiny finetune
 
@@ -362,22 +363,24 @@ def test_divergence_after_an_epoch_keeps_its_checkpoint(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _tiny_meta() -> dict:
-    return {
-        "model": "timm:test_resnet",
-        "scheme": "pa",
-        "M": 2,
-        "N": 2,
-        "data": "fake",
-        "recipe": {},
-        "accuracy": {},
-        "timings": {},
-        "num_classes": 3,
-    }
+def _tiny_meta() -> RunMetadata:
+    return RunMetadata.from_dict(
+        {
+            "model": "timm:test_resnet",
+            "scheme": "pa",
+            "M": 2,
+            "N": 2,
+            "data": "fake",
+            "recipe": {},
+            "accuracy": {},
+            "timings": {},
+            "num_classes": 3,
+        }
+    )
 
 
 def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
-    from binarize_cli.core import rundir
+    from binarize_cli.core import files
 
     target = tmp_path / "file.bin"
     target.write_bytes(b"old contents")
@@ -385,9 +388,9 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        rundir.atomic_write_bytes(target, b"new contents")
+        files.atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
@@ -398,7 +401,7 @@ def test_an_interrupted_run_write_keeps_the_old_run(tmp_path, monkeypatch):
     run = rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), _tiny_meta())
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     monkeypatch.setattr(
-        rundir, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+        RunMetadata, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
     )
     with pytest.raises(KeyboardInterrupt):
         rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), _tiny_meta())

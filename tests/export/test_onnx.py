@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from binarize_cli.core.errors import BadInputError, SchemeError
+from binarize_cli.core.metadata import RunMetadata
 from binarize_cli.export.onnx import (
     INPUT_NAME,
     ONNX_FORMAT,
@@ -704,7 +705,7 @@ def test_export_onnx_from_run_dir(tmp_path: Path) -> None:
         "classifier": loaded.classifier,
     }
     run = tmp_path / "run"
-    rundir.write_run(run, loaded.model.state_dict(), meta)
+    rundir.write_run(run, loaded.model.state_dict(), RunMetadata.from_dict(meta))
     written = export_onnx(run)
     assert written == run / "model.onnx"
     # The CLI dispatch: `binarize export RUN --target onnx-float -o DIR`.

@@ -242,6 +242,7 @@ def test_output_path_checks(tmp_path, pa_resnet) -> None:
 
 @pytest.mark.slow
 def test_export_packed_from_run_dir(tmp_path) -> None:
+    from binarize_cli.core.metadata import RunMetadata
     from binarize_cli.core.rundir import write_run
 
     model = converted("resnet18", "pa", 2, 2)  # a run rebuilds its model from the timm name
@@ -253,7 +254,7 @@ def test_export_packed_from_run_dir(tmp_path) -> None:
         "keep": [],
         "scheme_options": {},
     }
-    run = write_run(tmp_path / "run", model.state_dict(), meta)
+    run = write_run(tmp_path / "run", model.state_dict(), RunMetadata.from_dict(meta))
     written = export_packed(run)
     assert written == run / DEFAULT_FILE and written.is_file()
     other = export_packed(run, tmp_path)

@@ -11,6 +11,7 @@ import torch
 
 from binarize_cli.cli import main
 from binarize_cli.convert.surgery import binarize_model
+from binarize_cli.core.metadata import RunMetadata
 from binarize_cli.core.rundir import write_run
 from binarize_cli.load.data import load_data
 from binarize_cli.load.models import create_architecture
@@ -59,7 +60,7 @@ def make_run(root: Path, arch: str, scheme: str, m: int, n: int) -> Path:
         "first_conv": loaded.first_conv,
         "classifier": loaded.classifier,
     }
-    return write_run(root / f"{arch}-{scheme}", model.state_dict(), meta)
+    return write_run(root / f"{arch}-{scheme}", model.state_dict(), RunMetadata.from_dict(meta))
 
 
 def cli_json(capsys, *args: str) -> dict:
@@ -109,12 +110,7 @@ def test_export_packed_then_run(capsys, tmp_path, small_run) -> None:
     # The same images through the PyTorch model give the same accuracy (up to a rare float32
     # threshold flip changing one prediction).
     run = load_run(small_run)
-    bundle = load_data(
-        "digits",
-        input_size=tuple(run.meta["input_size"]),
-        mean=tuple(run.meta["mean"]),
-        std=tuple(run.meta["std"]),
-    )
+    bundle = load_data("digits", **run.meta.data_kwargs())
     x = torch.stack([bundle.val[i][0] for i in range(64)])
     y = np.array([bundle.val[i][1] for i in range(64)])
     with torch.no_grad():
