@@ -185,15 +185,21 @@ def check_writable_dir(directory: str | os.PathLike[str], flag: str = "-o") -> N
     Path(probe).unlink(missing_ok=True)
 
 
+def check_output_file(path: Path, hint: str, flag: str = "-o") -> None:
+    """Raise BadInputError when ``path`` is a directory (``hint``: what to pass instead) or its
+    directory does not exist. Nothing is created."""
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory; pass {hint}")
+    if not path.parent.exists():
+        raise BadInputError(
+            f"directory {path.parent} does not exist; create it or choose another {flag}"
+        )
+
+
 def check_writable_file(path: str | os.PathLike[str], flag: str = "-o") -> None:
     """Raise BadInputError unless ``path`` can be written as a file (its directory must exist)."""
     p = Path(path)
-    if p.is_dir():
-        raise BadInputError(f"{p} is a directory; pass a file name to {flag}")
+    check_output_file(p, f"a file name to {flag}", flag)
     if not p.parent.is_dir():
-        if p.parent.exists():
-            raise BadInputError(f"{p.parent} is not a directory; choose another {flag}")
-        raise BadInputError(
-            f"directory {p.parent} does not exist; create it or choose another {flag}"
-        )
+        raise BadInputError(f"{p.parent} is not a directory; choose another {flag}")
     check_writable_dir(p.parent, flag)

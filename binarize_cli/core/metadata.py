@@ -115,17 +115,13 @@ def _get(
     what: str,
     source: str | os.PathLike[str],
     where: str = "",
-    *,
-    default: Any = ...,
 ) -> Any:
-    """``data[key]`` after checking it (``default`` when absent, if given; else an error)."""
+    """``data[key]`` after checking it (an error when absent)."""
     name = f"{where}{key}"
     if key not in data:
-        if default is ...:
-            raise RunMetadataError(
-                f"{source} lacks key {name}; it was not written by `binarize convert`"
-            )
-        return default
+        raise RunMetadataError(
+            f"{source} lacks key {name}; it was not written by `binarize convert`"
+        )
     value = data[key]
     if not check(value):
         raise RunMetadataError(
@@ -134,12 +130,65 @@ def _get(
     return value
 
 
+def _checked(
+    data: Mapping[str, Any],
+    checks: Mapping[str, tuple[Check, str]],
+    source: str | os.PathLike[str],
+    where: str = "",
+    required: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The entries of ``data`` named in ``checks``, each checked; a key in ``required`` must be
+    there, the others are left to the dataclass defaults when absent."""
+    return {
+        key: _get(data, key, check, what, source, where)
+        for key, (check, what) in checks.items()
+        if key in data or key in required
+    }
+
+
 def _object(value: Any, name: str, source: str | os.PathLike[str]) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise RunMetadataError(
             f"{source}: {name} must be an object, not {_json_kind(value)}; rerun `binarize convert`"
         )
     return value
+
+
+_STAGE_CHECKS: dict[str, tuple[Check, str]] = {
+    "top1": (_is_number, "a number"),
+    "top5": (_is_number, "a number"),
+}
+_TIMING_CHECKS: dict[str, tuple[Check, str]] = {
+    "baseline_epoch_s": (_list_of(_is_number), "a list of numbers"),
+    "baseline_cached": (_or_null(_is_bool), "true/false or null"),
+    "finetune_epoch_s": (_list_of(_is_number), "a list of numbers"),
+    "calibrate_s": (_or_null(_is_number), "a number or null"),
+}
+#: Top-level keys other than ``accuracy``/``timings``: (check, what the message asks for).
+_CHECKS: dict[str, tuple[Check, str]] = {
+    "format": (_is_str, "a string"),
+    "format_version": (_is_int, "an integer"),
+    "model": (_is_str, "a string"),
+    "weights": (_or_null(_is_str), "a string or null"),
+    "scheme": (_is_str, "a string"),
+    "M": (_is_int, "an integer"),
+    "N": (_is_int, "an integer"),
+    "data": (_is_str, "a string"),
+    "recipe": (_or_null(_is_object), "an object or null"),
+    "finetune_epochs": (_list_of(_is_object), "a list of objects"),
+    "num_classes": (_is_int, "an integer"),
+    "keep": (_list_of(_is_str), "a list of strings"),
+    "scheme_options": (_is_object, "an object"),
+    "first_conv": (_or_null(_name_or_names), "a module name, a list of names or null"),
+    "classifier": (_or_null(_name_or_names), "a module name, a list of names or null"),
+    "policy": (_or_null(_is_object), "an object or null"),
+    "input_size": (_or_null(_size), "[C, H, W] or null"),
+    "mean": (_or_null(_list_of(_is_number)), "a list of numbers or null"),
+    "std": (_or_null(_list_of(_is_number)), "a list of numbers or null"),
+    "world_size": (_is_int, "an integer"),
+    "created": (_or_null(_is_str), "a string or null"),
+    "binarize_version": (_or_null(_is_str), "a string or null"),
+}
 
 
 @dataclass
@@ -154,10 +203,7 @@ class StageAccuracy:
         cls, value: Any, where: str, source: str | os.PathLike[str] = META_FILE
     ) -> StageAccuracy:
         d = _object(value, where, source)
-        return cls(
-            top1=_get(d, "top1", _is_number, "a number", source, f"{where}."),
-            top5=_get(d, "top5", _is_number, "a number", source, f"{where}."),
-        )
+        return cls(**_checked(d, _STAGE_CHECKS, source, f"{where}.", required=("top1", "top5")))
 
 
 @dataclass
@@ -197,61 +243,9 @@ class RunTimings:
 
     @classmethod
     def from_dict(cls, value: Any, source: str | os.PathLike[str] = META_FILE) -> RunTimings:
-        d = _object(value, "timings", source)
-        seconds = _list_of(_is_number)
         return cls(
-            baseline_epoch_s=_get(
-                d, "baseline_epoch_s", seconds, "a list of numbers", source, "timings.", default=[]
-            ),
-            baseline_cached=_get(
-                d,
-                "baseline_cached",
-                _or_null(_is_bool),
-                "true/false",
-                source,
-                "timings.",
-                default=None,
-            ),
-            finetune_epoch_s=_get(
-                d, "finetune_epoch_s", seconds, "a list of numbers", source, "timings.", default=[]
-            ),
-            calibrate_s=_get(
-                d,
-                "calibrate_s",
-                _or_null(_is_number),
-                "a number",
-                source,
-                "timings.",
-                default=None,
-            ),
+            **_checked(_object(value, "timings", source), _TIMING_CHECKS, source, "timings.")
         )
-
-
-#: Top-level keys other than ``accuracy``/``timings``: (check, what the message asks for).
-_CHECKS: dict[str, tuple[Check, str]] = {
-    "format": (_is_str, "a string"),
-    "format_version": (_is_int, "an integer"),
-    "model": (_is_str, "a string"),
-    "weights": (_or_null(_is_str), "a string or null"),
-    "scheme": (_is_str, "a string"),
-    "M": (_is_int, "an integer"),
-    "N": (_is_int, "an integer"),
-    "data": (_is_str, "a string"),
-    "recipe": (_or_null(_is_object), "an object or null"),
-    "finetune_epochs": (_list_of(_is_object), "a list of objects"),
-    "num_classes": (_is_int, "an integer"),
-    "keep": (_list_of(_is_str), "a list of strings"),
-    "scheme_options": (_is_object, "an object"),
-    "first_conv": (_or_null(_name_or_names), "a module name, a list of names or null"),
-    "classifier": (_or_null(_name_or_names), "a module name, a list of names or null"),
-    "policy": (_or_null(_is_object), "an object or null"),
-    "input_size": (_or_null(_size), "[C, H, W] or null"),
-    "mean": (_or_null(_list_of(_is_number)), "a list of numbers or null"),
-    "std": (_or_null(_list_of(_is_number)), "a list of numbers or null"),
-    "world_size": (_is_int, "an integer"),
-    "created": (_or_null(_is_str), "a string or null"),
-    "binarize_version": (_or_null(_is_str), "a string or null"),
-}
 
 
 @dataclass(kw_only=True)
@@ -302,13 +296,8 @@ class RunMetadata:
             raise RunMetadataError(
                 f"{source} has run format version {version}; this binarize reads version {SCHEMA_VERSION}"
             )
-        values = {
-            key: _get(data, key, check, what, source)
-            for key, (check, what) in _CHECKS.items()
-            if key in data
-        }
         return cls(
-            **values,
+            **_checked(data, _CHECKS, source),
             accuracy=RunAccuracy.from_dict(data["accuracy"], source),
             timings=RunTimings.from_dict(data["timings"], source),
         )

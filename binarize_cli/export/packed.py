@@ -688,15 +688,10 @@ def export_packed_model(model: nn.Module, meta: Mapping[str, Any], path: str | P
     """
     from safetensors.numpy import save
 
-    from binarize_cli.core.files import atomic_write_bytes
+    from binarize_cli.core.files import atomic_write_bytes, check_output_file
 
     out = Path(path)
-    if out.is_dir():
-        raise BadInputError(f"{out} is a directory; pass a file name (e.g. {DEFAULT_FILE})")
-    if not out.parent.exists():
-        raise BadInputError(
-            f"directory {out.parent} does not exist; create it or choose another -o"
-        )
+    check_output_file(out, f"a file name (e.g. {DEFAULT_FILE})")
     tensors, metadata = build_packed(model, meta)
     atomic_write_bytes(out, save(tensors, metadata=metadata))
     return out
@@ -727,13 +722,9 @@ class RunResult:
     precision: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "data": self.data,
-            **self.accuracy.to_dict(),
-            "backend": self.backend,
-            "precision": self.precision,
-        }
+        head = {"file": self.file, "data": self.data}
+        tail = {"backend": self.backend, "precision": self.precision}
+        return {**head, **self.accuracy.to_dict(), **tail}
 
 
 def evaluate_packed_file(

@@ -184,7 +184,11 @@ def _set(record: dict[str, Any], dotted: str, value: Any) -> None:
         ("accuracy.binarized.top1", "93%", "accuracy.binarized.top1 must be a number"),
         ("timings", None, "timings must be an object, not null"),
         ("timings.finetune_epoch_s", 30.0, "timings.finetune_epoch_s must be a list of numbers"),
-        ("timings.calibrate_s", "fast", "timings.calibrate_s must be a number, not a string"),
+        (
+            "timings.calibrate_s",
+            "fast",
+            "timings.calibrate_s must be a number or null, not a string",
+        ),
     ],
 )
 def test_wrong_type(tmp_path, key, value, expected) -> None:
