@@ -81,7 +81,8 @@ def _is_bool(v: Any) -> bool:
 
 
 def _list_of(check: Check) -> Check:
-    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+    # JSON gives lists; a mapping built in Python (a test's run, an API caller) may hold tuples.
+    return lambda v: isinstance(v, list | tuple) and all(check(x) for x in v)
 
 
 def _or_null(check: Check) -> Check:
@@ -105,7 +106,7 @@ def _json_kind(v: Any) -> str:
         return "a number"
     if isinstance(v, str):
         return "a string"
-    return "a list" if isinstance(v, list) else "an object"
+    return "a list" if isinstance(v, list | tuple) else "an object"
 
 
 def _get(

@@ -4,9 +4,9 @@ The shared library is compiled at first use into a cache directory
 (``$BINARIZE_CACHE/kernels``, default ``~/.cache/binarize/kernels``) under a name that hashes
 the source, the compiler flags, the compiler's version and the machine, so a changed source
 or another CPU gets its own build. Compilation writes to a temporary name that is renamed
-into place (:class:`binarize_cli.core.files.StagedFile`; concurrent processes are safe). Anything that fails (no compiler, a compile
-error, a library that does not load) makes :func:`load_kernel` return ``None`` with a
-reason, and the runtime uses the NumPy backend.
+into place (:class:`binarize_cli.core.files.StagedFile`; concurrent processes are safe).
+Anything that fails (no compiler, a compile error, a library that does not load) makes
+:func:`load_kernel` return ``None`` with a reason, and the runtime uses the NumPy backend.
 
 ``BINARIZE_CC`` names the compiler (default ``cc``); ``BINARIZE_KERNEL_FLAGS`` replaces the
 architecture flags (default ``-march=native``; the tests use it to build the AVX2 and the
