@@ -105,6 +105,9 @@ class StagedFile:
         self.tmp = Path(tmp)
         try:
             os.fchmod(fd, 0o666 & ~umask())
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
 
