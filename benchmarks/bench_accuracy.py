@@ -90,7 +90,7 @@ def control_run(args: argparse.Namespace) -> dict[str, float]:
 def binarized_run(args: argparse.Namespace, scheme: str, m: int, n: int, out: Path) -> dict:
     settings = bench_settings(args, scheme=scheme, M=m, N=n)
     result = run_convert(settings, out_dir=out / f"{scheme}-M{m}N{n}")
-    return result.meta
+    return result.meta.to_dict()
 
 
 def markdown(

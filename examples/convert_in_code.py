@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from binarize_cli.convert.pipeline import run_convert
+from binarize_cli.core.metadata import ACCURACY_STAGES
 from binarize_cli.core.settings import merge_settings
 
 
@@ -38,8 +39,10 @@ def main() -> None:
     result = run_convert(settings, out_dir=args.output)
     binarized = [d.name for d in result.decisions if d.binarized]
     print(f"binarized {len(binarized)} layers; run written to {result.run_dir}")
-    for stage, acc in result.meta["accuracy"].items():
-        print(f"{stage:>11}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
+    for stage in ACCURACY_STAGES:
+        acc = result.meta.accuracy.stage(stage)
+        if acc is not None:
+            print(f"{stage:>11}: top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%")
 
 
 if __name__ == "__main__":

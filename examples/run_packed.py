@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from binarize_cli.core.rundir import read_meta
+from binarize_cli.core.metadata import RunMetadata
 from binarize_cli.export.packed import export_packed
 from binarize_cli.load.data import load_data, make_loader
 from binarize_cli.runtime import load_packed
@@ -29,10 +29,8 @@ def main() -> None:
     print(f"packed file: {packed_path} ({packed_path.stat().st_size / 1e6:.2f} MB)")
     model = load_packed(packed_path)
 
-    meta = read_meta(args.run_dir)
-    data = load_data(
-        meta["data"], input_size=meta["input_size"], mean=meta["mean"], std=meta["std"]
-    )
+    meta = RunMetadata.load(args.run_dir)
+    data = load_data(meta.data, **meta.data_kwargs())
     correct = seen = 0
     for images, labels in make_loader(data.val, batch_size=64, shuffle=False, seed=0):
         logits = model(images.numpy().astype(np.float32))

@@ -212,6 +212,7 @@ def _make_run_dir(
     norm: ``bn``), saved with ``write_run``. The accuracies and timings are made up
     (``top1``/``top5`` are the binarized model's); ``extra`` adds or overrides metadata keys."""
     from binarize_cli.convert.surgery import binarize_model
+    from binarize_cli.core.metadata import RunMetadata
     from binarize_cli.core.rundir import write_run
     from binarize_cli.load.models import create_architecture
 
@@ -239,7 +240,7 @@ def _make_run_dir(
     }
     name = scheme if isinstance(scheme, str) else scheme.name
     meta = _run_meta(name, m, n, model=loaded.spec, **fields)
-    return write_run(path, built.state_dict(), meta)
+    return write_run(path, built.state_dict(), RunMetadata.from_dict(meta))
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,6 @@ Each returns a :class:`matplotlib.figure.Figure` (tests inspect its artists);
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from binarize_cli.core.files import StagedFile  # noqa: E402
 
 #: Histogram bins of the distribution figures.
 BINS = 121
@@ -165,17 +165,10 @@ def accuracy_memory(points: Sequence[AccuracyPoint], *, title: str = "") -> Figu
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG at ``path`` via a temporary file and a rename."""
+    """Write ``fig`` as PNG at ``path``, atomically (:class:`~binarize_cli.core.files.StagedFile`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with StagedFile(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

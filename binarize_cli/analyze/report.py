@@ -33,11 +33,10 @@ from torch import nn
 
 from binarize_cli.analyze.profile import ModelProfile, profile_model
 from binarize_cli.core.errors import BadInputError, BinarizeError
+from binarize_cli.core.metadata import ACCURACY_STAGES, RunMetadata
 from binarize_cli.quant.base import get_scheme
 from binarize_cli.quant.layers import BinarizedConv2d
 
-#: Accuracy stages recorded by ``convert`` (binarize.json ``accuracy``), in table order.
-ACCURACY_STAGES = ("fp", "calibrated", "binarized")
 #: Batch size for the activation-error pass of a run report.
 ERROR_BATCH = 32
 
@@ -182,19 +181,19 @@ def analytic_report(
 # Run mode
 
 
-def _run_decisions(meta: dict[str, Any]) -> dict[str, Any]:
+def _run_decisions(meta: RunMetadata) -> dict[str, Any]:
     """Surgery's decisions for a run (rebuilt on a random architecture: reasons only)."""
     try:
         built = build_binarized(
-            str(meta["model"]),
-            str(meta["scheme"]),
-            int(meta["M"]),
-            int(meta["N"]),
-            num_classes=int(meta["num_classes"]),
-            keep=tuple(meta.get("keep") or ()),
-            options=dict(meta.get("scheme_options") or {}),
-            first_conv=meta.get("first_conv"),
-            classifier=meta.get("classifier"),
+            meta.model,
+            meta.scheme,
+            meta.M,
+            meta.N,
+            num_classes=meta.num_classes,
+            keep=tuple(meta.keep),
+            options=dict(meta.scheme_options),
+            first_conv=meta.first_conv,
+            classifier=meta.classifier,
         )
     except BinarizeError:
         return {}
@@ -256,19 +255,15 @@ def activation_errors(model: nn.Module, batch: torch.Tensor) -> dict[str, float 
 _BATCHES: dict[str, torch.Tensor] = {}
 
 
-def run_batch(meta: dict[str, Any], batch_size: int = ERROR_BATCH) -> torch.Tensor:
+def run_batch(meta: RunMetadata, batch_size: int = ERROR_BATCH) -> torch.Tensor:
     """The first ``batch_size`` validation images of a run's data (deterministic; cached per
     data spec, size and normalisation, so a report and its figures load the data once)."""
     from binarize_cli.load.data import load_data, make_loader
 
-    kwargs: dict[str, Any] = {}
-    for key in ("input_size", "mean", "std"):
-        if meta.get(key) is not None:
-            value = meta[key]
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-    key = repr((str(meta["data"]), sorted(kwargs.items()), batch_size))
+    kwargs = meta.data_kwargs()
+    key = repr((meta.data, sorted(kwargs.items()), batch_size))
     if key not in _BATCHES:
-        bundle = load_data(str(meta["data"]), **kwargs)
+        bundle = load_data(meta.data, **kwargs)
         loader = make_loader(bundle.val, batch_size=batch_size, shuffle=False, seed=0)
         images, _ = next(iter(loader))
         _BATCHES.clear()  # keep one batch: enough for one command
@@ -276,25 +271,23 @@ def run_batch(meta: dict[str, Any], batch_size: int = ERROR_BATCH) -> torch.Tens
     return _BATCHES[key]
 
 
-def _accuracy(meta: dict[str, Any]) -> dict[str, dict[str, float] | None]:
-    acc = meta.get("accuracy") or {}
+def _accuracy(meta: RunMetadata) -> dict[str, dict[str, float] | None]:
     out: dict[str, dict[str, float] | None] = {}
     for stage in ACCURACY_STAGES:
-        value = acc.get(stage)
-        if isinstance(value, dict) and "top1" in value:
-            out[stage] = {"top1": float(value["top1"]), "top5": float(value.get("top5", math.nan))}
-        else:
-            out[stage] = None
+        value = meta.accuracy.stage(stage)
+        out[stage] = (
+            None if value is None else {"top1": float(value.top1), "top5": float(value.top5)}
+        )
     return out
 
 
 def profile_input_size(
-    meta: dict[str, Any], override: int | Sequence[int] | None
+    meta: RunMetadata, override: int | Sequence[int] | None
 ) -> tuple[int, int, int]:
     if override:
         return normalize_input_size(override)
-    if meta.get("input_size") is not None:
-        return normalize_input_size(meta["input_size"])
+    if meta.input_size is not None:
+        return normalize_input_size(meta.input_size)
     raise BadInputError("the run records no input_size; pass --input-size")
 
 
@@ -331,10 +324,8 @@ def report_for_run(
     """:func:`run_report` for an already loaded :class:`~binarize_cli.core.rundir.Run`."""
     meta = run.meta
     size = profile_input_size(meta, input_size)
-    prof = profile_model(
-        run.model, size, decisions=_run_decisions(meta), model_name=str(meta["model"])
-    )
-    prof.scheme, prof.m, prof.n = str(meta["scheme"]), int(meta["M"]), int(meta["N"])
+    prof = profile_model(run.model, size, decisions=_run_decisions(meta), model_name=meta.model)
+    prof.scheme, prof.m, prof.n = meta.scheme, meta.M, meta.N
     warnings: list[str] = []
     if errors:
         w_err = weight_errors(run.model)
@@ -352,7 +343,7 @@ def report_for_run(
         profile=prof,
         mode="run",
         run_dir=run.path,
-        data=str(meta.get("data")),
+        data=meta.data,
         accuracy=_accuracy(meta),
         warnings=warnings,
     )

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from binarize_cli.commands._common import console, err_console
 from binarize_cli.core.errors import BadInputError
+from binarize_cli.core.metadata import RunMetadata
 
 
 class RichReporter:
@@ -84,24 +85,23 @@ def _decisions_table(decisions: list[Any]) -> Table:
     return table
 
 
-def _accuracy_table(meta: dict[str, Any]) -> Table:
-    table = Table(
-        title=f"{meta['model']}  {meta['scheme']}  M={meta['M']} N={meta['N']}  on {meta['data']}"
-    )
+def _accuracy_table(meta: RunMetadata) -> Table:
+    table = Table(title=f"{meta.model}  {meta.scheme}  M={meta.M} N={meta.N}  on {meta.data}")
     table.add_column("model")
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
     table.add_column("gap top-1", justify="right")
-    acc = meta["accuracy"]
-    fp1 = acc["fp"]["top1"]
+    fp = meta.accuracy.fp
     for key, label in (
         ("fp", "full precision"),
         ("calibrated", "calibrated (no training)"),
         ("binarized", "fine-tuned"),
     ):
-        row = acc[key]
-        gap = "" if key == "fp" else f"{row['top1'] - fp1:+.2f}"
-        table.add_row(label, f"{row['top1']:.2f}%", f"{row['top5']:.2f}%", gap)
+        row = meta.accuracy.stage(key)
+        if row is None:
+            continue
+        gap = "" if key == "fp" or fp is None else f"{row.top1 - fp.top1:+.2f}"
+        table.add_row(label, f"{row.top1:.2f}%", f"{row.top5:.2f}%", gap)
     return table
 
 
@@ -248,10 +248,10 @@ def convert(
         err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(_decisions_table(result.decisions))
     console.print(_accuracy_table(result.meta))
-    t = result.meta["timings"]
-    if t["baseline_epoch_s"] and t["finetune_epoch_s"]:
-        ratio = (sum(t["finetune_epoch_s"]) / len(t["finetune_epoch_s"])) / (
-            sum(t["baseline_epoch_s"]) / len(t["baseline_epoch_s"])
+    t = result.meta.timings
+    if t.baseline_epoch_s and t.finetune_epoch_s:
+        ratio = (sum(t.finetune_epoch_s) / len(t.finetune_epoch_s)) / (
+            sum(t.baseline_epoch_s) / len(t.baseline_epoch_s)
         )
         console.print(f"fine-tune epoch time / full-precision epoch time: {ratio:.2f}x")
     console.print(

@@ -33,7 +33,8 @@ def export(
         raise BadInputError(
             f"unknown export target {target!r}; choose one of: {', '.join(TARGETS)}"
         )
-    from binarize_cli.core.rundir import check_writable_dir, check_writable_file, resolve_run
+    from binarize_cli.core.files import check_writable_dir, check_writable_file
+    from binarize_cli.core.rundir import resolve_run
 
     run_path = resolve_run(run_dir)
     # Check the destination before the (slow) export: one line, exit 2, nothing written.

@@ -94,7 +94,7 @@ def report(
     if input_size is not None and input_size < 1:
         raise BadInputError(f"--input-size must be a positive integer (got {input_size})")
     if plot is not None:
-        from binarize_cli.core.rundir import check_writable_dir
+        from binarize_cli.core.files import check_writable_dir
 
         if plot.exists() and not plot.is_dir():
             raise BadInputError(f"--plot {plot} is a file; pass a directory for the figures")

@@ -33,10 +33,11 @@ def run(
         packed_file, data, batch_size=batch_size, samples=samples, backend=kernel
     )
     if json_out:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(result.to_dict(), indent=2))
         return
+    acc = result.accuracy
     console.print(
-        f"{result['file']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-        f"on {result['samples']} images of {result['data']}  "
-        f"({result['images_per_s']:.1f} images/s, kernel {result['backend']})"
+        f"{result.file}: top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%  "
+        f"on {acc.samples} images of {result.data}  "
+        f"({acc.images_per_s:.1f} images/s, kernel {result.backend})"
     )

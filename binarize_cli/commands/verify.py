@@ -31,29 +31,23 @@ def verify(
 
     result = verify_run(run_dir, data=data, samples=samples, onnx=onnx)
     if json_out:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    agree, diff, rel = (
-        result["top1_agreement"],
-        result["max_abs_logit_diff"],
-        result["max_rel_logit_diff"],
-    )
-    f32 = result["float32"]
+    agree, diff, rel = result.top1_agreement, result.max_abs_logit_diff, result.max_rel_logit_diff
+    f32 = result.float32
+    console.print(f"verify {result.run or ''} on {result.samples} images (kernel {result.backend})")
     console.print(
-        f"verify {result.get('run', '')} on {result['samples']} images (kernel {result['backend']})"
+        f"  runtime (float64 vs PyTorch float64 replay): top-1 agreement {agree.runtime:.1f}%, "
+        f"max |logit diff| {diff.runtime:.3g} ({rel.runtime:.2g} of the logit scale)"
     )
     console.print(
-        f"  runtime (float64 vs PyTorch float64 replay): top-1 agreement {agree['runtime']:.1f}%, "
-        f"max |logit diff| {diff['runtime']:.3g} ({rel['runtime']:.2g} of the logit scale)"
+        f"  runtime (float32 vs PyTorch float32):        top-1 agreement {f32.top1_agreement:.1f}%, "
+        f"max |logit diff| {f32.max_abs_logit_diff:.3g} ({f32.max_rel_logit_diff:.2g}); "
+        f"PyTorch float32 vs float64: {f32.pytorch_vs_float64:.3g}"
     )
     console.print(
-        f"  runtime (float32 vs PyTorch float32):        top-1 agreement {f32['top1_agreement']:.1f}%, "
-        f"max |logit diff| {f32['max_abs_logit_diff']:.3g} ({f32['max_rel_logit_diff']:.2g}); "
-        f"PyTorch float32 vs float64: {f32['pytorch_vs_float64']:.3g}"
+        f"  onnx    (float32 vs the float64 replay):     top-1 agreement {_fmt(agree.onnx, '.1f')}%, "
+        f"max |logit diff| {_fmt(diff.onnx, '.3g')}"
     )
-    console.print(
-        f"  onnx    (float32 vs the float64 replay):     top-1 agreement {_fmt(agree['onnx'], '.1f')}%, "
-        f"max |logit diff| {_fmt(diff['onnx'], '.3g')}"
-    )
-    for note in result["notes"]:
+    for note in result.notes:
         console.print(f"  note: {note}")

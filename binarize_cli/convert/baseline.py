@@ -19,7 +19,7 @@ Cache: ``$BINARIZE_CACHE`` (default ``~/.cache/binarize``) ``/baselines/<arch>-<
 ``model.safetensors`` (trained baselines only) and ``baseline.json``. ``key`` is the first 16
 hex digits of the SHA-256 of the sorted-JSON of: model spec, weights identity, data spec,
 input size, mean, std, num_classes, whether it trains and, if so, epochs, batch size, lr and
-seed (plus a format version). Files are written to a temporary name and ``os.replace``\\ d,
+seed (plus a format version). Files are written atomically (:mod:`binarize_cli.core.files`),
 the json last, so a crashed run never leaves an entry that looks complete; an unreadable
 entry is ignored and rebuilt.
 
@@ -35,8 +35,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from torch import nn
 
 from binarize_cli.convert.training import Accuracy, evaluate, train_one_epoch
 from binarize_cli.core.errors import TrainingDivergedError
+from binarize_cli.core.files import atomic_write_bytes, atomic_write_json
 from binarize_cli.load.data import DataBundle, make_loader
 from binarize_cli.load.models import LoadedModel, create_architecture, reset_classifier
 
@@ -125,24 +124,12 @@ def baseline_key(
     return hashlib.sha256(blob).hexdigest()[:16], fields
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_model(model: nn.Module, path: Path) -> None:
     """Every state tensor, cloned (so tied weights are stored twice, never as shared storage)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(state, str(p), metadata={"format": str(CACHE_FORMAT)}))
+    atomic_write_bytes(path, save(state, metadata={"format": str(CACHE_FORMAT)}), flag=None)
 
 
 def _load_model_into(model: nn.Module, path: Path) -> None:
@@ -364,10 +351,7 @@ def _write_cache(
     try:
         if train:
             _save_model(model, directory / "model.safetensors")
-        _atomic_write(
-            directory / "baseline.json",
-            lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
-        )
+        atomic_write_json(directory / "baseline.json", meta, flag=None)
         return directory
     except OSError as exc:
         notes.append(f"could not write the baseline cache {directory} ({exc.strerror or exc})")

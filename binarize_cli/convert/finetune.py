@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from binarize_cli.core.errors import CheckpointError, TrainingDivergedError
-from binarize_cli.core.rundir import atomic_write_bytes
+from binarize_cli.core.files import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -60,7 +60,9 @@ from binarize_cli.core.errors import (
     DataError,
     RunDirError,
 )
-from binarize_cli.core.rundir import DEFAULT_RUNS_ROOT, check_writable_dir, is_run_dir, write_run
+from binarize_cli.core.files import check_writable_dir
+from binarize_cli.core.metadata import RunAccuracy, RunMetadata, RunTimings, StageAccuracy
+from binarize_cli.core.rundir import DEFAULT_RUNS_ROOT, is_run_dir, write_run
 from binarize_cli.core.settings import ConvertSettings
 
 if TYPE_CHECKING:
@@ -134,7 +136,7 @@ class ConvertResult:
     """What `convert` produced: where, the metadata written, and the surgery table."""
 
     run_dir: Path | None
-    meta: dict[str, Any]
+    meta: RunMetadata
     decisions: list[Any] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed_from_epoch: int = 0
@@ -579,43 +581,47 @@ def run_metadata(
     state: FinetuneState,
     final_acc: dict[str, Any],
     world_size: int,
-) -> dict[str, Any]:
+) -> RunMetadata:
     """The ``binarize.json`` of a run (BRIEF section 2 keys plus provenance)."""
     settings, data, baseline = plan.settings, inputs.data, reference.baseline
     loaded, fp_acc, cal_acc = inputs.loaded, baseline.accuracy, calibration.accuracy
-    return {
-        "model": loaded.spec,
-        "weights": loaded.weights,
-        "scheme": plan.scheme.name,
-        "M": plan.m,
-        "N": plan.n,
-        "data": data.spec,
-        "recipe": settings.to_dict(),
-        "accuracy": {"fp": fp_acc.to_dict(), "calibrated": cal_acc, "binarized": final_acc},
-        "timings": {
-            "baseline_epoch_s": [float(t) for t in baseline.epoch_times],
-            "baseline_cached": bool(baseline.cache_hit),
-            "finetune_epoch_s": state.epoch_seconds,
-            "calibrate_s": calibration.seconds,
-        },
-        "finetune_epochs": state.epoch_stats,
-        "num_classes": data.num_classes,
-        "keep": list(settings.keep),
-        "scheme_options": dict(settings.scheme_options),
-        "first_conv": surgery.first_conv,
-        "classifier": surgery.classifier,
-        "policy": surgery.policy.to_dict(),
-        "input_size": data.input_size,
-        "mean": list(data.mean),
-        "std": list(data.std),
-        "world_size": world_size,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "binarize_version": __version__,
-    }
+    return RunMetadata(
+        model=loaded.spec,
+        weights=loaded.weights,
+        scheme=plan.scheme.name,
+        M=plan.m,
+        N=plan.n,
+        data=data.spec,
+        recipe=settings.to_dict(),
+        accuracy=RunAccuracy(
+            fp=StageAccuracy(**fp_acc.to_dict()),
+            calibrated=StageAccuracy(**cal_acc),
+            binarized=StageAccuracy(**final_acc),
+        ),
+        timings=RunTimings(
+            baseline_epoch_s=[float(t) for t in baseline.epoch_times],
+            baseline_cached=bool(baseline.cache_hit),
+            finetune_epoch_s=state.epoch_seconds,
+            calibrate_s=calibration.seconds,
+        ),
+        finetune_epochs=state.epoch_stats,
+        num_classes=data.num_classes,
+        keep=list(settings.keep),
+        scheme_options=dict(settings.scheme_options),
+        first_conv=list(surgery.first_conv),
+        classifier=list(surgery.classifier),
+        policy=surgery.policy.to_dict(),
+        input_size=list(data.input_size),
+        mean=list(data.mean),
+        std=list(data.std),
+        world_size=world_size,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        binarize_version=__version__,
+    )
 
 
 def write_result(
-    plan: ConvertPlan, student: nn.Module, meta: dict[str, Any], ctx: DistContext
+    plan: ConvertPlan, student: nn.Module, meta: RunMetadata, ctx: DistContext
 ) -> Path | None:
     """Rank 0 writes the run directory atomically and removes the work directory; returns
     the run directory (None on other ranks)."""

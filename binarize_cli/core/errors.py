@@ -44,6 +44,10 @@ class RunDirError(BadInputError):
     """A directory that is not a binarize run, or no run to act on."""
 
 
+class RunMetadataError(RunDirError):
+    """A ``binarize.json`` that is not JSON, lacks a key or holds a value of the wrong type."""
+
+
 class FormatError(BadInputError):
     """A packed file of another format or format version."""
 

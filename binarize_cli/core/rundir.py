@@ -4,31 +4,17 @@ A run directory holds exactly two files:
 
 * ``model.safetensors``: the converted model's state dict (latent weights, quantizer
   endpoints/levels, batch-norm statistics);
-* ``binarize.json``: what was run and what it measured. Contract keys (BRIEF section 2):
-  ``model``, ``scheme``, ``M``, ``N``, ``data``, ``recipe``, ``accuracy`` (``fp``,
-  ``calibrated``, ``binarized``, each ``top1``/``top5``), ``timings`` (``baseline_epoch_s``,
-  ``finetune_epoch_s``, ``calibrate_s``); plus what is needed to rebuild the model without
-  the network: ``num_classes``, ``keep``, ``scheme_options``, ``input_size``, ``mean``,
-  ``std``, ``first_conv``, ``classifier``.
+* ``binarize.json``: what was run and what it measured, a
+  :class:`~binarize_cli.core.metadata.RunMetadata` (keys and schema version there).
 
-Both files are written to temporary names and renamed into place, ``binarize.json`` last, so a
-directory with a ``binarize.json`` is always complete.
-
-Writing safely (used by every command that writes): :func:`atomic_write_bytes` writes a
-temporary file in the target's directory and ``os.replace`` s it into place, so a file appears
-whole or not at all, and an existing file is either kept or replaced, never half-overwritten.
-:func:`check_writable_dir` / :func:`check_writable_file` check an output location *before*
-any work, creating nothing (a probe file is created and removed at once), and raise a one-line
-:class:`~binarize_cli.core.errors.BadInputError` naming the path and the option to change.
-Files and directories get the usual ``0o666``/``0o777`` modes minus the umask (not the
-``0o600``/``0o700`` of ``tempfile``).
+Both files are written into a staging directory that is renamed into place, so a directory
+with a ``binarize.json`` is always complete (:func:`write_run`). Every file goes through
+:mod:`binarize_cli.core.files` (whole or not at all).
 """
 
 from __future__ import annotations
 
-import errno
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -40,25 +26,12 @@ from typing import Any
 
 from torch import nn
 
-from binarize_cli.core.errors import BadInputError, BinarizeError, RunDirError
+from binarize_cli.core.errors import RunDirError
+from binarize_cli.core.files import atomic_write_bytes, fsync_dir, location_error, umask
+from binarize_cli.core.metadata import META_FILE, RUN_FORMAT, RunMetadata
 
-META_FILE = "binarize.json"
 WEIGHTS_FILE = "model.safetensors"
-RUN_FORMAT = "binarize-run"
-RUN_FORMAT_VERSION = 1
 DEFAULT_RUNS_ROOT = Path("runs")
-
-REQUIRED_KEYS = (
-    "model",
-    "scheme",
-    "M",
-    "N",
-    "data",
-    "recipe",
-    "accuracy",
-    "timings",
-    "num_classes",
-)
 
 
 @dataclass
@@ -66,7 +39,7 @@ class Run:
     """A loaded run: its directory, its metadata and the rebuilt model (eval mode)."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: RunMetadata
     model: nn.Module
 
 
@@ -110,45 +83,21 @@ def resolve_run(path: str | Path | None) -> Path:
     return p
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """Read and check ``binarize.json``."""
-    meta_path = path / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(
-            f"{meta_path} is unreadable or not JSON ({exc.__class__.__name__}); rerun `binarize convert`"
-        ) from None
-    if not isinstance(meta, dict):
-        raise RunDirError(f"{meta_path} is not a binarize run record")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise RunDirError(
-            f"{meta_path} lacks keys {', '.join(missing)}; it was not written by `binarize convert`"
-        )
-    version = meta.get("format_version", RUN_FORMAT_VERSION)
-    if version != RUN_FORMAT_VERSION:
-        raise RunDirError(
-            f"{meta_path} has run format version {version}; this binarize reads version {RUN_FORMAT_VERSION}"
-        )
-    return meta
-
-
-def build_model_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+def build_model_from_meta(meta: RunMetadata) -> nn.Module:
     """Rebuild the converted architecture (random weights) described by a run's metadata."""
     from binarize_cli.convert.surgery import binarize_model
     from binarize_cli.load.models import create_architecture
 
-    loaded = create_architecture(str(meta["model"]), num_classes=int(meta["num_classes"]))
+    loaded = create_architecture(meta.model, num_classes=meta.num_classes)
     result = binarize_model(
         loaded.model,
-        str(meta["scheme"]),
-        int(meta["M"]),
-        int(meta["N"]),
-        keep=tuple(meta.get("keep") or ()),
-        first_conv=meta.get("first_conv", loaded.first_conv),
-        classifier=meta.get("classifier", loaded.classifier),
-        options=dict(meta.get("scheme_options") or {}),
+        meta.scheme,
+        meta.M,
+        meta.N,
+        keep=tuple(meta.keep),
+        first_conv=loaded.first_conv if meta.first_conv is None else meta.first_conv,
+        classifier=loaded.classifier if meta.classifier is None else meta.classifier,
+        options=dict(meta.scheme_options),
     )
     return result.model
 
@@ -158,7 +107,7 @@ def load_run(path: str | Path | None) -> Run:
     from safetensors.torch import load_file
 
     run_path = resolve_run(path)
-    meta = read_meta(run_path)
+    meta = RunMetadata.load(run_path)
     model = build_model_from_meta(meta)
     try:
         state = load_file(str(run_path / WEIGHTS_FILE))
@@ -174,122 +123,6 @@ def load_run(path: str | Path | None) -> Run:
         )
     model.eval()
     return Run(path=run_path, meta=meta, model=model)
-
-
-#: errno values that mean "this location cannot be written" (the user picks another).
-_LOCATION_ERRNOS = {
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENOENT,
-    errno.ENOTDIR,
-    errno.EEXIST,
-    errno.EISDIR,
-}
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _location_error(path: Path, exc: OSError, flag: str) -> BinarizeError:
-    """A one-line error for a failed write: bad input when the location is wrong, else failure."""
-    reason = exc.strerror or type(exc).__name__
-    if exc.errno in _LOCATION_ERRNOS:
-        return BadInputError(f"cannot write to {path} ({reason}); choose another {flag}")
-    return BinarizeError(
-        f"writing {path} failed: {reason}; free some space or choose another {flag}"
-    )
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_writable_dir(directory: str | os.PathLike[str], flag: str = "-o") -> None:
-    """Raise BadInputError unless files can be created in ``directory``.
-
-    A directory that does not exist yet is checked through its nearest existing ancestor
-    (where it would be created). Nothing is left behind: a probe file is created and removed.
-    """
-    d = Path(directory)
-    base = _nearest_existing(d)
-    if not base.is_dir():
-        raise BadInputError(
-            f"cannot write into {d}: {base} is not a directory; choose another {flag}"
-        )
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".binarize-probe.", dir=base)
-    except OSError as exc:
-        raise _location_error(d, exc, flag) from None
-    os.close(fd)
-    Path(probe).unlink(missing_ok=True)
-
-
-def check_writable_file(path: str | os.PathLike[str], flag: str = "-o") -> None:
-    """Raise BadInputError unless ``path`` can be written as a file (its directory must exist)."""
-    p = Path(path)
-    if p.is_dir():
-        raise BadInputError(f"{p} is a directory; pass a file name to {flag}")
-    if not p.parent.is_dir():
-        if p.parent.exists():
-            raise BadInputError(f"{p.parent} is not a directory; choose another {flag}")
-        raise BadInputError(
-            f"directory {p.parent} does not exist; create it or choose another {flag}"
-        )
-    check_writable_dir(p.parent, flag)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: some filesystems cannot fsync directories)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, flag: str = "-o") -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename.
-
-    The file appears whole or not at all; an existing file is replaced only once the new one
-    is complete. An unwritable location raises a one-line BadInputError (``flag`` names the
-    option to change), a failed write (disk full) a BinarizeError; the temporary file is
-    removed either way.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _location_error(path, exc, flag) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise _location_error(path, exc, flag) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def save_state_dict_atomic(
@@ -349,7 +182,7 @@ def remove_stale_staging(path: Path, *, older_than_s: float = STALE_STAGING_S) -
     return removed
 
 
-def write_run(path: Path, state: Mapping[str, Any], meta: dict[str, Any]) -> Path:
+def write_run(path: Path, state: Mapping[str, Any], meta: RunMetadata) -> Path:
     """Write a complete run directory atomically.
 
     Both files are written into a fresh sibling directory which is then renamed into place;
@@ -359,29 +192,26 @@ def write_run(path: Path, state: Mapping[str, Any], meta: dict[str, Any]) -> Pat
     ``.NAME.*.old`` where :func:`recover_moved_aside` finds it. An unwritable location is a
     one-line BadInputError.
     """
-    full_meta = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **meta}
-    missing = [k for k in REQUIRED_KEYS if k not in full_meta]
-    if missing:
-        raise ValueError(f"run metadata lacks {missing}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(
             tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent)
         )
     except OSError as exc:
-        raise _location_error(path, exc, "-o") from None
+        raise location_error(path, exc, "-o") from None
     recover_moved_aside(path)
     remove_stale_staging(path)
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a run dir gets normal permissions
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700; a run dir gets normal permissions
     try:
         save_state_dict_atomic(staging / WEIGHTS_FILE, state, metadata={"format": RUN_FORMAT})
-        atomic_write_json(staging / META_FILE, full_meta)
+        meta.save(staging / META_FILE)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             old.rmdir()
             os.replace(path, old)
         os.replace(staging, path)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -549,15 +549,10 @@ def export_onnx_model(
     ``scheme``, ``M``, ``N``, ``num_classes``, ``mean``, ``std`` go into the metadata). The file
     is written atomically: on any error no file is left behind.
     """
-    from binarize_cli.core.rundir import atomic_write_bytes
+    from binarize_cli.core.files import atomic_write_bytes, check_output_file
 
     out = Path(path)
-    if out.is_dir():
-        raise BadInputError(f"{out} is a directory; pass a file name ending in .onnx")
-    if not out.parent.exists():
-        raise BadInputError(
-            f"directory {out.parent} does not exist; create it or choose another -o"
-        )
+    check_output_file(out, "a file name ending in .onnx")
     proto = build_onnx_model(model, meta, float_weights=float_weights, opset=opset)
     atomic_write_bytes(out, proto.SerializeToString())
     return out
@@ -578,7 +573,7 @@ def export_onnx(
     out = run.path / default if output is None else Path(output)
     if out.is_dir():
         out = out / default
-    return export_onnx_model(run.model, run.meta, out, float_weights=float_weights)
+    return export_onnx_model(run.model, run.meta.to_dict(), out, float_weights=float_weights)
 
 
 # --------------------------------------------------------------------------------------------

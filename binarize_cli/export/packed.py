@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import operator
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from binarize_cli.export.steps import (
 from binarize_cli.quant.base import ActivationQuantizer, Domain
 from binarize_cli.quant.layers import BinarizedConv2d
 from binarize_cli.runtime.bits import BIT_ORDER, pack_bits, pack_planes
+from binarize_cli.runtime.evaluate import Accuracy
 from binarize_cli.runtime.format import FORMAT_NAME, FORMAT_VERSION
 from binarize_cli.runtime.optable import node_problem
 from binarize_cli.runtime.staircase import Staircase
@@ -679,15 +681,10 @@ def export_packed_model(model: nn.Module, meta: Mapping[str, Any], path: str | P
     """
     from safetensors.numpy import save
 
-    from binarize_cli.core.rundir import atomic_write_bytes
+    from binarize_cli.core.files import atomic_write_bytes, check_output_file
 
     out = Path(path)
-    if out.is_dir():
-        raise BadInputError(f"{out} is a directory; pass a file name (e.g. {DEFAULT_FILE})")
-    if not out.parent.exists():
-        raise BadInputError(
-            f"directory {out.parent} does not exist; create it or choose another -o"
-        )
+    check_output_file(out, f"a file name (e.g. {DEFAULT_FILE})")
     tensors, metadata = build_packed(model, meta)
     atomic_write_bytes(out, save(tensors, metadata=metadata))
     return out
@@ -702,7 +699,25 @@ def export_packed(run_dir: str | Path | None, output: str | Path | None = None) 
     out = run.path / DEFAULT_FILE if output is None else Path(output)
     if out.is_dir():
         out = out / DEFAULT_FILE
-    return export_packed_model(run.model, run.meta, out)
+    return export_packed_model(run.model, run.meta.to_dict(), out)
+
+
+@dataclass
+class RunResult:
+    """What ``binarize run`` measured on a packed file; :meth:`to_dict` is its ``--json``
+    output: ``file``, ``data``, the accuracy's ``top1``, ``top5``, ``samples``, ``seconds``,
+    ``images_per_s``, then ``backend`` and ``precision``."""
+
+    file: str
+    data: str
+    accuracy: Accuracy
+    backend: str
+    precision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {"file": self.file, "data": self.data}
+        tail = {"backend": self.backend, "precision": self.precision}
+        return {**head, **self.accuracy.to_dict(), **tail}
 
 
 def evaluate_packed_file(
@@ -712,7 +727,7 @@ def evaluate_packed_file(
     batch_size: int = 64,
     samples: int | None = None,
     backend: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """``binarize run FILE --data SPEC``: top-1/top-5 of a packed file, computed by the runtime.
 
     The data spec is loaded with the file's input size and normalisation (its metadata); the
@@ -741,13 +756,13 @@ def evaluate_packed_file(
     batches = ((x.numpy(), y.numpy()) for x, y in loader)
     acc = evaluate_packed(model, batches, max_samples=samples)
     be = model.backend
-    return {
-        "file": str(path),
-        "data": bundle.spec,
-        **acc.to_dict(),
-        "backend": be.name if be.name == "numpy" else f"{be.name} ({be.simd})",
-        "precision": model.precision,
-    }
+    return RunResult(
+        file=str(path),
+        data=bundle.spec,
+        accuracy=acc,
+        backend=be.name if be.name == "numpy" else f"{be.name} ({be.simd})",
+        precision=model.precision,
+    )
 
 
 def header_bytes(path: str | Path) -> int:
@@ -765,6 +780,7 @@ def payload_bits(path: str | Path) -> int:
 __all__ = [
     "DEFAULT_FILE",
     "PackedExportError",
+    "RunResult",
     "activation_code",
     "build_packed",
     "evaluate_packed_file",

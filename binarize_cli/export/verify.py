@@ -1,7 +1,8 @@
 """``binarize verify``: the PyTorch model, the bitwise runtime and ONNX, side by side.
 
 :func:`verify_model` exports the model to a packed file and to ONNX (in a temporary
-directory), runs all three on the same ``samples`` validation images and returns::
+directory), runs all three on the same ``samples`` validation images and returns a
+:class:`VerifyResult`, whose ``to_dict()`` is ``verify --json``::
 
     {"samples": n,
      "top1_agreement":     {"runtime": %, "onnx": % or None},   # vs the reference, in percent
@@ -12,7 +13,8 @@ directory), runs all three on the same ``samples`` validation images and returns
      "float32": {"top1_agreement": %, "max_abs_logit_diff": x, "max_rel_logit_diff": x,
                  "flipped_activations": k, "pytorch_vs_float64": x,
                  "onnx_vs_pytorch": {"top1_agreement": %, "max_abs_logit_diff": x} or None},
-     "backend": "c (avx512-vpopcntdq)" | "numpy", "notes": [...]}
+     "backend": "c (avx512-vpopcntdq)" | "numpy", "notes": [...],
+     "run": RUN_DIR}                                   # verify_run only
 
 **Why the runtime is compared in float64.** Every binarized layer thresholds its input
 (PA eq. 10/18, ABC's ``R + v_n >= 0.5``): a step function. Two correct float32
@@ -43,6 +45,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +54,73 @@ import torch
 from torch import nn
 
 from binarize_cli.core.errors import BadInputError, BinarizeError
+from binarize_cli.core.metadata import RunMetadata
 from binarize_cli.quant.base import WeightQuantizer
 from binarize_cli.quant.layers import BinarizedConv2d
 from binarize_cli.runtime.bits import unpack_planes
 
 DEFAULT_SAMPLES = 100
+
+#: What each side of the comparison computes in (``VerifyResult.precision``).
+PRECISION = {
+    "reference": "float64 (PyTorch on the packed file's parameters)",
+    "runtime": "float64",
+    "onnx": "float32",
+}
+
+
+@dataclass
+class ByEngine:
+    """One measure for the bitwise runtime and for ONNX (``None``: ONNX not compared)."""
+
+    runtime: float
+    onnx: float | None
+
+
+@dataclass
+class Agreement:
+    """Top-1 agreement (percent) and the largest absolute logit difference of two engines."""
+
+    top1_agreement: float
+    max_abs_logit_diff: float
+
+
+@dataclass
+class Float32Check:
+    """The float32 comparison: the model as trained vs the float32 runtime (see the module
+    docstring), threshold flips, PyTorch's own float32 drift, and ONNX vs float32 PyTorch."""
+
+    top1_agreement: float
+    max_abs_logit_diff: float
+    max_rel_logit_diff: float
+    flipped_activations: int
+    pytorch_vs_float64: float
+    onnx_vs_pytorch: Agreement | None
+
+
+@dataclass(kw_only=True)
+class VerifyResult:
+    """What ``binarize verify`` measured; :meth:`to_dict` is its ``--json`` output (fields in
+    that order)."""
+
+    samples: int
+    top1_agreement: ByEngine
+    max_abs_logit_diff: ByEngine
+    logit_scale: float
+    max_rel_logit_diff: ByEngine
+    precision: dict[str, str] = field(default_factory=lambda: dict(PRECISION))
+    float32: Float32Check
+    backend: str
+    notes: list[str]
+    #: The run directory verified (:func:`verify_run`); ``None`` for :func:`verify_model`.
+    run: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``verify --json`` mapping (``run`` only when set)."""
+        d = asdict(self)
+        if self.run is None:
+            del d["run"]
+        return d
 
 
 class _FixedWeight(WeightQuantizer):
@@ -170,7 +235,7 @@ def verify_model(
     workdir: str | Path | None = None,
     backend: str | None = None,
     onnx: bool = True,
-) -> dict[str, Any]:
+) -> VerifyResult:
     """Compare PyTorch, the packed runtime and ONNX on ``images`` (normalised, ``[B, C, H, W]``)."""
     from binarize_cli.export.packed import export_packed_model
     from binarize_cli.runtime import load_packed, read_packed
@@ -199,7 +264,7 @@ def verify_model(
         _, torch_drift = _compare(torch64, torch32)
         onnx_agree: float | None = None
         onnx_diff: float | None = None
-        onnx32: dict[str, float] | None = None
+        onnx32: Agreement | None = None
         if onnx:
             try:
                 from binarize_cli.export.onnx import export_onnx_model, onnx_logits
@@ -211,7 +276,7 @@ def verify_model(
                     onnx_out = onnx_logits(path, images)
                     onnx_agree, onnx_diff = _compare(torch64, onnx_out)
                     a32, d32 = _compare(torch32, onnx_out)
-                    onnx32 = {"top1_agreement": a32, "max_abs_logit_diff": d32}
+                    onnx32 = Agreement(top1_agreement=a32, max_abs_logit_diff=d32)
                 except Exception as exc:  # noqa: BLE001 - reported, never faked: onnx stays None
                     first = (str(exc).strip().splitlines() or [""])[0][:200]
                     notes.append(
@@ -228,42 +293,31 @@ def verify_model(
             f"float32: {flips} activation element(s) fall on different sides of a quantizer threshold "
             "in float32 PyTorch and the float32 runtime (rounding, not a bug)"
         )
-    return {
-        "samples": n,
-        "top1_agreement": {"runtime": agree64, "onnx": onnx_agree},
-        "max_abs_logit_diff": {"runtime": diff64, "onnx": onnx_diff},
-        "logit_scale": scale,
-        "max_rel_logit_diff": {
-            "runtime": diff64 / scale,
-            "onnx": None if onnx_diff is None else onnx_diff / scale,
-        },
-        "precision": {
-            "reference": "float64 (PyTorch on the packed file's parameters)",
-            "runtime": "float64",
-            "onnx": "float32",
-        },
-        "float32": {
-            "top1_agreement": agree32,
-            "max_abs_logit_diff": diff32,
-            "max_rel_logit_diff": diff32 / scale,
-            "flipped_activations": flips,
-            "pytorch_vs_float64": torch_drift,
-            "onnx_vs_pytorch": onnx32,
-        },
-        "backend": backend_name,
-        "notes": notes,
-    }
+    return VerifyResult(
+        samples=n,
+        top1_agreement=ByEngine(runtime=agree64, onnx=onnx_agree),
+        max_abs_logit_diff=ByEngine(runtime=diff64, onnx=onnx_diff),
+        logit_scale=scale,
+        max_rel_logit_diff=ByEngine(
+            runtime=diff64 / scale, onnx=None if onnx_diff is None else onnx_diff / scale
+        ),
+        float32=Float32Check(
+            top1_agreement=agree32,
+            max_abs_logit_diff=diff32,
+            max_rel_logit_diff=diff32 / scale,
+            flipped_activations=flips,
+            pytorch_vs_float64=torch_drift,
+            onnx_vs_pytorch=onnx32,
+        ),
+        backend=backend_name,
+        notes=notes,
+    )
 
 
-def _images(meta: Mapping[str, Any], data: str | None, samples: int) -> np.ndarray:
+def _images(meta: RunMetadata, data: str | None, samples: int) -> np.ndarray:
     from binarize_cli.load.data import load_data
 
-    kwargs: dict[str, Any] = {}
-    for key in ("input_size", "mean", "std"):
-        if meta.get(key) is not None:
-            value = meta[key]
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-    bundle = load_data(str(data or meta.get("data") or "digits"), **kwargs)
+    bundle = load_data(str(data or meta.data or "digits"), **meta.data_kwargs())
     count = min(samples, len(bundle.val))  # type: ignore[arg-type]
     if count == 0:
         raise BadInputError("the validation set is empty; nothing to verify on")
@@ -277,7 +331,7 @@ def verify_run(
     samples: int = DEFAULT_SAMPLES,
     backend: str | None = None,
     onnx: bool = True,
-) -> dict[str, Any]:
+) -> VerifyResult:
     """``binarize verify [RUN_DIR] [--data SPEC] [--samples N]``: see :func:`verify_model`.
 
     The images are the first ``samples`` validation images of ``data`` (default: the run's
@@ -289,6 +343,8 @@ def verify_run(
         raise BadInputError(f"--samples must be >= 1 (got {samples})")
     run = load_run(run_dir)
     images = _images(run.meta, data, samples)
-    result = verify_model(run.model, run.meta, images, workdir=None, backend=backend, onnx=onnx)
-    result["run"] = str(run.path)
+    result = verify_model(
+        run.model, run.meta.to_dict(), images, workdir=None, backend=backend, onnx=onnx
+    )
+    result.run = str(run.path)
     return result

@@ -3,16 +3,17 @@
 The shared library is compiled at first use into a cache directory
 (``$BINARIZE_CACHE/kernels``, default ``~/.cache/binarize/kernels``) under a name that hashes
 the source, the compiler flags, the compiler's version and the machine, so a changed source
-or another CPU gets its own build. Compilation writes to a temporary name and renames it
-into place (concurrent processes are safe). Anything that fails (no compiler, a compile
-error, a library that does not load) makes :func:`load_kernel` return ``None`` with a
-reason, and the runtime uses the NumPy backend.
+or another CPU gets its own build. Compilation writes to a temporary name that is renamed
+into place (:class:`binarize_cli.core.files.StagedFile`; concurrent processes are safe).
+Anything that fails (no compiler, a compile error, a library that does not load) makes
+:func:`load_kernel` return ``None`` with a reason, and the runtime uses the NumPy backend.
 
 ``BINARIZE_CC`` names the compiler (default ``cc``); ``BINARIZE_KERNEL_FLAGS`` replaces the
 architecture flags (default ``-march=native``; the tests use it to build the AVX2 and the
 portable paths on an AVX-512 machine).
 
-This module imports NumPy-free standard library only (no torch).
+This module imports the standard library and the torch-free :mod:`binarize_cli.core.files`
+only (no NumPy, no torch).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from binarize_cli.core.files import StagedFile
 
 SOURCE = Path(__file__).with_name("_kernel.c")
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-std=c99")
@@ -152,24 +154,24 @@ def build_kernel(arch_flags: tuple[str, ...] | None = None) -> tuple[Path | None
     if target.is_file():
         return target, ""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bitconv-", suffix=".so", dir=target.parent)
-        os.close(fd)
+        staged = StagedFile(target)  # the compiler writes it; it becomes `target` whole
     except OSError as exc:
         return None, f"cannot write the kernel cache {target.parent}: {exc.strerror}"
     try:
-        proc = subprocess.run(
-            [cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
-        )
-        if proc.returncode != 0:
-            first = (proc.stderr.strip().splitlines() or ["compile error"])[0]
-            return None, f"C kernel did not compile: {first[:200]}"
-        os.replace(tmp, target)
-        return target, ""
+        with staged as tmp:
+            subprocess.run(
+                [cc, *flags, str(SOURCE), "-o", str(tmp)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+    except subprocess.CalledProcessError as exc:
+        first = (exc.stderr.strip().splitlines() or ["compile error"])[0]
+        return None, f"C kernel did not compile: {first[:200]}"
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"C kernel did not compile: {exc}"
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return target, ""
 
 
 _LOADED: dict[tuple[str, ...] | None, KernelLibrary | str] = {}

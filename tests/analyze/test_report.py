@@ -251,6 +251,6 @@ def test_compare_reports_without_fp_accuracy(tmp_path, make_run_dir):
     from binarize_cli.core.rundir import load_run
 
     run = load_run(make_run_dir(tmp_path / "x"))
-    run.meta["accuracy"]["fp"] = None
+    run.meta.accuracy.fp = None
     rows = compare_reports([report_for_run(run, errors=False)])
     assert len(rows) == 1 and rows[0].gap_top1 is None

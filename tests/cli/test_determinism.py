@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from binarize_cli.convert.finetune import finetune
-from binarize_cli.core.rundir import META_FILE, WEIGHTS_FILE, write_run
+from binarize_cli.core.metadata import META_FILE, RunMetadata
+from binarize_cli.core.rundir import WEIGHTS_FILE, write_run
 from binarize_cli.load.data import make_loader
 
 
@@ -83,9 +84,13 @@ def _finetuned() -> dict[str, torch.Tensor]:
 
 
 def test_same_training_gives_the_same_weights_file(tmp_path, run_meta):
-    a = write_run(tmp_path / "a", _finetuned(), run_meta(num_classes=4))
+    a = write_run(tmp_path / "a", _finetuned(), RunMetadata.from_dict(run_meta(num_classes=4)))
     time.sleep(1.1)  # a timestamp in the weights file would now differ
-    b = write_run(tmp_path / "b", _finetuned(), {**run_meta(num_classes=4), "created": "later"})
+    b = write_run(
+        tmp_path / "b",
+        _finetuned(),
+        RunMetadata.from_dict({**run_meta(num_classes=4), "created": "later"}),
+    )
     assert (a / WEIGHTS_FILE).read_bytes() == (b / WEIGHTS_FILE).read_bytes()
     assert (a / META_FILE).read_bytes() != (b / META_FILE).read_bytes()
     with safe_open(str(a / WEIGHTS_FILE), framework="pt") as fh:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune, load_checkpoint
 from binarize_cli.core.errors import CheckpointError, TrainingDivergedError
+from binarize_cli.core.metadata import RunMetadata
 
 # --------------------------------------------------------------------------- tiny finetune
 
@@ -363,7 +364,7 @@ def test_divergence_after_an_epoch_keeps_its_checkpoint(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
-    from binarize_cli.core import rundir
+    from binarize_cli.core import files
 
     target = tmp_path / "file.bin"
     target.write_bytes(b"old contents")
@@ -371,9 +372,9 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        rundir.atomic_write_bytes(target, b"new contents")
+        files.atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
@@ -381,13 +382,19 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
 def test_an_interrupted_run_write_keeps_the_old_run(tmp_path, monkeypatch, run_meta):
     from binarize_cli.core import rundir
 
-    run = rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
+    run = rundir.write_run(
+        tmp_path / "run", _tiny_model().state_dict(), RunMetadata.from_dict(run_meta(num_classes=3))
+    )
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     monkeypatch.setattr(
-        rundir, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+        RunMetadata, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
     )
     with pytest.raises(KeyboardInterrupt):
-        rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
+        rundir.write_run(
+            tmp_path / "run",
+            _tiny_model().state_dict(),
+            RunMetadata.from_dict(run_meta(num_classes=3)),
+        )
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # staging removed
 
@@ -395,7 +402,9 @@ def test_an_interrupted_run_write_keeps_the_old_run(tmp_path, monkeypatch, run_m
 def test_a_run_moved_aside_by_a_killed_write_is_recovered(tmp_path, monkeypatch, run_meta):
     from binarize_cli.core import rundir
 
-    run = rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
+    run = rundir.write_run(
+        tmp_path / "run", _tiny_model().state_dict(), RunMetadata.from_dict(run_meta(num_classes=3))
+    )
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     aside = tmp_path / ".run.x1y2.old"
     run.rename(aside)  # what a SIGKILL between write_run's two renames leaves
@@ -420,7 +429,9 @@ def test_staging_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path, r
     other = tmp_path / ".other.k1ll.staging"  # a different run's: not ours to touch
     other.mkdir()
     os.utime(other, (old, old))
-    rundir.write_run(tmp_path / "run", _tiny_model().state_dict(), run_meta(num_classes=3))
+    rundir.write_run(
+        tmp_path / "run", _tiny_model().state_dict(), RunMetadata.from_dict(run_meta(num_classes=3))
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".other.k1ll.staging",
         ".run.busy.staging",
@@ -432,9 +443,13 @@ def test_hidden_work_directories_are_never_the_latest_run(tmp_path, run_meta):
     from binarize_cli.core import rundir
 
     root = tmp_path / "runs"
-    rundir.write_run(root / "real", _tiny_model().state_dict(), run_meta(num_classes=3))
+    rundir.write_run(
+        root / "real", _tiny_model().state_dict(), RunMetadata.from_dict(run_meta(num_classes=3))
+    )
     time.sleep(0.05)
     rundir.write_run(
-        root / ".real.abc.staging", _tiny_model().state_dict(), run_meta(num_classes=3)
+        root / ".real.abc.staging",
+        _tiny_model().state_dict(),
+        RunMetadata.from_dict(run_meta(num_classes=3)),
     )
     assert rundir.find_latest_run(root) == root / "real"

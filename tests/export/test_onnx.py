@@ -729,7 +729,7 @@ class AllOps(nn.Module):
         return self.fc(torch.flatten(z, 1))
 
 
-def test_every_table_op_is_written_run_and_exported(tmp_path: Path) -> None:
+def test_every_table_op_is_written_run_and_exported(tmp_path: Path, binarized_model) -> None:
     """The packed writer emits every op of the table for this model, the runtime runs each of
     them as PyTorch does, and the ONNX exporter exports the same model."""
     from safetensors.numpy import save_file
@@ -738,11 +738,9 @@ def test_every_table_op_is_written_run_and_exported(tmp_path: Path) -> None:
     from binarize_cli.runtime import load_packed
     from binarize_cli.runtime.optable import OPS
 
-    torch.manual_seed(0)
-    model = AllOps()
-    _binarize(model, STANDINS["pa-like"], 2, 2)
-    _calibrate(model, torch.randn(8, 3, *TINY_SIZE))
-    model.eval()
+    model = binarized_model(
+        AllOps, STANDINS["pa-like"], 2, 2, size=TINY_SIZE, bn="reestimate", surgery=_binarize
+    )
     tensors, metadata = build_packed(model, TINY_META)
     assert {node["op"] for node in json.loads(metadata["graph"])["nodes"]} == set(OPS)
     save_file(tensors, str(tmp_path / "m.safetensors"), metadata=metadata)

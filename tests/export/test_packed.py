@@ -205,11 +205,12 @@ def test_output_path_checks(tmp_path, pa_resnet) -> None:
 
 @pytest.mark.slow
 def test_export_packed_from_run_dir(tmp_path, binarized_model, run_meta) -> None:
+    from binarize_cli.core.metadata import RunMetadata
     from binarize_cli.core.rundir import write_run
 
     model = binarized_model("resnet18", "pa", 2, 2)  # a run rebuilds its model from the timm name
     meta = {**run_meta("pa", 2, 2), **meta_for("pa", 2, 2)}
-    run = write_run(tmp_path / "run", model.state_dict(), meta)
+    run = write_run(tmp_path / "run", model.state_dict(), RunMetadata.from_dict(meta))
     written = export_packed(run)
     assert written == run / DEFAULT_FILE and written.is_file()
     other = export_packed(run, tmp_path)

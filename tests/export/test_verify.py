@@ -79,9 +79,9 @@ def test_export_packed_then_run(capsys, tmp_path, small_run, top1_recount) -> No
     run = load_run(small_run)
     bundle = load_data(
         "digits",
-        input_size=tuple(run.meta["input_size"]),
-        mean=tuple(run.meta["mean"]),
-        std=tuple(run.meta["std"]),
+        input_size=tuple(run.meta.input_size),
+        mean=tuple(run.meta.mean),
+        std=tuple(run.meta.std),
     )
     loader = make_loader(bundle.val, batch_size=64, shuffle=False, seed=0)
     correct, total = top1_recount(run.model, loader, limit=64)
@@ -120,3 +120,66 @@ def test_verify_resnet18_and_mobilenetv2_with_onnx(capsys, tmp_path, make_run_di
     # ONNX exporter's own tests own its tolerance. Here: it ran and mostly agrees.
     assert out["top1_agreement"]["onnx"] is not None, out["notes"]
     assert out["top1_agreement"]["onnx"] >= 95.0
+
+
+def test_result_records_give_the_json_keys_in_order() -> None:
+    from binarize_cli.export.packed import RunResult
+    from binarize_cli.export.verify import Agreement, ByEngine, Float32Check, VerifyResult
+    from binarize_cli.runtime import Accuracy
+
+    result = VerifyResult(
+        samples=3,
+        top1_agreement=ByEngine(runtime=100.0, onnx=None),
+        max_abs_logit_diff=ByEngine(runtime=1e-12, onnx=None),
+        logit_scale=4.0,
+        max_rel_logit_diff=ByEngine(runtime=2.5e-13, onnx=None),
+        float32=Float32Check(
+            top1_agreement=100.0,
+            max_abs_logit_diff=1e-6,
+            max_rel_logit_diff=2.5e-7,
+            flipped_activations=0,
+            pytorch_vs_float64=1e-6,
+            onnx_vs_pytorch=Agreement(top1_agreement=100.0, max_abs_logit_diff=2e-6),
+        ),
+        backend="numpy",
+        notes=["onnx: not compared (disabled)"],
+    )
+    d = result.to_dict()
+    assert list(d) == [
+        "samples",
+        "top1_agreement",
+        "max_abs_logit_diff",
+        "logit_scale",
+        "max_rel_logit_diff",
+        "precision",
+        "float32",
+        "backend",
+        "notes",
+    ]
+    assert d["top1_agreement"] == {"runtime": 100.0, "onnx": None}
+    assert d["precision"]["runtime"] == "float64" and d["precision"]["onnx"] == "float32"
+    assert d["float32"]["onnx_vs_pytorch"] == {"top1_agreement": 100.0, "max_abs_logit_diff": 2e-6}
+    assert list(d["float32"])[-1] == "onnx_vs_pytorch"
+    result.run = "runs/x"
+    assert list(result.to_dict())[-1] == "run" and result.to_dict()["run"] == "runs/x"
+
+    run = RunResult(
+        file="m.safetensors",
+        data="digits",
+        accuracy=Accuracy(top1=90.0, top5=99.0, samples=10, seconds=0.5),
+        backend="numpy",
+        precision="float32",
+    )
+    assert run.to_dict() == {
+        "file": "m.safetensors",
+        "data": "digits",
+        "top1": 90.0,
+        "top5": 99.0,
+        "samples": 10,
+        "seconds": 0.5,
+        "images_per_s": 20.0,
+        "backend": "numpy",
+        "precision": "float32",
+    }
+    assert list(run.to_dict())[:3] == ["file", "data", "top1"]
+    assert list(run.to_dict())[-2:] == ["backend", "precision"]

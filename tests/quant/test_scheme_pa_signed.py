@@ -232,8 +232,8 @@ def test_runtime_and_onnx_agree_exactly_on_the_signed_layout(tmp_path: Path):
     }
     images = np.random.default_rng(3).standard_normal((6, 3, 15, 13)).astype(np.float32)
     result = verify_model(model, meta, images, onnx=False)
-    assert result["top1_agreement"]["runtime"] == 100.0
-    assert result["max_rel_logit_diff"]["runtime"] < 1e-6
+    assert result.top1_agreement.runtime == 100.0
+    assert result.max_rel_logit_diff.runtime < 1e-6
     path = export_onnx_model(model, meta, tmp_path / "m.onnx")
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()

@@ -21,7 +21,7 @@ from torch import nn
 from binarize_cli.convert.surgery import binarize_model
 from binarize_cli.core.errors import BadInputError, FormatError
 from binarize_cli.export.packed import export_packed_model
-from binarize_cli.export.verify import verify_model
+from binarize_cli.export.verify import VerifyResult, verify_model
 from binarize_cli.runtime import evaluate_packed, load_packed, ops
 
 
@@ -40,13 +40,13 @@ def images(n: int = 8, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
 
 
-def check(result: dict, *, float32_rtol: float = 1e-4) -> None:
+def check(result: VerifyResult, *, float32_rtol: float = 1e-4) -> None:
     """Same function (float64): 100% agreement, differences at float rounding of the stored
     float32 scales (DoReFa's activation levels r 2^b / L are not float32-exact: ~1e-8)."""
-    assert result["top1_agreement"]["runtime"] == 100.0
-    assert result["max_rel_logit_diff"]["runtime"] < 1e-6
-    if result["float32"]["flipped_activations"] == 0:
-        assert result["float32"]["max_rel_logit_diff"] < float32_rtol
+    assert result.top1_agreement.runtime == 100.0
+    assert result.max_rel_logit_diff.runtime < 1e-6
+    if result.float32.flipped_activations == 0:
+        assert result.float32.max_rel_logit_diff < float32_rtol
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_slim_resnet_matches_pytorch(scheme, m, n, binarized_model) -> None:
 def test_numpy_backend_matches_pytorch(binarized_model) -> None:
     model = binarized_model("slim_resnet18", "abc", 2, 2)
     result = verify_model(model, meta("abc", 2, 2), images(4), onnx=False, backend="numpy")
-    assert result["backend"] == "numpy"
+    assert result.backend == "numpy"
     check(result)
 
 
