@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.layers import BinarizedConv2d
 
 #: Bits per real-valued stored value (float32).
@@ -398,19 +399,16 @@ def profile_model(
             macs[name] = macs.get(name, 0) + _macs(module, inp, out)
 
     handles = [m.register_forward_hook(hook) for _, m in rows]
-    was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     counter = FlopCounterMode(display=False)
     try:
-        model.eval()
-        with torch.no_grad(), _plain_binarized_convs(model), counter:
+        with evaluating(model), _plain_binarized_convs(model), counter:
             model(torch.zeros(1, *input_size, device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
     layers: list[LayerProfile] = []
     schemes: set[tuple[str, int, int]] = set()

@@ -33,6 +33,7 @@ from torch import nn
 
 from binarize_cli.analyze.profile import ModelProfile, profile_model
 from binarize_cli.core.errors import BadInputError, BinarizeError
+from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.base import get_scheme
 from binarize_cli.quant.layers import BinarizedConv2d
 
@@ -241,15 +242,12 @@ def activation_errors(model: nn.Module, batch: torch.Tensor) -> dict[str, float 
         for m in model.modules()
         if isinstance(m, BinarizedConv2d)
     ]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             model(batch)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return errors
 
 
@@ -678,14 +676,11 @@ def layer_samples(
         assert isinstance(al, BinarizedConv2d)
         captured: list[torch.Tensor] = []
         handle = al.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
-        was_training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
+            with evaluating(model):
                 model(batch)
         finally:
             handle.remove()
-            model.train(was_training)
         x = captured[0]
         with torch.no_grad():
             a = LayerSamples(
