@@ -165,6 +165,19 @@ class LayerProfile:
         return d
 
 
+class _Total:
+    """A read-only :class:`ModelProfile` attribute: the sum of one :class:`LayerProfile`
+    attribute over the rows (``sum`` in row order, so float totals are reproducible)."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, profile: ModelProfile | None, owner: type | None = None) -> Any:
+        if profile is None:
+            return self
+        return sum(getattr(row, self.attr) for row in profile.layers)
+
+
 @dataclass
 class ModelProfile:
     """All rows of one model plus the totals the report prints (sums of the rows).
@@ -181,45 +194,22 @@ class ModelProfile:
     n: int | None = None
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def memory_bits(self) -> int:
-        return sum(r.bits for r in self.layers)
-
-    @property
-    def fp_memory_bits(self) -> int:
-        return sum(r.fp_bits for r in self.layers)
+    memory_bits = _Total("bits")
+    fp_memory_bits = _Total("fp_bits")
+    flops = _Total("flops")
+    fp_flops = _Total("fp_flops")
+    bops = _Total("bops")
+    macs = _Total("macs")
+    params_real = _Total("params_real")
+    params_binary = _Total("params_binary")
 
     @property
     def memory_saving(self) -> float:
         return self.fp_memory_bits / self.memory_bits if self.memory_bits else math.nan
 
     @property
-    def flops(self) -> float:
-        return sum(r.flops for r in self.layers)
-
-    @property
-    def fp_flops(self) -> int:
-        return sum(r.fp_flops for r in self.layers)
-
-    @property
     def speedup(self) -> float:
         return self.fp_flops / self.flops if self.flops else math.nan
-
-    @property
-    def bops(self) -> int:
-        return sum(r.bops for r in self.layers)
-
-    @property
-    def macs(self) -> int:
-        return sum(r.macs for r in self.layers)
-
-    @property
-    def params_real(self) -> int:
-        return sum(r.params_real for r in self.layers)
-
-    @property
-    def params_binary(self) -> int:
-        return sum(r.params_binary for r in self.layers)
 
     @property
     def binarized_layers(self) -> list[LayerProfile]:
@@ -361,29 +351,12 @@ def _decision_fields(decision: Any) -> tuple[str | None, str | None]:
     return getattr(decision, "kind", None), getattr(decision, "reason", None)
 
 
-def profile_model(
-    model: nn.Module,
-    input_size: tuple[int, ...] = (3, 224, 224),
-    *,
-    decisions: Mapping[str, Any] | None = None,
-    model_name: str | None = None,
-) -> ModelProfile:
-    """Profile ``model`` with one forward pass on a zero input of shape ``[1, *input_size]``.
-
-    Args:
-        model: any ``nn.Module``; :class:`BinarizedConv2d` layers are counted as binarized
-            (M, N and the scheme read from the layer). The model's train/eval mode and
-            parameters are left as they were.
-        input_size: per-sample input shape, e.g. ``(3, 224, 224)``.
-        decisions: optional ``name -> decision`` (surgery's ``LayerDecision`` or a mapping
-            with ``kind`` and ``reason``) for the table's kind and reason columns.
-        model_name: recorded in the profile.
-
-    Returns:
-        A :class:`ModelProfile` whose totals are sums of its rows.
-    """
-    decisions = dict(decisions or {})
-    rows = _row_modules(model)
+def _measure(
+    model: nn.Module, rows: list[tuple[str, nn.Module]], input_size: tuple[int, ...]
+) -> tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...]]], dict[str, int], int]:
+    """One eval-mode forward on a zero input ``[1, *input_size]`` (binarized convolutions run
+    plain): per row the per-sample ``(input, output)`` shapes of its first call and its MACs
+    over all calls, and the total MACs :class:`FlopCounterMode` saw (its FLOPs / 2)."""
     row_of = {id(m): name for name, m in rows}
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     macs: dict[str, int] = {}
@@ -409,7 +382,54 @@ def profile_model(
     finally:
         for h in handles:
             h.remove()
+    return shapes, macs, counter.get_total_flops() // 2  # a MAC is 2 FLOPs
 
+
+def _count_binarized(row: LayerProfile, module: BinarizedConv2d, reason: str | None) -> None:
+    """Fill ``row``'s binarized fields: M binary values per weight; bias, the quantizers'
+    parameters and the weight scales as real values (see the module docstring)."""
+    m, n = module.weight_bases, module.activation_bases
+    weights = module.weight.numel()
+    quantizer_params = sum(
+        p.numel()
+        for q in (module.weight_quantizer, module.activation_quantizer)
+        for p in q.parameters()
+    )
+    bias = module.bias.numel() if module.bias is not None else 0
+    row.binarized = True
+    row.reason = reason or "binarized"
+    row.scheme, row.m, row.n = module.scheme_name, m, n
+    row.scales = _count_scales(module)
+    row.params_binary = m * weights
+    row.params_real = bias + quantizer_params + row.scales
+    row.fp_params = weights + bias
+    row.bops = m * n * row.macs
+
+
+def profile_model(
+    model: nn.Module,
+    input_size: tuple[int, ...] = (3, 224, 224),
+    *,
+    decisions: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+) -> ModelProfile:
+    """Profile ``model`` with one forward pass on a zero input of shape ``[1, *input_size]``.
+
+    Args:
+        model: any ``nn.Module``; :class:`BinarizedConv2d` layers are counted as binarized
+            (M, N and the scheme read from the layer). The model's train/eval mode and
+            parameters are left as they were.
+        input_size: per-sample input shape, e.g. ``(3, 224, 224)``.
+        decisions: optional ``name -> decision`` (surgery's ``LayerDecision`` or a mapping
+            with ``kind`` and ``reason``) for the table's kind and reason columns.
+        model_name: recorded in the profile.
+
+    Returns:
+        A :class:`ModelProfile` whose totals are sums of its rows.
+    """
+    decisions = dict(decisions or {})
+    rows = _row_modules(model)
+    shapes, macs, counted = _measure(model, rows, input_size)
     layers: list[LayerProfile] = []
     schemes: set[tuple[str, int, int]] = set()
     for name, module in rows:
@@ -424,23 +444,8 @@ def profile_model(
             macs=macs.get(name, 0),
         )
         if isinstance(module, BinarizedConv2d):
-            m, n = module.weight_bases, module.activation_bases
-            schemes.add((module.scheme_name, m, n))
-            weights = module.weight.numel()
-            quantizer_params = sum(
-                p.numel()
-                for q in (module.weight_quantizer, module.activation_quantizer)
-                for p in q.parameters()
-            )
-            bias = module.bias.numel() if module.bias is not None else 0
-            row.binarized = True
-            row.reason = reason or "binarized"
-            row.scheme, row.m, row.n = module.scheme_name, m, n
-            row.scales = _count_scales(module)
-            row.params_binary = m * weights
-            row.params_real = bias + quantizer_params + row.scales
-            row.fp_params = weights + bias
-            row.bops = m * n * row.macs
+            schemes.add((module.scheme_name, module.weight_bases, module.activation_bases))
+            _count_binarized(row, module, reason)
         else:
             own = sum(p.numel() for p in module.parameters(recurse=False))
             row.reason = reason or "full precision"
@@ -450,7 +455,6 @@ def profile_model(
 
     warnings: list[str] = []
     measured = sum(r.macs for r in layers)
-    counted = counter.get_total_flops() // 2  # FlopCounterMode counts a MAC as 2 FLOPs
     if counted > measured:
         layers.append(
             LayerProfile(
