@@ -376,12 +376,8 @@ def _measure(
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     counter = FlopCounterMode(display=False)
-    try:
-        with evaluating(model), _plain_binarized_convs(model), counter:
-            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
-    finally:
-        for h in handles:
-            h.remove()
+    with evaluating(model, hooks=handles), _plain_binarized_convs(model), counter:
+        model(torch.zeros(1, *input_size, device=device, dtype=dtype))
     return shapes, macs, counter.get_total_flops() // 2  # a MAC is 2 FLOPs
 
 

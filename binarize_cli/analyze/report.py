@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,23 +215,6 @@ def weight_errors(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def _forward_with_pre_hook(
-    model: nn.Module,
-    batch: torch.Tensor,
-    modules: Sequence[nn.Module],
-    hook: Callable[[nn.Module, tuple[Any, ...]], None],
-) -> None:
-    """``model(batch)`` in eval mode without gradients, with ``hook`` as a forward pre-hook
-    of each of ``modules`` (removed afterwards, also when the forward raises)."""
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    try:
-        with evaluating(model):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def activation_errors(model: nn.Module, batch: torch.Tensor) -> dict[str, float | None]:
     """``||A - A_hat|| / ||A||`` of every binarized layer's input on ``batch``.
 
@@ -255,7 +238,8 @@ def activation_errors(model: nn.Module, batch: torch.Tensor) -> dict[str, float 
         errors[name] = float((a - a_hat).norm()) / norm if norm > 0 else 0.0
 
     binarized = [m for m in model.modules() if isinstance(m, BinarizedConv2d)]
-    _forward_with_pre_hook(model, batch, binarized, pre_hook)
+    with evaluating(model, hooks=[m.register_forward_pre_hook(pre_hook) for m in binarized]):
+        model(batch)
     return errors
 
 
@@ -683,9 +667,9 @@ def layer_samples(
         al = modules[activation_layer]
         assert isinstance(al, BinarizedConv2d)
         captured: list[torch.Tensor] = []
-        _forward_with_pre_hook(
-            model, batch, [al], lambda _m, args: captured.append(args[0].detach())
-        )
+        hook = al.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        with evaluating(model, hooks=[hook]):
+            model(batch)
         x = captured[0]
         with torch.no_grad():
             a = LayerSamples(

@@ -81,14 +81,10 @@ def collect_input_samples(
         return hook
 
     handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
-        with evaluating(model):
-            device = next(model.parameters()).device
-            for batch in batch_list:
-                model(batch.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    with evaluating(model, hooks=handles):
+        device = next(model.parameters()).device
+        for batch in batch_list:
+            model(batch.to(device))
     return {n: torch.cat(v) if v else torch.empty(0) for n, v in collected.items()}
 
 

@@ -275,12 +275,8 @@ def execution_order(
         wanted = isinstance(module, types) if types is not None else _has_own_weight(module)
         if wanted and name:
             handles.append(module.register_forward_hook(make_hook(name)))
-    try:
-        with evaluating(model):
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with evaluating(model, hooks=handles):
+        model(example_input)
     return list(order)
 
 

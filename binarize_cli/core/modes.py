@@ -2,7 +2,8 @@
 
 :func:`evaluating` is the one way the package runs a model "for a look" (an accuracy pass,
 hooks that record shapes or activations, tracing for export): eval mode, no autograd, and
-afterwards every module's own ``training`` flag exactly as it was, also when the body raises.
+afterwards every module's own ``training`` flag exactly as it was (and the hooks it was given
+removed), also when the body raises.
 
 Imports torch, so :mod:`binarize_cli.core`'s ``__init__`` does not import this module (the
 torch-free runtime imports ``core``).
@@ -11,16 +12,17 @@ torch-free runtime imports ``core``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["evaluating"]
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+def evaluating(model: nn.Module, hooks: Iterable[RemovableHandle] = ()) -> Iterator[nn.Module]:
     """Run the body with ``model`` in eval mode under :func:`torch.no_grad`; yields ``model``.
 
     On exit (normal or by an exception, which propagates) ``model.train(mode)`` is called with
@@ -29,6 +31,9 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     model whose submodules were in mixed modes (e.g. frozen batch norms in a training model)
     comes back exactly as it was. Changes the body makes to a module's mode are undone too.
     Works for wrappers such as DDP (their ``modules()`` include the wrapped model).
+
+    ``hooks``: handles of hooks registered for this look (forward hooks that record shapes
+    or activations); they are removed on exit as well.
     """
     saved = [(module, module.training) for module in model.modules()]
     try:
@@ -39,3 +44,5 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(saved[0][1])
         for module, training in saved:
             module.training = training
+        for handle in hooks:
+            handle.remove()

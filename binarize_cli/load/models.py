@@ -199,13 +199,10 @@ def _execution_order(model: nn.Module, example: torch.Tensor) -> list[str] | Non
         if isinstance(mod, nn.Conv2d | nn.Linear):
             handles.append(mod.register_forward_hook(lambda m, i, o, n=name: order.append(n)))
     try:
-        with evaluating(model):
+        with evaluating(model, hooks=handles):
             model(example)
     except Exception:
         return None
-    finally:
-        for h in handles:
-            h.remove()
     return order
 
 

@@ -44,14 +44,21 @@ def test_mixed_submodule_modes_come_back_exactly():
     assert _modes(model) == before
 
 
-def test_mode_restored_when_the_body_raises():
+def test_mode_restored_and_hooks_removed_when_the_body_raises():
     model = _net().train()
     model[1].eval()
     before = _modes(model)
-    with pytest.raises(RuntimeError, match="boom"), evaluating(model):
+    seen: list[tuple[int, ...]] = []
+    hook = model[0].register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    with pytest.raises(RuntimeError, match="boom"), evaluating(model, hooks=[hook]):
+        model(torch.randn(1, 3, 5, 5))
         raise RuntimeError("boom")
+    assert seen == [(1, 4, 3, 3)]
     assert _modes(model) == before
     assert torch.is_grad_enabled()
+    model(torch.randn(1, 3, 5, 5))
+    assert len(seen) == 1  # the hook is gone
+    assert not model[0]._forward_hooks
 
 
 def test_mode_changes_made_inside_are_undone():
