@@ -34,7 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize_cli.core.errors import SchemeError
+from binarize_cli.core.errors import BadInputError, SchemeError
+
+#: Most calibration samples a threshold / range search looks at (a deterministic stride beyond).
+MAX_SEARCH_SAMPLES = 1 << 20
 
 
 class Domain(enum.StrEnum):
@@ -95,6 +98,36 @@ def mean_std(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     centered = x - mean
     var = torch.dot(centered, centered) / x.numel()
     return mean, var.sqrt()
+
+
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a quantizer's forward must run its surrogate-gradient ``autograd.Function``:
+    grad mode is on and some input requires a gradient (else the plain forward is used)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def calibration_samples(samples: torch.Tensor) -> torch.Tensor:
+    """The sampled input activations given to an activation quantizer's ``calibrate``,
+    flattened and detached; :class:`BadInputError` when there are none or any is NaN/inf."""
+    x = samples.detach().reshape(-1)
+    if x.numel() == 0:
+        raise BadInputError(
+            "activation calibration got no samples; give it at least one calibration batch"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise BadInputError(
+            "activation calibration samples contain NaN or inf; check the model and the data"
+        )
+    return x
+
+
+def search_samples(samples: torch.Tensor, limit: int) -> torch.Tensor:
+    """:func:`calibration_samples` as float64 on the CPU, at most ``limit`` of them: every
+    ``ceil(n / limit)``-th one when there are ``n > limit`` (a deterministic stride)."""
+    x = calibration_samples(samples).to("cpu", torch.float64)
+    if x.numel() > limit:
+        x = x[:: -(-x.numel() // limit)]
+    return x
 
 
 class WeightQuantizer(nn.Module):
