@@ -75,6 +75,19 @@ BITS_PER_WORD = 64
 OTHER_OPS_ROW = "(other ops)"
 
 
+def contract_dict(row: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(row)`` with the fields ``m`` and ``n`` spelled ``M`` and ``N`` (the
+    JSON contract's names), moved to the end."""
+    d = asdict(row)
+    d["M"] = d.pop("m")
+    d["N"] = d.pop("n")
+    return d
+
+
+#: The computed columns of a layer row, appended to its dict in this order.
+_DERIVED = ("precision", "bits", "fp_bits", "real_macs", "flops", "fp_flops")
+
+
 @dataclass
 class LayerProfile:
     """One row of the per-layer table: a module that stores parameters or multiplies.
@@ -148,21 +161,25 @@ class LayerProfile:
         return self.macs
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["M"] = d.pop("m")
-        d["N"] = d.pop("n")
+        d = contract_dict(self)
         for key in ("input_shape", "output_shape"):
             if d[key] is not None:
                 d[key] = list(d[key])
-        d.update(
-            precision=self.precision,
-            bits=self.bits,
-            fp_bits=self.fp_bits,
-            real_macs=self.real_macs,
-            flops=self.flops,
-            fp_flops=self.fp_flops,
-        )
+        d.update((key, getattr(self, key)) for key in _DERIVED)
         return d
+
+
+#: The totals of :meth:`ModelProfile.totals`, in this order (then ``params``).
+_TOTALS = (
+    "memory_bits",
+    "fp_memory_bits",
+    "memory_saving",
+    "flops",
+    "fp_flops",
+    "speedup",
+    "bops",
+    "macs",
+)
 
 
 class _Total:
@@ -223,17 +240,9 @@ class ModelProfile:
 
     def totals(self) -> dict[str, Any]:
         """The BRIEF section 2 keys, without ``layers``."""
-        return {
-            "memory_bits": self.memory_bits,
-            "fp_memory_bits": self.fp_memory_bits,
-            "memory_saving": self.memory_saving,
-            "flops": self.flops,
-            "fp_flops": self.fp_flops,
-            "speedup": self.speedup,
-            "bops": self.bops,
-            "macs": self.macs,
-            "params": {"real": self.params_real, "binary": self.params_binary},
-        }
+        out: dict[str, Any] = {key: getattr(self, key) for key in _TOTALS}
+        out["params"] = {"real": self.params_real, "binary": self.params_binary}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -24,14 +24,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from binarize_cli.analyze.profile import ModelProfile, profile_model
+from binarize_cli.analyze.profile import ModelProfile, contract_dict, profile_model
 from binarize_cli.core.errors import BadInputError, BinarizeError
 from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.base import get_scheme
@@ -353,8 +353,9 @@ def report_for_run(
 
 
 @dataclass
-class CompareRow:
-    """One row of ``--compare`` (paper Tables 3 and 6): a run, or a full-precision baseline."""
+class _Row:
+    """The leading columns of a comparison row: a model under a scheme and (M, N), or full
+    precision (``scheme``, ``m``, ``n`` None), and its memory."""
 
     label: str
     model: str
@@ -362,6 +363,15 @@ class CompareRow:
     m: int | None
     n: int | None
     memory_bits: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return contract_dict(self)
+
+
+@dataclass
+class CompareRow(_Row):
+    """One row of ``--compare`` (paper Tables 3 and 6): a run, or a full-precision baseline."""
+
     flops: float
     top1: float | None
     top5: float | None
@@ -371,12 +381,6 @@ class CompareRow:
     memory_saving: float | None = None
     speedup: float | None = None
     run_dir: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["M"] = d.pop("m")
-        d["N"] = d.pop("n")
-        return d
 
 
 def _gap(fp: float | None, value: float | None) -> float | None:
@@ -498,15 +502,9 @@ PAPER_NOTES: dict[tuple[str, str | None], str] = {
 
 
 @dataclass
-class PaperRow:
+class PaperRow(_Row):
     """Our analytic numbers for one Table 7 row beside the published ones."""
 
-    label: str
-    model: str
-    scheme: str | None
-    m: int | None
-    n: int | None
-    memory_bits: int
     memory_saving: float | None
     flops: float
     speedup: float | None
@@ -526,9 +524,7 @@ class PaperRow:
         return self.flops / self.paper_flops - 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["M"] = d.pop("m")
-        d["N"] = d.pop("n")
+        d = super().to_dict()
         d["memory_diff"] = self.memory_diff
         d["flops_diff"] = self.flops_diff
         return d
