@@ -33,8 +33,11 @@ BINS = 121
 FP_COLOR = "#4c72b0"
 APPROX_COLOR = "#dd8452"
 
+#: What the histograms accept: a tensor or an array of any shape (flattened).
+Values = torch.Tensor | np.ndarray
 
-def _as_array(x: torch.Tensor | np.ndarray, limit: int = 2_000_000) -> np.ndarray:
+
+def _as_array(x: Values, limit: int = 2_000_000) -> np.ndarray:
     a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     a = a.reshape(-1).astype(np.float64)
     if a.size > limit:  # deterministic subsample of very large activation tensors
@@ -42,15 +45,29 @@ def _as_array(x: torch.Tensor | np.ndarray, limit: int = 2_000_000) -> np.ndarra
     return a
 
 
+@dataclass(frozen=True)
+class _Quantity:
+    """What a distribution figure shows: the weights (``W``, ``M``) or activations (``A``, ``N``)."""
+
+    title: str  # "Weights" -> "Weights of layer2.0.conv1 (pa M=4)"
+    value: str  # the x axis: "<value> value"
+    symbol: str  # the legend: "full precision W", "approximation W_hat (pa M=4)"
+    bases: str  # "M" or "N"
+    log: bool  # log counts
+
+
+_WEIGHTS = _Quantity("Weights", "weight", "W", "M", log=False)
+_ACTIVATIONS = _Quantity("Input activations", "activation", "A", "N", log=True)
+
+
 def _distribution(
-    original: torch.Tensor | np.ndarray,
-    approx: torch.Tensor | np.ndarray,
-    *,
-    title: str,
-    xlabel: str,
-    labels: tuple[str, str],
-    log: bool,
+    q: _Quantity, original: Values, approx: Values, layer: str, scheme: str, count: int | None
 ) -> Figure:
+    """``original`` and ``approx`` of one layer on shared bins, titled with the relative
+    error and the number of distinct approximated values; a ``None`` count (or an empty
+    scheme) is left out of the title and legend."""
+    what = f"{scheme} {q.bases}={count}" if count is not None else scheme
+    approx_label = f"approximation {q.symbol}_hat ({what})".replace(" ()", "")
     a, b = _as_array(original), _as_array(approx)
     lo = float(min(a.min(initial=0.0), b.min(initial=0.0)))
     hi = float(max(a.max(initial=0.0), b.max(initial=0.0)))
@@ -59,8 +76,8 @@ def _distribution(
     bins = np.linspace(lo, hi, BINS + 1)
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    ax.hist(a, bins=bins, color=FP_COLOR, alpha=0.55, label=labels[0], log=log)
-    ax.hist(b, bins=bins, color=APPROX_COLOR, alpha=0.75, label=labels[1], log=log, rwidth=0.6)
+    ax.hist(a, bins=bins, color=FP_COLOR, alpha=0.55, label=f"full precision {q.symbol}", log=q.log)
+    ax.hist(b, bins=bins, color=APPROX_COLOR, alpha=0.75, label=approx_label, log=q.log, rwidth=0.6)
     rel = (
         float(np.linalg.norm(a - b) / np.linalg.norm(a))
         if a.shape == b.shape and np.any(a)
@@ -70,51 +87,26 @@ def _distribution(
     info = f"{levels} distinct approximated values"
     if rel is not None:
         info += f", relative error {rel:.3f}"
+    title = f"{q.title} of {layer} ({what})".replace(" ()", "")
     ax.set_title(f"{title}\n{info}", fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count" + (" (log)" if log else ""))
+    ax.set_xlabel(f"{q.value} value")
+    ax.set_ylabel("count" + (" (log)" if q.log else ""))
     ax.legend()
     return fig
 
 
 def weight_histogram(
-    weight: torch.Tensor | np.ndarray,
-    approx: torch.Tensor | np.ndarray,
-    *,
-    layer: str = "",
-    scheme: str = "",
-    m: int | None = None,
+    weight: Values, approx: Values, *, layer: str = "", scheme: str = "", m: int | None = None
 ) -> Figure:
     """Histogram of ``W`` and ``W_hat`` on shared bins (paper Fig. 4)."""
-    what = f"{scheme} M={m}" if m is not None else scheme
-    return _distribution(
-        weight,
-        approx,
-        title=f"Weights of {layer} ({what})".replace(" ()", ""),
-        xlabel="weight value",
-        labels=("full precision W", f"approximation W_hat ({what})".replace(" ()", "")),
-        log=False,
-    )
+    return _distribution(_WEIGHTS, weight, approx, layer, scheme, m)
 
 
 def activation_histogram(
-    activation: torch.Tensor | np.ndarray,
-    approx: torch.Tensor | np.ndarray,
-    *,
-    layer: str = "",
-    scheme: str = "",
-    n: int | None = None,
+    activation: Values, approx: Values, *, layer: str = "", scheme: str = "", n: int | None = None
 ) -> Figure:
     """Histogram of ``A`` and ``A_hat`` on shared bins, log counts (paper Fig. 5)."""
-    what = f"{scheme} N={n}" if n is not None else scheme
-    return _distribution(
-        activation,
-        approx,
-        title=f"Input activations of {layer} ({what})".replace(" ()", ""),
-        xlabel="activation value",
-        labels=("full precision A", f"approximation A_hat ({what})".replace(" ()", "")),
-        log=True,
-    )
+    return _distribution(_ACTIVATIONS, activation, approx, layer, scheme, n)
 
 
 @dataclass

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.layers import BinarizedConv2d
 
 #: Bits per real-valued stored value (float32).
@@ -72,6 +73,19 @@ REAL_BITS = 32
 BITS_PER_WORD = 64
 #: Name of the synthetic row holding matrix products done outside conv/linear modules.
 OTHER_OPS_ROW = "(other ops)"
+
+
+def contract_dict(row: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(row)`` with the fields ``m`` and ``n`` spelled ``M`` and ``N`` (the
+    JSON contract's names), moved to the end."""
+    d = asdict(row)
+    d["M"] = d.pop("m")
+    d["N"] = d.pop("n")
+    return d
+
+
+#: The computed columns of a layer row, appended to its dict in this order.
+_DERIVED = ("precision", "bits", "fp_bits", "real_macs", "flops", "fp_flops")
 
 
 @dataclass
@@ -147,21 +161,38 @@ class LayerProfile:
         return self.macs
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["M"] = d.pop("m")
-        d["N"] = d.pop("n")
+        d = contract_dict(self)
         for key in ("input_shape", "output_shape"):
             if d[key] is not None:
                 d[key] = list(d[key])
-        d.update(
-            precision=self.precision,
-            bits=self.bits,
-            fp_bits=self.fp_bits,
-            real_macs=self.real_macs,
-            flops=self.flops,
-            fp_flops=self.fp_flops,
-        )
+        d.update((key, getattr(self, key)) for key in _DERIVED)
         return d
+
+
+#: The totals of :meth:`ModelProfile.totals`, in this order (then ``params``).
+_TOTALS = (
+    "memory_bits",
+    "fp_memory_bits",
+    "memory_saving",
+    "flops",
+    "fp_flops",
+    "speedup",
+    "bops",
+    "macs",
+)
+
+
+class _Total:
+    """A read-only :class:`ModelProfile` attribute: the sum of one :class:`LayerProfile`
+    attribute over the rows (``sum`` in row order, so float totals are reproducible)."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, profile: ModelProfile | None, owner: type | None = None) -> Any:
+        if profile is None:
+            return self
+        return sum(getattr(row, self.attr) for row in profile.layers)
 
 
 @dataclass
@@ -180,45 +211,22 @@ class ModelProfile:
     n: int | None = None
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def memory_bits(self) -> int:
-        return sum(r.bits for r in self.layers)
-
-    @property
-    def fp_memory_bits(self) -> int:
-        return sum(r.fp_bits for r in self.layers)
+    memory_bits = _Total("bits")
+    fp_memory_bits = _Total("fp_bits")
+    flops = _Total("flops")
+    fp_flops = _Total("fp_flops")
+    bops = _Total("bops")
+    macs = _Total("macs")
+    params_real = _Total("params_real")
+    params_binary = _Total("params_binary")
 
     @property
     def memory_saving(self) -> float:
         return self.fp_memory_bits / self.memory_bits if self.memory_bits else math.nan
 
     @property
-    def flops(self) -> float:
-        return sum(r.flops for r in self.layers)
-
-    @property
-    def fp_flops(self) -> int:
-        return sum(r.fp_flops for r in self.layers)
-
-    @property
     def speedup(self) -> float:
         return self.fp_flops / self.flops if self.flops else math.nan
-
-    @property
-    def bops(self) -> int:
-        return sum(r.bops for r in self.layers)
-
-    @property
-    def macs(self) -> int:
-        return sum(r.macs for r in self.layers)
-
-    @property
-    def params_real(self) -> int:
-        return sum(r.params_real for r in self.layers)
-
-    @property
-    def params_binary(self) -> int:
-        return sum(r.params_binary for r in self.layers)
 
     @property
     def binarized_layers(self) -> list[LayerProfile]:
@@ -232,17 +240,9 @@ class ModelProfile:
 
     def totals(self) -> dict[str, Any]:
         """The BRIEF section 2 keys, without ``layers``."""
-        return {
-            "memory_bits": self.memory_bits,
-            "fp_memory_bits": self.fp_memory_bits,
-            "memory_saving": self.memory_saving,
-            "flops": self.flops,
-            "fp_flops": self.fp_flops,
-            "speedup": self.speedup,
-            "bops": self.bops,
-            "macs": self.macs,
-            "params": {"real": self.params_real, "binary": self.params_binary},
-        }
+        out: dict[str, Any] = {key: getattr(self, key) for key in _TOTALS}
+        out["params"] = {"real": self.params_real, "binary": self.params_binary}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -360,6 +360,57 @@ def _decision_fields(decision: Any) -> tuple[str | None, str | None]:
     return getattr(decision, "kind", None), getattr(decision, "reason", None)
 
 
+def _measure(
+    model: nn.Module, rows: list[tuple[str, nn.Module]], input_size: tuple[int, ...]
+) -> tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...]]], dict[str, int], int]:
+    """One eval-mode forward on a zero input ``[1, *input_size]`` (binarized convolutions run
+    plain): per row the per-sample ``(input, output)`` shapes of its first call and its MACs
+    over all calls, and the total MACs :class:`FlopCounterMode` saw (its FLOPs / 2)."""
+    row_of = {id(m): name for name, m in rows}
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    macs: dict[str, int] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        name = row_of[id(module)]
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if not isinstance(out, torch.Tensor):
+            return
+        if name not in shapes and inp is not None:
+            shapes[name] = (tuple(inp.shape[1:]), tuple(out.shape[1:]))
+        if inp is not None:
+            macs[name] = macs.get(name, 0) + _macs(module, inp, out)
+
+    handles = [m.register_forward_hook(hook) for _, m in rows]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    counter = FlopCounterMode(display=False)
+    with evaluating(model, hooks=handles), _plain_binarized_convs(model), counter:
+        model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+    return shapes, macs, counter.get_total_flops() // 2  # a MAC is 2 FLOPs
+
+
+def _count_binarized(row: LayerProfile, module: BinarizedConv2d, reason: str | None) -> None:
+    """Fill ``row``'s binarized fields: M binary values per weight; bias, the quantizers'
+    parameters and the weight scales as real values (see the module docstring)."""
+    m, n = module.weight_bases, module.activation_bases
+    weights = module.weight.numel()
+    quantizer_params = sum(
+        p.numel()
+        for q in (module.weight_quantizer, module.activation_quantizer)
+        for p in q.parameters()
+    )
+    bias = module.bias.numel() if module.bias is not None else 0
+    row.binarized = True
+    row.reason = reason or "binarized"
+    row.scheme, row.m, row.n = module.scheme_name, m, n
+    row.scales = _count_scales(module)
+    row.params_binary = m * weights
+    row.params_real = bias + quantizer_params + row.scales
+    row.fp_params = weights + bias
+    row.bops = m * n * row.macs
+
+
 def profile_model(
     model: nn.Module,
     input_size: tuple[int, ...] = (3, 224, 224),
@@ -383,35 +434,7 @@ def profile_model(
     """
     decisions = dict(decisions or {})
     rows = _row_modules(model)
-    row_of = {id(m): name for name, m in rows}
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    macs: dict[str, int] = {}
-
-    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        name = row_of[id(module)]
-        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if not isinstance(out, torch.Tensor):
-            return
-        if name not in shapes and inp is not None:
-            shapes[name] = (tuple(inp.shape[1:]), tuple(out.shape[1:]))
-        if inp is not None:
-            macs[name] = macs.get(name, 0) + _macs(module, inp, out)
-
-    handles = [m.register_forward_hook(hook) for _, m in rows]
-    was_training = model.training
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    counter = FlopCounterMode(display=False)
-    try:
-        model.eval()
-        with torch.no_grad(), _plain_binarized_convs(model), counter:
-            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
+    shapes, macs, counted = _measure(model, rows, input_size)
     layers: list[LayerProfile] = []
     schemes: set[tuple[str, int, int]] = set()
     for name, module in rows:
@@ -426,23 +449,8 @@ def profile_model(
             macs=macs.get(name, 0),
         )
         if isinstance(module, BinarizedConv2d):
-            m, n = module.weight_bases, module.activation_bases
-            schemes.add((module.scheme_name, m, n))
-            weights = module.weight.numel()
-            quantizer_params = sum(
-                p.numel()
-                for q in (module.weight_quantizer, module.activation_quantizer)
-                for p in q.parameters()
-            )
-            bias = module.bias.numel() if module.bias is not None else 0
-            row.binarized = True
-            row.reason = reason or "binarized"
-            row.scheme, row.m, row.n = module.scheme_name, m, n
-            row.scales = _count_scales(module)
-            row.params_binary = m * weights
-            row.params_real = bias + quantizer_params + row.scales
-            row.fp_params = weights + bias
-            row.bops = m * n * row.macs
+            schemes.add((module.scheme_name, module.weight_bases, module.activation_bases))
+            _count_binarized(row, module, reason)
         else:
             own = sum(p.numel() for p in module.parameters(recurse=False))
             row.reason = reason or "full precision"
@@ -452,7 +460,6 @@ def profile_model(
 
     warnings: list[str] = []
     measured = sum(r.macs for r in layers)
-    counted = counter.get_total_flops() // 2  # FlopCounterMode counts a MAC as 2 FLOPs
     if counted > measured:
         layers.append(
             LayerProfile(

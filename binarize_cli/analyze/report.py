@@ -24,16 +24,17 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from binarize_cli.analyze.profile import ModelProfile, profile_model
+from binarize_cli.analyze.profile import ModelProfile, contract_dict, profile_model
 from binarize_cli.core.errors import BadInputError, BinarizeError
 from binarize_cli.core.metadata import ACCURACY_STAGES, RunMetadata
+from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.base import get_scheme
 from binarize_cli.quant.layers import BinarizedConv2d
 
@@ -235,20 +236,9 @@ def activation_errors(model: nn.Module, batch: torch.Tensor) -> dict[str, float 
         norm = float(a.norm())
         errors[name] = float((a - a_hat).norm()) / norm if norm > 0 else 0.0
 
-    handles = [
-        m.register_forward_pre_hook(pre_hook)
-        for m in model.modules()
-        if isinstance(m, BinarizedConv2d)
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    binarized = [m for m in model.modules() if isinstance(m, BinarizedConv2d)]
+    with evaluating(model, hooks=[m.register_forward_pre_hook(pre_hook) for m in binarized]):
+        model(batch)
     return errors
 
 
@@ -354,8 +344,9 @@ def report_for_run(
 
 
 @dataclass
-class CompareRow:
-    """One row of ``--compare`` (paper Tables 3 and 6): a run, or a full-precision baseline."""
+class _Row:
+    """The leading columns of a comparison row: a model under a scheme and (M, N), or full
+    precision (``scheme``, ``m``, ``n`` None), and its memory."""
 
     label: str
     model: str
@@ -363,6 +354,15 @@ class CompareRow:
     m: int | None
     n: int | None
     memory_bits: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return contract_dict(self)
+
+
+@dataclass
+class CompareRow(_Row):
+    """One row of ``--compare`` (paper Tables 3 and 6): a run, or a full-precision baseline."""
+
     flops: float
     top1: float | None
     top5: float | None
@@ -372,12 +372,6 @@ class CompareRow:
     memory_saving: float | None = None
     speedup: float | None = None
     run_dir: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["M"] = d.pop("m")
-        d["N"] = d.pop("n")
-        return d
 
 
 def _gap(fp: float | None, value: float | None) -> float | None:
@@ -499,15 +493,9 @@ PAPER_NOTES: dict[tuple[str, str | None], str] = {
 
 
 @dataclass
-class PaperRow:
+class PaperRow(_Row):
     """Our analytic numbers for one Table 7 row beside the published ones."""
 
-    label: str
-    model: str
-    scheme: str | None
-    m: int | None
-    n: int | None
-    memory_bits: int
     memory_saving: float | None
     flops: float
     speedup: float | None
@@ -527,9 +515,7 @@ class PaperRow:
         return self.flops / self.paper_flops - 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["M"] = d.pop("m")
-        d["N"] = d.pop("n")
+        d = super().to_dict()
         d["memory_diff"] = self.memory_diff
         d["flops_diff"] = self.flops_diff
         return d
@@ -668,15 +654,9 @@ def layer_samples(
         al = modules[activation_layer]
         assert isinstance(al, BinarizedConv2d)
         captured: list[torch.Tensor] = []
-        handle = al.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(batch)
-        finally:
-            handle.remove()
-            model.train(was_training)
+        hook = al.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        with evaluating(model, hooks=[hook]):
+            model(batch)
         x = captured[0]
         with torch.no_grad():
             a = LayerSamples(

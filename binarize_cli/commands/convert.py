@@ -105,108 +105,143 @@ def _accuracy_table(meta: RunMetadata) -> Table:
     return table
 
 
+def _endpoints(text: str) -> list[float]:
+    """``--weight-endpoints`` as floats: comma separated, empty items skipped."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(
+            f"--weight-endpoints must be comma-separated numbers (got {text!r})"
+        ) from None
+
+
+# The command's options (Typer reads each one's help from its annotation).
+_Model = Annotated[
+    str | None,
+    typer.Argument(
+        help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe."
+    ),
+]
+
+_Scheme = Annotated[str | None, typer.Option(help="pa | abc | bnn | xnor | bireal | dorefa")]
+
+_M = Annotated[int | None, typer.Option("-M", help="Weight bases (PA: even number of endpoints).")]
+
+_N = Annotated[
+    int | None, typer.Option("-N", help="Activation bases; 0 keeps activations full precision.")
+]
+
+_Checkpoint = Annotated[
+    Path | None,
+    typer.Option(help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True)."),
+]
+
+_Pretrained = Annotated[
+    bool | None,
+    typer.Option(
+        "--pretrained/--no-pretrained",
+        help="Download pretrained weights from the hub (needs internet).",
+    ),
+]
+
+_Data = Annotated[
+    str | None,
+    typer.Option(
+        help="digits (default) | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake"
+    ),
+]
+
+_InputSize = Annotated[
+    int | None, typer.Option(help="Input resolution (default: the data's or the model's).")
+]
+
+_Epochs = Annotated[
+    float | None,
+    typer.Option(help="Fine-tune epochs (fractional allowed; 0 = calibrate only)."),
+]
+
+_BaselineEpochs = Annotated[
+    int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")
+]
+
+_BaselineLr = Annotated[
+    float | None, typer.Option(help="Learning rate for adapting the baseline (Adam).")
+]
+
+_BatchSize = Annotated[int | None, typer.Option(help="Batch size (paper: 64).")]
+
+_Lr = Annotated[float | None, typer.Option(help="Fine-tune learning rate (Adam).")]
+
+_CalibBatches = Annotated[int | None, typer.Option(help="Batches used for calibration.")]
+
+_Recipe = Annotated[
+    Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")
+]
+
+_Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+
+_Keep = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases)."
+    ),
+]
+
+_WeightEndpoints = Annotated[
+    str | None,
+    typer.Option(help="PA weight endpoints in std units, comma separated (overrides the rule)."),
+]
+
+_Distill = Annotated[
+    bool | None,
+    typer.Option(
+        "--distill/--no-distill",
+        help="Distil from the full-precision model during fine-tuning (default: on).",
+    ),
+]
+
+_Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue an interrupted fine-tune from its last epoch checkpoint."
+    ),
+]
+
+_Output = Annotated[
+    Path | None,
+    typer.Option("-o", "--output", help="Run directory (default runs/<model>-<scheme>-M<M>N<N>)."),
+]
+
+
 def convert(
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe."
-        ),
-    ] = None,
-    scheme: Annotated[
-        str | None, typer.Option(help="pa | abc | bnn | xnor | bireal | dorefa")
-    ] = None,
-    m: Annotated[
-        int | None, typer.Option("-M", help="Weight bases (PA: even number of endpoints).")
-    ] = None,
-    n: Annotated[
-        int | None, typer.Option("-N", help="Activation bases; 0 keeps activations full precision.")
-    ] = None,
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True)."
-        ),
-    ] = None,
-    pretrained: Annotated[
-        bool | None,
-        typer.Option(
-            "--pretrained/--no-pretrained",
-            help="Download pretrained weights from the hub (needs internet).",
-        ),
-    ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="digits (default) | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake"
-        ),
-    ] = None,
-    input_size: Annotated[
-        int | None, typer.Option(help="Input resolution (default: the data's or the model's).")
-    ] = None,
-    epochs: Annotated[
-        float | None,
-        typer.Option(help="Fine-tune epochs (fractional allowed; 0 = calibrate only)."),
-    ] = None,
-    baseline_epochs: Annotated[
-        int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")
-    ] = None,
-    baseline_lr: Annotated[
-        float | None, typer.Option(help="Learning rate for adapting the baseline (Adam).")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size (paper: 64).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Fine-tune learning rate (Adam).")] = None,
-    calib_batches: Annotated[int | None, typer.Option(help="Batches used for calibration.")] = None,
-    recipe: Annotated[
-        Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    keep: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases)."
-        ),
-    ] = None,
-    weight_endpoints: Annotated[
-        str | None,
-        typer.Option(
-            help="PA weight endpoints in std units, comma separated (overrides the rule)."
-        ),
-    ] = None,
-    distill: Annotated[
-        bool | None,
-        typer.Option(
-            "--distill/--no-distill",
-            help="Distil from the full-precision model during fine-tuning (default: on).",
-        ),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume", help="Continue an interrupted fine-tune from its last epoch checkpoint."
-        ),
-    ] = False,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "-o", "--output", help="Run directory (default runs/<model>-<scheme>-M<M>N<N>)."
-        ),
-    ] = None,
+    model: _Model = None,
+    scheme: _Scheme = None,
+    m: _M = None,
+    n: _N = None,
+    checkpoint: _Checkpoint = None,
+    pretrained: _Pretrained = None,
+    data: _Data = None,
+    input_size: _InputSize = None,
+    epochs: _Epochs = None,
+    baseline_epochs: _BaselineEpochs = None,
+    baseline_lr: _BaselineLr = None,
+    batch_size: _BatchSize = None,
+    lr: _Lr = None,
+    calib_batches: _CalibBatches = None,
+    recipe: _Recipe = None,
+    seed: _Seed = None,
+    keep: _Keep = None,
+    weight_endpoints: _WeightEndpoints = None,
+    distill: _Distill = None,
+    resume: _Resume = False,
+    output: _Output = None,
 ) -> None:
     """Convert MODEL into a multiple-binary network and save a run directory."""
     from binarize_cli.convert.pipeline import run_convert
     from binarize_cli.core.settings import load_recipe, merge_settings
 
     recipe_data = load_recipe(recipe) if recipe is not None else None
-    options: dict[str, Any] = {}
-    if weight_endpoints is not None:
-        try:
-            options["weight_endpoints"] = [
-                float(x) for x in weight_endpoints.split(",") if x.strip()
-            ]
-        except ValueError:
-            raise BadInputError(
-                f"--weight-endpoints must be comma-separated numbers (got {weight_endpoints!r})"
-            ) from None
+    endpoints = None if weight_endpoints is None else _endpoints(weight_endpoints)
     settings = merge_settings(
         recipe_data,
         {
@@ -227,7 +262,7 @@ def convert(
             "seed": seed,
             "keep": list(keep) if keep else None,
             "distill": distill,
-            "scheme_options": options or None,
+            "scheme_options": None if endpoints is None else {"weight_endpoints": endpoints},
         },
     )
     is_main = int(os.environ.get("RANK", "0")) == 0

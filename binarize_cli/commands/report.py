@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,35 +102,42 @@ def report(
         check_writable_dir(plot, "--plot")
 
     if paper:
-        rows = lib.paper_comparison(input_size=input_size or 224)
-        if json_out:
-            _emit_json({"paper": [r.to_dict() for r in rows]})
-        else:
-            console.print(render.paper_table(rows))
-        return
-
-    figures: list[Path] = []
-    if compare:
+        paper_rows = lib.paper_comparison(input_size=input_size or 224)
+        _show(
+            json_out,
+            lambda: {"paper": [r.to_dict() for r in paper_rows]},
+            lambda: render.paper_table(paper_rows),
+            None,
+        )
+    elif compare:
         from binarize_cli.core.rundir import load_run
 
         paths: list[str | Path] = ([target] if target is not None else []) + list(compare)
         runs = [load_run(p) for p in paths]
         reports = [lib.report_for_run(r, input_size=input_size, errors=False) for r in runs]
         rows = lib.compare_reports(reports)
-        if plot is not None:
-            from binarize_cli.analyze.plots import write_figures
+        figures = _figures(plot, runs[0], reports)
+        _show(
+            json_out,
+            lambda: {"runs": [r.to_dict() for r in rows]},
+            lambda: render.compare_table(rows),
+            figures,
+        )
+    else:
+        rep, figures = _single_report(target, scheme, m, n, input_size, plot)
+        _show(json_out, rep.to_dict, lambda: render.render_report(rep), figures)
 
-            figures = write_figures(lib.plot_data(runs[0], reports), plot)
-        if json_out:
-            out: dict[str, Any] = {"runs": [r.to_dict() for r in rows]}
-            if plot is not None:
-                out["figures"] = [str(f) for f in figures]
-            _emit_json(out)
-        else:
-            console.print(render.compare_table(rows))
-            for f in figures:
-                err_console.print(f"wrote {f}")
-        return
+
+def _single_report(
+    target: str | None,
+    scheme: str | None,
+    m: int | None,
+    n: int | None,
+    input_size: int | None,
+    plot: Path | None,
+) -> tuple[Any, list[Path] | None]:
+    """A run's report (and its figures with ``--plot``), or a model's analytic report."""
+    from binarize_cli.analyze import report as lib
 
     if _is_run_target(target):
         given = [flag for flag, v in (("--scheme", scheme), ("-M", m), ("-N", n)) if v is not None]
@@ -142,24 +150,40 @@ def report(
 
         run = load_run(target)
         rep = lib.report_for_run(run, input_size=input_size)
-        if plot is not None:
-            from binarize_cli.analyze.plots import write_figures
+        return rep, _figures(plot, run, [rep])
+    if plot is not None:
+        raise BadInputError(
+            "--plot needs a run directory (trained weights and real activations), "
+            "not a model name; run `binarize convert` first"
+        )
+    return lib.analytic_report(target or "", scheme or "pa", m, n, input_size=input_size), None
 
-            figures = write_figures(lib.plot_data(run, [rep]), plot)
-    else:
-        if plot is not None:
-            raise BadInputError(
-                "--plot needs a run directory (trained weights and real activations), "
-                "not a model name; run `binarize convert` first"
-            )
-        rep = lib.analytic_report(target or "", scheme or "pa", m, n, input_size=input_size)
 
+def _figures(plot: Path | None, run: Any, reports: list[Any]) -> list[Path] | None:
+    """``--plot``: the run's figures (and the reports' accuracy-memory points) written into
+    ``plot``; ``None`` without ``--plot``."""
+    if plot is None:
+        return None
+    from binarize_cli.analyze.plots import write_figures
+    from binarize_cli.analyze.report import plot_data
+
+    return write_figures(plot_data(run, reports), plot)
+
+
+def _show(
+    json_out: bool,
+    data: Callable[[], dict[str, Any]],
+    table: Callable[[], Any],
+    figures: list[Path] | None,
+) -> None:
+    """``--json``: ``data()`` plus ``figures`` (as strings, when ``--plot`` wrote some) on
+    stdout; else ``table()`` on stdout and one ``wrote FILE`` line per figure on stderr."""
     if json_out:
-        data = rep.to_dict()
-        if plot is not None:
-            data["figures"] = [str(f) for f in figures]
-        _emit_json(data)
+        out = data()
+        if figures is not None:
+            out["figures"] = [str(f) for f in figures]
+        _emit_json(out)
     else:
-        console.print(render.render_report(rep))
-        for f in figures:
+        console.print(table())
+        for f in figures or []:
             err_console.print(f"wrote {f}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.layers import BinarizedConv2d
 
 #: Samples kept per layer for activation calibration (uniformly drawn from each batch).
@@ -80,16 +81,10 @@ def collect_input_samples(
         return hook
 
     handles = [modules[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, hooks=handles):
         device = next(model.parameters()).device
         for batch in batch_list:
             model(batch.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return {n: torch.cat(v) if v else torch.empty(0) for n, v in collected.items()}
 
 
@@ -99,22 +94,19 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
-    saved = {m: (m.momentum, m.training) for m in norms}
-    was_training = model.training
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the calibration batches
-        m.train()
-    try:
-        device = next(model.parameters()).device
-        for batch in batches:
-            model(batch.to(device))
-    finally:
-        for m, (momentum, training) in saved.items():
-            m.momentum = momentum
-            m.train(training)
-        model.train(was_training)
+    momenta = {m: m.momentum for m in norms}
+    with evaluating(model):  # restores every module's mode, the norms' included
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the calibration batches
+            m.train()
+        try:
+            device = next(model.parameters()).device
+            for batch in batches:
+                model(batch.to(device))
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
     return len(norms)
 
 

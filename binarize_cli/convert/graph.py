@@ -40,6 +40,8 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from binarize_cli.core.modes import evaluating
+
 #: Functions and methods that merge two branches of a residual block.
 _ADD_FUNCTIONS: frozenset[Callable[..., object]] = frozenset(
     {operator.add, operator.iadd, torch.add}
@@ -273,13 +275,6 @@ def execution_order(
         wanted = isinstance(module, types) if types is not None else _has_own_weight(module)
         if wanted and name:
             handles.append(module.register_forward_hook(make_hook(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with evaluating(model, hooks=handles):
+        model(example_input)
     return list(order)

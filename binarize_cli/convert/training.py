@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from binarize_cli.core.errors import TrainingDivergedError
+from binarize_cli.core.modes import evaluating
 
 __all__ = [
     "Accuracy",
@@ -110,20 +111,15 @@ def evaluate(
     The model's train/eval mode is restored afterwards. ``distributed=True`` sums the counts
     over all ranks (every rank must call it then, each with its shard of the data).
     """
-    was_training = model.training
-    model.eval()
     counts = torch.zeros(3, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x, y = _to(batch, device)
-                logits = model(x)
-                c1, c5 = topk_correct(logits.float(), y)
-                counts += torch.tensor([c1, c5, y.shape[0]], dtype=torch.float64)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = _to(batch, device)
+            logits = model(x)
+            c1, c5 = topk_correct(logits.float(), y)
+            counts += torch.tensor([c1, c5, y.shape[0]], dtype=torch.float64)
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         buf = counts.to(device)
         torch.distributed.all_reduce(buf)

@@ -49,6 +49,7 @@ from torch import fx, nn
 
 from binarize_cli import __version__
 from binarize_cli.core.errors import BadInputError, BinarizeError
+from binarize_cli.core.modes import evaluating
 from binarize_cli.export.steps import (
     LOWEST,
     TooManyPieces,
@@ -644,14 +645,10 @@ def build_packed(
     model: nn.Module, meta: Mapping[str, Any]
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of the packed file for ``model`` (eval mode is used)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         gm = trace_for_export(model)
         writer = _Writer(model)
         graph = writer.run(gm)
-    finally:
-        model.train(was_training)
     input_size = meta.get("input_size")
     metadata = {
         "format": FORMAT_NAME,

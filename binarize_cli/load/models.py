@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from binarize_cli.core.errors import BadInputError, CheckpointError, UnknownModelError
+from binarize_cli.core.modes import evaluating
 
 __all__ = [
     "PROBE_TIMEOUT_S",
@@ -197,17 +198,11 @@ def _execution_order(model: nn.Module, example: torch.Tensor) -> list[str] | Non
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Conv2d | nn.Linear):
             handles.append(mod.register_forward_hook(lambda m, i, o, n=name: order.append(n)))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model, hooks=handles):
             model(example)
     except Exception:
         return None
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return order
 
 

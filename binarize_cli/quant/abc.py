@@ -82,15 +82,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize_cli.core.errors import BadInputError, SchemeError
+from binarize_cli.core.errors import SchemeError
 from binarize_cli.quant.base import (
+    MAX_SEARCH_SAMPLES,
     ActivationQuantizer,
     BitPlanes,
     Domain,
     Scheme,
     WeightQuantizer,
+    calibration_samples,
     mean_std,
+    needs_autograd,
     register_scheme,
+    search_samples,
 )
 
 __all__ = [
@@ -115,8 +119,6 @@ __all__ = [
 DEFAULT_WEIGHT_CLIP_STD = 3.0
 #: Eigenvalues below this fraction of the largest are treated as zero (rank deficiency).
 _RTOL = 1e-10
-#: Most calibration samples the threshold search looks at (a deterministic stride beyond).
-_MAX_SEARCH_SAMPLES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------
@@ -301,34 +303,14 @@ def abc_activation(x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torc
     return tables.levels(x.dtype)[tables.bucket(x)]
 
 
-def _prepare_samples(samples: torch.Tensor) -> torch.Tensor:
-    x = samples.detach().reshape(-1)
-    if x.numel() == 0:
-        raise BadInputError(
-            "activation calibration got no samples; give it at least one calibration batch"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise BadInputError(
-            "activation calibration samples contain NaN or inf; check the model and the data"
-        )
-    return x
-
-
 def fit_activation_scales(samples: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Least-squares ``beta`` for fixed shifts: ``argmin_b ||x - sum_n b_n H_{v_n}(x)||^2``.
 
     ``samples`` is cast to ``v``'s dtype first, so the planes are exactly the forward's.
     Returns float64 ``[N]`` (minimum-norm when planes coincide).
     """
-    x = _prepare_samples(samples).to(device=v.device, dtype=v.dtype)
+    x = calibration_samples(samples).to(device=v.device, dtype=v.dtype)
     return least_squares_scales(abc_activation_planes(x, v.detach()), x)
-
-
-def _subsample(x: torch.Tensor, limit: int) -> torch.Tensor:
-    if x.numel() <= limit:
-        return x
-    step = math.ceil(x.numel() / limit)
-    return x[::step]
 
 
 def search_activation_shifts(
@@ -354,7 +336,7 @@ def search_activation_shifts(
     """
     if n < 1:
         raise SchemeError(f"ABC needs at least one activation base (got N={n})")
-    x = _subsample(_prepare_samples(samples).to("cpu", torch.float64), _MAX_SEARCH_SAMPLES)
+    x = search_samples(samples, MAX_SEARCH_SAMPLES)
     xs, _ = torch.sort(x)
     count = xs.numel()
     lo = xs[0]
@@ -458,10 +440,6 @@ class ABCActivationSTE(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
-def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 class ABCWeightQuantizer(WeightQuantizer):
     """ABC weights: ``M`` sign bases at ``mean + u_m std``, least-squares ``alpha`` per forward.
 
@@ -478,7 +456,7 @@ class ABCWeightQuantizer(WeightQuantizer):
         self.clip_std = float(clip_std)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not _needs_autograd(weight):
+        if not needs_autograd(weight):
             return abc_weight(weight, self.num_bases)
         return ABCWeightSTE.apply(weight, self.num_bases, self.clip_std)
 
@@ -506,7 +484,7 @@ class ABCActivationQuantizer(ActivationQuantizer):
         self.beta = nn.Parameter(torch.full((n,), 1.0 / n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_autograd(x, self.v, self.beta):
+        if not needs_autograd(x, self.v, self.beta):
             return abc_activation(x, self.v, self.beta)
         return ABCActivationSTE.apply(x, self.v, self.beta)
 

@@ -34,7 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize_cli.core.errors import SchemeError
+from binarize_cli.core.errors import BadInputError, SchemeError
+
+#: Most calibration samples a threshold / range search looks at (a deterministic stride beyond).
+MAX_SEARCH_SAMPLES = 1 << 20
 
 
 class Domain(enum.StrEnum):
@@ -97,50 +100,75 @@ def mean_std(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
-class WeightQuantizer(nn.Module):
-    """Maps a latent weight ``W`` (``[C_out, C_in/groups, kh, kw]``) to ``W_hat``.
-
-    ``forward`` is differentiable with the scheme's surrogate gradient. Quantizers that need
-    statistics recompute them from the weight they are given; nothing is cached across calls
-    unless it is a registered buffer or parameter (so it is saved with the model).
-    """
-
-    #: Number of binary planes stored per weight (the paper's M; bits per weight).
-    num_bases: int = 0
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def bit_planes(self, weight: torch.Tensor) -> BitPlanes:  # pragma: no cover - interface
-        """The exact plane decomposition of ``forward(weight)``."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def calibrate(self, weight: torch.Tensor) -> None:
-        """Fix any data-free state from the weight (default: nothing to do)."""
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a quantizer's forward must run its surrogate-gradient ``autograd.Function``:
+    grad mode is on and some input requires a gradient (else the plain forward is used)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-class ActivationQuantizer(nn.Module):
-    """Maps a real input activation ``A`` (``[B, C, H, W]``) to ``A_hat``.
+def calibration_samples(samples: torch.Tensor) -> torch.Tensor:
+    """The sampled input activations given to an activation quantizer's ``calibrate``,
+    flattened and detached; :class:`BadInputError` when there are none or any is NaN/inf."""
+    x = samples.detach().reshape(-1)
+    if x.numel() == 0:
+        raise BadInputError(
+            "activation calibration got no samples; give it at least one calibration batch"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise BadInputError(
+            "activation calibration samples contain NaN or inf; check the model and the data"
+        )
+    return x
 
-    Trainable endpoints and levels are ``nn.Parameter`` s; they must be initialised from data
-    by :meth:`calibrate` before use (random initialisation is what sank both seed
-    re-implementations of ABC-Net).
-    """
 
-    #: Number of binary planes per activation (the paper's N); 0 means full precision.
+def search_samples(samples: torch.Tensor, limit: int) -> torch.Tensor:
+    """:func:`calibration_samples` as float64 on the CPU, at most ``limit`` of them: every
+    ``ceil(n / limit)``-th one when there are ``n > limit`` (a deterministic stride)."""
+    x = calibration_samples(samples).to("cpu", torch.float64)
+    if x.numel() > limit:
+        x = x[:: -(-x.numel() // limit)]
+    return x
+
+
+class Quantizer(nn.Module):
+    """The contract of both quantizers: ``forward(x)`` is the approximation ``x_hat`` with the
+    scheme's surrogate gradient, ``bit_planes(x)`` its exact plane decomposition
+    (``bit_planes(x).reconstruct() == forward(x)``), ``calibrate`` sets state from data
+    (default: nothing to do) and ``num_bases`` counts the planes per value."""
+
+    #: Number of binary planes per value (M for weights, N for activations).
     num_bases: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
     def bit_planes(self, x: torch.Tensor) -> BitPlanes:  # pragma: no cover - interface
-        """The exact plane decomposition of ``forward(x)``; ``scales`` has shape ``[N]``."""
+        """The exact plane decomposition of ``forward(x)``."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def calibrate(self, samples: torch.Tensor) -> None:
-        """Initialise endpoints/levels from a 1-D tensor of sampled input activations."""
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set any state from data (default: nothing to do)."""
+
+
+class WeightQuantizer(Quantizer):
+    """Maps a latent weight ``W`` (``[C_out, C_in/groups, kh, kw]``) to ``W_hat``; ``num_bases``
+    is the paper's M (bits per weight).
+
+    Quantizers that need statistics recompute them from the weight they are given; nothing
+    is cached across calls unless it is a registered buffer or parameter (so it is saved
+    with the model). ``calibrate(weight)`` may fix data-free state from the weight.
+    """
+
+
+class ActivationQuantizer(Quantizer):
+    """Maps a real input activation ``A`` (``[B, C, H, W]``) to ``A_hat``; ``num_bases`` is the
+    paper's N (0 means full precision), ``bit_planes`` scales have shape ``[N]``.
+
+    Trainable endpoints and levels are ``nn.Parameter`` s; they must be initialised from data
+    by ``calibrate(samples)`` (a 1-D tensor of sampled input activations) before use (random
+    initialisation is what sank both seed re-implementations of ABC-Net).
+    """
 
 
 class FullPrecisionActivation(ActivationQuantizer):

@@ -56,6 +56,7 @@ from binarize_cli.quant.base import (
     Scheme,
     WeightQuantizer,
     mean_std,
+    needs_autograd,
     register_scheme,
 )
 
@@ -443,7 +444,7 @@ def quantize_weight(
     weight: torch.Tensor, multipliers: torch.Tensor, lambda_w: float | None = None
 ) -> torch.Tensor:
     """``W_hat`` with PA's surrogate gradient (autograd only when a gradient is needed)."""
-    if torch.is_grad_enabled() and weight.requires_grad and not _onnx_exporting():
+    if needs_autograd(weight) and not _onnx_exporting():
         return PAWeightFunction.apply(weight, multipliers, lambda_w)
     return pa_weight_forward(weight, multipliers)
 
@@ -603,8 +604,7 @@ def quantize_activation(
     """``A_hat`` with PA's surrogate gradients; ``v`` must be sorted ascending."""
     v = v.to(x.dtype)
     beta = beta.to(x.dtype)
-    needs = x.requires_grad or v.requires_grad or beta.requires_grad
-    if torch.is_grad_enabled() and needs and not _onnx_exporting():
+    if needs_autograd(x, v, beta) and not _onnx_exporting():
         return PAActivationFunction.apply(x, v, beta, lambda_a, lambda_delta, zero_piece)
     return pa_activation_forward(x, v, beta, zero_piece)
 

@@ -76,14 +76,17 @@ from typing import Any, Literal
 
 import torch
 
-from binarize_cli.core.errors import BadInputError, SchemeError
+from binarize_cli.core.errors import SchemeError
 from binarize_cli.quant.base import (
+    MAX_SEARCH_SAMPLES,
     ActivationQuantizer,
     BitPlanes,
     Domain,
     Scheme,
     WeightQuantizer,
+    needs_autograd,
     register_scheme,
+    search_samples,
 )
 
 __all__ = [
@@ -114,8 +117,7 @@ __all__ = [
 
 #: Largest DoReFa bit width (integer levels stay exact in float32).
 MAX_DOREFA_BITS = 16
-#: Most calibration samples the range / threshold searches look at (deterministic stride).
-_MAX_SEARCH_SAMPLES = 1 << 20
+#: Most calibration samples the range search looks at (deterministic stride).
 _MAX_RANGE_SAMPLES = 1 << 14
 _RANGE_GRID = 48
 
@@ -217,29 +219,13 @@ def dorefa_activation_planes(x: torch.Tensor, clip_max: torch.Tensor, bits: int)
         return BitPlanes(planes=_bits_of(n, bits), scales=scales, domain=Domain.ZERO_ONE)
 
 
-def _prepare_samples(samples: torch.Tensor, limit: int) -> torch.Tensor:
-    x = samples.detach().reshape(-1)
-    if x.numel() == 0:
-        raise BadInputError(
-            "activation calibration got no samples; give it at least one calibration batch"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise BadInputError(
-            "activation calibration samples contain NaN or inf; check the model and the data"
-        )
-    x = x.to("cpu", torch.float64)
-    if x.numel() > limit:
-        x = x[:: -(-x.numel() // limit)]
-    return x
-
-
 def optimal_sign_threshold(samples: torch.Tensor) -> float | None:
     """The 1-bit split minimising ``min_{a,b} ||x - (a + b sign(x - t))||^2`` (2-means).
 
     Exact over all splits of the sorted samples (prefix sums); the threshold is placed
     midway between the two samples it separates. ``None`` when all samples are equal.
     """
-    xs, _ = torch.sort(_prepare_samples(samples, _MAX_SEARCH_SAMPLES))
+    xs, _ = torch.sort(search_samples(samples, MAX_SEARCH_SAMPLES))
     count = xs.numel()
     if count < 2 or bool(xs[0] == xs[-1]):
         return None
@@ -262,7 +248,7 @@ def optimal_clip_range(
     Two-stage grid search: ``r = max(x) * i / grid`` for ``i = 1..grid``, then ``grid``
     points between the best one's neighbours. ``None`` when no sample is > 0.
     """
-    x = _prepare_samples(samples, _MAX_RANGE_SAMPLES)
+    x = search_samples(samples, _MAX_RANGE_SAMPLES)
     top = float(x.max())
     if top <= 0:
         return None
@@ -355,10 +341,6 @@ class DoReFaActivationSTE(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
-def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 class SignWeightQuantizer(WeightQuantizer):
     """One sign base: ``sign(W)`` (``bnn``) or ``alpha_c sign(W)`` (``xnor``, ``bireal``)."""
 
@@ -369,7 +351,7 @@ class SignWeightQuantizer(WeightQuantizer):
         self.scaled = bool(scaled)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not _needs_autograd(weight):
+        if not needs_autograd(weight):
             return sign_weight_planes(weight, scaled=self.scaled).reconstruct()
         return SignWeightSTE.apply(weight, self.scaled)
 
@@ -393,7 +375,7 @@ class SignActivationQuantizer(ActivationQuantizer):
         self.register_buffer("threshold", torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_autograd(x):
+        if not needs_autograd(x):
             return torch.where(x >= self.threshold, 1.0, -1.0).to(x.dtype)
         return SignActivationSTE.apply(x, self.threshold, self.backward_kind)
 
@@ -426,7 +408,7 @@ class DoReFaWeightQuantizer(WeightQuantizer):
         self.num_bases = bits
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not _needs_autograd(weight):
+        if not needs_autograd(weight):
             _, wq, s = _dorefa_weight_parts(weight, self.num_bases, ste=False)
             return s * wq
         return dorefa_weight(weight, self.num_bases)
@@ -448,7 +430,7 @@ class DoReFaActivationQuantizer(ActivationQuantizer):
         self.register_buffer("clip_max", torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_autograd(x):
+        if not needs_autograd(x):
             return dorefa_activation(x, self.clip_max, self.num_bases)
         return DoReFaActivationSTE.apply(x, self.clip_max, self.num_bases)
 

@@ -78,9 +78,9 @@ def test_check_header_rejects_a_node_the_table_forbids() -> None:
     assert check_header({**meta, "graph": json.dumps(graph)}, "f") == graph
 
 
-def test_runtime_imports_only_itself_numpy_safetensors_and_core_errors() -> None:
+def test_runtime_imports_only_itself_numpy_safetensors_and_torch_free_core() -> None:
     allowed = re.compile(
-        r"^(numpy|safetensors|binarize_cli\.runtime|binarize_cli\.core\.errors|"
+        r"^(numpy|safetensors|binarize_cli\.runtime|binarize_cli\.core\.(errors|files)|"
         r"__future__|ctypes|math|os|re|json|time|dataclasses|functools|typing|pathlib|"
         r"collections|hashlib|subprocess|sys|tempfile|platform|shutil|sysconfig|threading)(\.|$)"
     )
