@@ -298,7 +298,7 @@ def run_report(
             :data:`ERROR_BATCH` validation images of the run's data. When the data cannot be
             loaded, activation errors are skipped with a warning.
     """
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     run = load_run(path)
     return report_for_run(run, input_size=input_size, errors=errors, batch=batch)
@@ -311,7 +311,7 @@ def report_for_run(
     errors: bool = True,
     batch: torch.Tensor | None = None,
 ) -> Report:
-    """:func:`run_report` for an already loaded :class:`~binarize_cli.core.rundir.Run`."""
+    """:func:`run_report` for an already loaded :class:`~binarize_cli.convert.rebuild.Run`."""
     meta = run.meta
     size = profile_input_size(meta, input_size)
     prof = profile_model(run.model, size, decisions=_run_decisions(meta), model_name=meta.model)

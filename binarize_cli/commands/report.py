@@ -110,7 +110,7 @@ def report(
             None,
         )
     elif compare:
-        from binarize_cli.core.rundir import load_run
+        from binarize_cli.convert.rebuild import load_run
 
         paths: list[str | Path] = ([target] if target is not None else []) + list(compare)
         runs = [load_run(p) for p in paths]
@@ -146,7 +146,7 @@ def _single_report(
                 f"{', '.join(given)} apply to analytic mode (a MODEL name), not to a run directory; "
                 "drop them or pass a model name"
             )
-        from binarize_cli.core.rundir import load_run
+        from binarize_cli.convert.rebuild import load_run
 
         run = load_run(target)
         rep = lib.report_for_run(run, input_size=input_size)

@@ -25,7 +25,7 @@
 The swap is made *in place on the original module tree*, also when the model traces: the
 graph is used for analysis only. The converted model keeps its class, its methods (timm's
 ``forward_features``, ``pretrained_cfg``) and its ``state_dict`` keys, so a run directory can
-rebuild it from the architecture and the recorded policy (``rundir.build_model_from_meta``)
+rebuild it from the architecture and the recorded policy (``rebuild.build_model_from_meta``)
 and load its weights strictly. ``symbolic_trace`` of the result works with
 :func:`binarize_cli.convert.graph.trace_model` (``BinarizedConv2d`` is a leaf).
 

@@ -1,10 +1,11 @@
 """core: what every stage shares and nothing stage-specific.
 
 Owns the error family (:mod:`.errors`), convert settings and recipes (:mod:`.settings`), the
-run directory and atomic file writes (:mod:`.rundir`, :mod:`.files`), and the typed run
-metadata (:mod:`.metadata`).
+typed run metadata ``binarize.json`` (:mod:`.metadata`), run directories (:mod:`.rundir`),
+atomic file writes (:mod:`.files`), and the one way to look at a model in eval mode under
+no_grad (:mod:`.modes`).
 
-May import: the standard library, NumPy and safetensors. ``core.errors`` and ``core.files`` stay
-torch-free because the torch-free :mod:`binarize_cli.runtime` imports them. Imports no other
-``binarize_cli`` subpackage at module level.
+May import: nothing else of the package; the standard library, NumPy, safetensors, and torch
+in :mod:`.rundir` and :mod:`.modes` only. ``errors`` and ``files`` stay torch-free because the
+torch-free :mod:`binarize_cli.runtime` imports them, so this ``__init__`` imports nothing.
 """

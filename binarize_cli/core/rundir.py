@@ -20,11 +20,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from binarize_cli.core.errors import RunDirError
 from binarize_cli.core.files import atomic_write_bytes, fsync_dir, location_error, umask
@@ -32,15 +29,6 @@ from binarize_cli.core.metadata import META_FILE, RUN_FORMAT, RunMetadata
 
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_RUNS_ROOT = Path("runs")
-
-
-@dataclass
-class Run:
-    """A loaded run: its directory, its metadata and the rebuilt model (eval mode)."""
-
-    path: Path
-    meta: RunMetadata
-    model: nn.Module
 
 
 def is_run_dir(path: Path) -> bool:
@@ -81,48 +69,6 @@ def resolve_run(path: str | Path | None) -> Path:
     if not (p / WEIGHTS_FILE).is_file():
         raise RunDirError(f"{p} is an incomplete run (no {WEIGHTS_FILE}); rerun `binarize convert`")
     return p
-
-
-def build_model_from_meta(meta: RunMetadata) -> nn.Module:
-    """Rebuild the converted architecture (random weights) described by a run's metadata."""
-    from binarize_cli.convert.surgery import binarize_model
-    from binarize_cli.load.models import create_architecture
-
-    loaded = create_architecture(meta.model, num_classes=meta.num_classes)
-    result = binarize_model(
-        loaded.model,
-        meta.scheme,
-        meta.M,
-        meta.N,
-        keep=tuple(meta.keep),
-        first_conv=loaded.first_conv if meta.first_conv is None else meta.first_conv,
-        classifier=loaded.classifier if meta.classifier is None else meta.classifier,
-        options=dict(meta.scheme_options),
-    )
-    return result.model
-
-
-def load_run(path: str | Path | None) -> Run:
-    """Load a run directory: metadata plus the converted model with its weights, in eval mode."""
-    from safetensors.torch import load_file
-
-    run_path = resolve_run(path)
-    meta = RunMetadata.load(run_path)
-    model = build_model_from_meta(meta)
-    try:
-        state = load_file(str(run_path / WEIGHTS_FILE))
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise RunDirError(
-            f"{run_path / WEIGHTS_FILE} is corrupt ({exc}); rerun `binarize convert`"
-        ) from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        first = ", ".join((list(missing) + list(unexpected))[:3])
-        raise RunDirError(
-            f"{run_path / WEIGHTS_FILE} does not match its binarize.json (first keys: {first})"
-        )
-    model.eval()
-    return Run(path=run_path, meta=meta, model=model)
 
 
 def save_state_dict_atomic(

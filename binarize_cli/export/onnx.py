@@ -566,7 +566,7 @@ def export_onnx(
     Default output: ``RUN_DIR/model.onnx`` (packed) or ``RUN_DIR/model-float.onnx``; an
     existing directory as ``output`` receives the file under that default name.
     """
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     run = load_run(run_dir)
     default = DEFAULT_FLOAT_FILE if float_weights else DEFAULT_FILE

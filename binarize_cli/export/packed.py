@@ -690,7 +690,7 @@ def export_packed_model(model: nn.Module, meta: Mapping[str, Any], path: str | P
 def export_packed(run_dir: str | Path | None, output: str | Path | None = None) -> Path:
     """``binarize export [RUN_DIR] --target packed [-o FILE]``; default ``RUN_DIR/model.packed.safetensors``
     (an existing directory as ``output`` receives that file name)."""
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     run = load_run(run_dir)
     out = run.path / DEFAULT_FILE if output is None else Path(output)

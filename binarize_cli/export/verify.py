@@ -337,7 +337,7 @@ def verify_run(
     The images are the first ``samples`` validation images of ``data`` (default: the run's
     data), preprocessed with the run's input size and normalisation.
     """
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     if samples < 1:
         raise BadInputError(f"--samples must be >= 1 (got {samples})")

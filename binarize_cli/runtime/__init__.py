@@ -1,18 +1,18 @@
-"""Torch-free runtime for packed binarized models (``binarize run``, ``binarize verify``).
+"""runtime: run packed binarized models without torch (``binarize run``, ``binarize verify``).
 
-Imports NumPy and safetensors only — never torch (``tests/runtime/test_model.py`` imports
-it with torch blocked). :func:`load_packed` reads a file written by
-``binarize export --target packed`` (``docs/format.md``) and returns a :class:`PackedModel`
-that maps normalised images ``[B, C, H, W]`` to logits: binarized convolutions run as
-AND/XNOR + popcount over bit planes (:mod:`.bitconv`, :mod:`.kernels`, the C kernel
-``_kernel.c``), everything else in float (:mod:`.ops`). ``docs/runtime.md`` derives the
-bitwise algebra and the border correction.
+Owns the packed format (:mod:`.format`), its op table (:mod:`.optable`), the step-function
+record (:mod:`.staircase`), bit packing (:mod:`.bits`), the kernels (:mod:`.kernels`, the C
+kernel ``_kernel.c`` built by :mod:`._build`), the float ops (:mod:`.ops`), binarized
+convolutions (:mod:`.bitconv`) and the packed model (:mod:`.model`, :mod:`.evaluate`).
+:func:`load_packed` reads a file written by ``binarize export --target packed``
+(``docs/format.md``) and returns a :class:`PackedModel` that maps normalised images
+``[B, C, H, W]`` to logits: binarized convolutions run as AND/XNOR + popcount over bit planes,
+everything else in float. ``docs/runtime.md`` derives the bitwise algebra and the border
+correction.
 
-The contracts with the writers live here, torch-free: the op table (:mod:`.optable`), the
-bit order and packing (:mod:`.bits`), the activation step function (:mod:`.staircase`) and
-the format's header checks (:mod:`.format`).
-
-May import: NumPy, safetensors, :mod:`binarize_cli.core.errors` — nothing else of the package.
+May import: NumPy, safetensors, the standard library, and of the package only
+:mod:`binarize_cli.core.errors` and :mod:`binarize_cli.core.files`: never torch
+(``tests/runtime/test_model.py`` imports and runs it with torch blocked).
 """
 
 from binarize_cli.runtime.bitconv import BinaryConv2d

@@ -78,7 +78,7 @@ def test_accuracy_memory_plots_runs_and_baselines():
 
 
 def test_write_figures_for_a_run(tmp_path, make_run_dir):
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     run = load_run(make_run_dir(tmp_path / "run"))
     rep = run_report(run.path, errors=False)
@@ -96,7 +96,7 @@ def test_write_figures_for_a_run(tmp_path, make_run_dir):
 
 
 def test_layer_samples_rejects_a_kept_layer(tmp_path, make_run_dir):
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     run = load_run(make_run_dir(tmp_path / "run"))
     with pytest.raises(BadInputError):

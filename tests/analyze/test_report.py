@@ -248,7 +248,7 @@ def test_compare_needs_runs():
 
 
 def test_compare_reports_without_fp_accuracy(tmp_path, make_run_dir):
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     run = load_run(make_run_dir(tmp_path / "x"))
     run.meta.accuracy.fp = None

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from binarize_cli.cli import app
+from binarize_cli.convert.rebuild import load_run
 from binarize_cli.core.errors import BadInputError, RunDirError
-from binarize_cli.core.rundir import load_run
 
 runner = CliRunner()
 CONTRACT_KEYS = {

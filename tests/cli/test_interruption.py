@@ -242,7 +242,7 @@ def _convert(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tmp_path):
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     cache = tmp_path / "cache"
     args = [*CONVERT, "--epochs", "3", "-o", "run"]

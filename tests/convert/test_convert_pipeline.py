@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from binarize_cli.cli import app
 from binarize_cli.convert.finetune import load_checkpoint
 from binarize_cli.convert.pipeline import run_convert, work_dir_for
-from binarize_cli.core.rundir import load_run
+from binarize_cli.convert.rebuild import load_run
 from binarize_cli.core.settings import merge_settings
 from binarize_cli.load.data import load_data, make_loader
 

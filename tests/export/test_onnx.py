@@ -659,7 +659,7 @@ def test_bad_input_leaves_no_file(
 
 def test_export_onnx_from_run_dir(tmp_path: Path, make_run_dir) -> None:
     scheme = _scheme_or_skip("pa")
-    from binarize_cli.core import rundir
+    from binarize_cli.convert import rebuild
 
     run = make_run_dir(
         tmp_path / "run",
@@ -686,7 +686,7 @@ def test_export_onnx_from_run_dir(tmp_path: Path, make_run_dir) -> None:
     written_float = tmp_path / "model-float.onnx"
     assert written_float.is_file() and "model-float.onnx" in result.output
     x = torch.randn(2, 3, 32, 32)
-    model = rundir.load_run(run).model
+    model = rebuild.load_run(run).model
     with torch.no_grad():
         expected = model(x).numpy()
     _assert_agrees(expected, onnx_logits(written, x.numpy()))

@@ -66,7 +66,7 @@ def test_verify_text_output(capsys, small_run) -> None:
 
 
 def test_export_packed_then_run(capsys, tmp_path, small_run, top1_recount) -> None:
-    from binarize_cli.core.rundir import load_run
+    from binarize_cli.convert.rebuild import load_run
 
     target = tmp_path / "r10.safetensors"
     main(["export", str(small_run), "--target", "packed", "-o", str(target)])
