@@ -227,6 +227,35 @@ def _flipped_activations(model: nn.Module, runtime: Any, images: np.ndarray) -> 
     return flips
 
 
+def _compare_onnx(
+    model: nn.Module,
+    meta: Mapping[str, Any],
+    images: np.ndarray,
+    torch64: np.ndarray,
+    torch32: np.ndarray,
+    tmp: Path,
+    notes: list[str],
+) -> tuple[float | None, float | None, Agreement | None]:
+    """Export ``model`` to ONNX in ``tmp`` and compare ONNX Runtime's logits with PyTorch's
+    float64 (agreement, max diff) and float32 (:class:`Agreement`). A failed export or run is
+    a note and ``None`` values: reported, never faked."""
+    try:
+        from binarize_cli.export.onnx import export_onnx_model, onnx_logits
+    except ImportError as exc:
+        notes.append(f"onnx: not compared, the ONNX exporter is unavailable ({exc})")
+        return None, None, None
+    try:
+        path = export_onnx_model(model, meta, tmp / "model.onnx")
+        onnx_out = onnx_logits(path, images)
+    except Exception as exc:  # noqa: BLE001 - reported, never faked: onnx stays None
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        notes.append(f"onnx: not compared, export or run failed ({type(exc).__name__}: {first})")
+        return None, None, None
+    agree, diff = _compare(torch64, onnx_out)
+    a32, d32 = _compare(torch32, onnx_out)
+    return agree, diff, Agreement(top1_agreement=a32, max_abs_logit_diff=d32)
+
+
 def verify_model(
     model: nn.Module,
     meta: Mapping[str, Any],
@@ -262,27 +291,12 @@ def verify_model(
         agree32, diff32 = _compare(torch32, out32)
         flips = sum(_flipped_activations(model, rt32, images[i : i + 16]) for i in range(0, n, 16))
         _, torch_drift = _compare(torch64, torch32)
-        onnx_agree: float | None = None
-        onnx_diff: float | None = None
-        onnx32: Agreement | None = None
-        if onnx:
-            try:
-                from binarize_cli.export.onnx import export_onnx_model, onnx_logits
-            except ImportError as exc:
-                notes.append(f"onnx: not compared, the ONNX exporter is unavailable ({exc})")
-            else:
-                try:
-                    path = export_onnx_model(model, meta, Path(tmp) / "model.onnx")
-                    onnx_out = onnx_logits(path, images)
-                    onnx_agree, onnx_diff = _compare(torch64, onnx_out)
-                    a32, d32 = _compare(torch32, onnx_out)
-                    onnx32 = Agreement(top1_agreement=a32, max_abs_logit_diff=d32)
-                except Exception as exc:  # noqa: BLE001 - reported, never faked: onnx stays None
-                    first = (str(exc).strip().splitlines() or [""])[0][:200]
-                    notes.append(
-                        f"onnx: not compared, export or run failed ({type(exc).__name__}: {first})"
-                    )
-        else:
+        onnx_agree, onnx_diff, onnx32 = (
+            _compare_onnx(model, meta, images, torch64, torch32, Path(tmp), notes)
+            if onnx
+            else (None, None, None)
+        )
+        if not onnx:
             notes.append("onnx: not compared (disabled)")
     be = rt32.backend
     backend_name = be.name if be.name == "numpy" else f"{be.name} ({be.simd})"
