@@ -15,7 +15,13 @@ from rich.table import Table
 from rich.text import Text
 
 from binarize_cli.analyze.profile import LayerProfile, ModelProfile
-from binarize_cli.analyze.report import ACCURACY_STAGES, CompareRow, PaperRow, Report
+from binarize_cli.analyze.report import (
+    ACCURACY_STAGES,
+    PAPER_SOURCE,
+    CompareRow,
+    PaperRow,
+    Report,
+)
 
 STAGE_NAMES = {"fp": "full precision", "calibrated": "calibrated", "binarized": "fine-tuned"}
 
@@ -247,7 +253,7 @@ def compare_table(rows: Sequence[CompareRow]) -> Table:
 def paper_table(rows: Sequence[PaperRow]) -> Table:
     """``--paper``: our analytic numbers beside the paper's Table 7."""
     table = Table(
-        title="Table 7 (seed 002), 224x224: ours vs paper",
+        title=f"{PAPER_SOURCE}, 224x224: ours vs paper",
         caption="differences explained in docs/accounting.md",
         header_style="bold",
     )

@@ -468,6 +468,9 @@ PAPER_TABLE7: dict[tuple[str, str | None], tuple[float, float | None, float, flo
     ("resnet50", None): (817.8, None, 3.86e9, None),
 }
 
+#: The source of the paper figures ``report --paper`` sets beside ours.
+PAPER_SOURCE = "PA-Net (Zhu, Al-Ars & Pan, ECAI 2020), Table 7"
+
 #: The (scheme, M, N) of each Table 7 row family.
 PAPER_CONFIGS: tuple[tuple[str | None, int | None, int | None, str], ...] = (
     ("bireal", 1, 1, "Bi-Real"),

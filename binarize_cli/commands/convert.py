@@ -33,7 +33,8 @@ class RichReporter:
     def stage(self, text: str) -> None:
         if self.enabled:
             self._close()
-            err_console.print(f"[bold cyan]>[/] {text}")
+            # one line each, however long: the terminal wraps it, rich does not break it
+            err_console.print(f"[bold cyan]>[/] {text}", soft_wrap=True)
 
     def epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
         if not self.enabled:
@@ -92,11 +93,12 @@ def _accuracy_table(meta: RunMetadata) -> Table:
     table.add_column("top-5", justify="right")
     table.add_column("gap top-1", justify="right")
     fp = meta.accuracy.fp
-    for key, label in (
+    stages = (
         ("fp", "full precision"),
         ("calibrated", "calibrated (no training)"),
         ("binarized", "fine-tuned"),
-    ):
+    )
+    for key, label in stages if meta.fine_tuned else stages[:2]:  # --epochs 0: no fine-tuning
         row = meta.accuracy.stage(key)
         if row is None:
             continue
@@ -140,7 +142,8 @@ _Pretrained = Annotated[
     bool | None,
     typer.Option(
         "--pretrained/--no-pretrained",
-        help="Download pretrained weights from the hub (needs internet).",
+        help="Pretrained hub weights: read from the local Hugging Face / torch hub caches, "
+        "downloaded only when not cached (the run records the file and its sha256).",
     ),
 ]
 

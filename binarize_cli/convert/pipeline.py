@@ -215,6 +215,11 @@ def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
     scheme.weight_quantizer(m, options)  # each factory rejects bad or unknown options
     if n > 0:
         scheme.activation_quantizer(n, options)
+    if settings.checkpoint is not None and settings.pretrained:
+        raise BadInputError(
+            "--pretrained and --checkpoint both name the weights; pass one of them "
+            "(--checkpoint PATH for a local file, --pretrained for the hub weights)"
+        )
     if settings.checkpoint is not None:
         ckpt = Path(settings.checkpoint).expanduser()
         if not ckpt.exists():
@@ -325,10 +330,16 @@ class ConvertPlan:
 
 @dataclass
 class ConvertInputs:
-    """Stage 1 (:func:`load_inputs`): the model, sized to the data's classes, and the data."""
+    """Stage 1 (:func:`load_inputs`): the model, sized to the data's classes, and the data.
+
+    ``notes``: what loading changed or noticed on its own (a classifier reset for another
+    number of classes, small images upscaled to the model's size), one line each; ``convert``
+    prints them and records them in ``binarize.json``.
+    """
 
     loaded: LoadedModel
     data: DataBundle
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -370,16 +381,60 @@ def prepare(
     return ConvertPlan(settings, scheme, m, n, run_dir, work_dir, fingerprint, resume, saved)
 
 
+def check_keep_patterns(keep: list[str] | tuple[str, ...], model: nn.Module) -> None:
+    """Refuse a ``--keep`` regex that names no weight layer of ``model`` (one line, exit 2).
+
+    A pattern that matches nothing is almost always a typo, and the layer the user meant to
+    keep would otherwise be binarized; the role aliases (``first``, ``last``, ``classifier``)
+    are not checked here (surgery resolves them). Checked right after the model loads, before
+    the baseline trains; ``surgery.binarize_model`` still warns for library callers.
+    """
+    from binarize_cli.convert.policy import KEEP_ALIASES
+
+    names = [
+        name
+        for name, module in model.named_modules()
+        if any(p.dim() >= 2 for p in module.parameters(recurse=False))
+    ]
+    for pattern in keep:
+        if pattern in KEEP_ALIASES or any(re.search(pattern, n) for n in names):
+            continue
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise BadInputError(
+            f"--keep {pattern!r} matches no layer of the model (its layers: {shown}); "
+            "fix the pattern (a regular expression searched in each layer name)"
+        )
+
+
+def _reset_note(loaded: LoadedModel, data: DataBundle) -> str:
+    what = (
+        f"--checkpoint {loaded.source}"
+        if loaded.weights.startswith("checkpoint:")
+        else f"pretrained {loaded.spec}"
+    )
+    return (
+        f"{what} has a {loaded.num_classes}-class classifier but {data.spec} has "
+        f"{data.num_classes} classes: the classifier is reset to fresh weights, which the "
+        "full-precision baseline step trains"
+    )
+
+
 def load_inputs(settings: ConvertSettings) -> ConvertInputs:
     """Load the model first (its normalisation and input size shape RGB data), then the
-    data; reload the model with the data's number of classes when they differ."""
-    from binarize_cli.load.data import load_data
-    from binarize_cli.load.models import load_model
+    data; reload the model with the data's number of classes when they differ.
+
+    Before anything trains: every ``--keep`` regex must name a layer
+    (:func:`check_keep_patterns`) and the model must run at the data's input size
+    (:func:`~binarize_cli.load.models.check_input_size`); both raise BadInputError.
+    """
+    from binarize_cli.load.data import load_data, upscale_hint
+    from binarize_cli.load.models import check_input_size, load_model
 
     assert settings.model is not None
     loaded = load_model(
         settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint
     )
+    check_keep_patterns(settings.keep, loaded.model)
     data = load_data(
         settings.data,
         input_size=settings.input_size,
@@ -388,14 +443,37 @@ def load_inputs(settings: ConvertSettings) -> ConvertInputs:
         model_input_size=loaded.input_size,
         crop_pct=loaded.crop_pct,
     )
+    check_input_size(
+        loaded.model, data.input_size, name=loaded.spec, default_size=loaded.input_size
+    )
+    notes = list(loaded.notes)
+    hint = upscale_hint(data, loaded.input_size, explicit_size=settings.input_size is not None)
+    if hint is not None:
+        notes.append(hint)
     if data.num_classes != loaded.num_classes:
+        if loaded.weights != "random":
+            notes.append(_reset_note(loaded, data))
         loaded = load_model(
             settings.model,
             pretrained=settings.pretrained,
             checkpoint=settings.checkpoint,
             num_classes=data.num_classes,
         )
-    return ConvertInputs(loaded, data)
+    return ConvertInputs(loaded, data, notes)
+
+
+def weights_provenance(loaded: LoadedModel) -> tuple[str | None, str | None]:
+    """``(file, sha256)`` of the local file the weights were read from (a checkpoint or a
+    cached hub file), or ``(None, None)`` for random weights or a source that is no file."""
+    from binarize_cli.load.models import file_sha256
+
+    if loaded.weights == "random" or not loaded.source:
+        return None, None
+    path = Path(loaded.source)
+    if not path.is_file():
+        return None, None
+    resolved = path.resolve()
+    return str(resolved), file_sha256(resolved)
 
 
 def _report_resume(plan: ConvertPlan, rep: Reporter) -> None:
@@ -491,16 +569,20 @@ def calibrate_student(
         resumed_from = int(plan.saved["epochs_done"])
         rep.stage(f"resuming after epoch {resumed_from} from {plan.work_dir}")
         return Calibration(extra["calibrated"], float(extra["calibrate_s"]), resumed_from)
-    rep.stage(f"calibrating on {settings.calib_batches} batches")
     calib_loader = make_loader(
         inputs.data.train, batch_size=settings.batch_size, shuffle=True, seed=settings.seed
     )
-    stats = calibrate_model(
-        student,
-        reference.model,
-        _calibration_batches(calib_loader, settings.calib_batches),
-        seed=settings.seed,
+    batches = _calibration_batches(calib_loader, settings.calib_batches)
+    short = len(batches) < settings.calib_batches
+    rep.stage(
+        f"calibrating on {len(batches)} batch{'es' if len(batches) != 1 else ''}"
+        + (
+            f" (the training split has only {len(batches)} of the {settings.calib_batches} asked for)"
+            if short
+            else ""
+        )
     )
+    stats = calibrate_model(student, reference.model, batches, seed=settings.seed)
     rep.stage("evaluating the calibrated model")
     accuracy = evaluate(student, reference.val_loader, device=device).to_dict()
     return Calibration(accuracy, stats.seconds)
@@ -585,6 +667,7 @@ def run_metadata(
     """The ``binarize.json`` of a run (BRIEF section 2 keys plus provenance)."""
     settings, data, baseline = plan.settings, inputs.data, reference.baseline
     loaded, fp_acc, cal_acc = inputs.loaded, baseline.accuracy, calibration.accuracy
+    weights_file, weights_sha256 = weights_provenance(loaded)
     return RunMetadata(
         model=loaded.spec,
         weights=loaded.weights,
@@ -617,6 +700,9 @@ def run_metadata(
         world_size=world_size,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         binarize_version=__version__,
+        weights_file=weights_file,
+        weights_sha256=weights_sha256,
+        notes=list(inputs.notes),
     )
 
 
@@ -667,6 +753,8 @@ def run_convert(
         inputs = load_inputs(settings)
         loaded = inputs.loaded
         rep.stage(f"loaded {loaded.spec} ({loaded.weights} weights); data {describe(inputs.data)}")
+        for note in inputs.notes:
+            rep.stage(f"note: {note}")
         _report_resume(plan, rep)
         rep.stage("full-precision baseline")
         reference = build_reference(settings, inputs, ctx, progress=progress_console)

@@ -12,7 +12,11 @@ the bytes ``convert`` always wrote: 2-space indented JSON and a final newline):
 * what rebuilds the model without the network and reproduces its input: ``weights``,
   ``finetune_epochs``, ``num_classes``, ``keep``, ``scheme_options``, ``first_conv``,
   ``classifier``, ``policy``, ``input_size``, ``mean``, ``std``; and ``world_size``,
-  ``created``, ``binarize_version``.
+  ``created``, ``binarize_version``;
+* provenance added later (optional, absent from older files): ``weights_file`` and
+  ``weights_sha256`` (the checkpoint or cached hub file the weights were read from, and its
+  SHA-256; null for random weights), ``notes`` (what ``convert`` changed on its own and
+  said while running, such as a classifier reset for another number of classes).
 
 Schema version. The file has carried ``format_version`` since the first release; it *is* the
 schema version (:data:`SCHEMA_VERSION`, 1), so no second key is added. A file without it (or
@@ -189,6 +193,9 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "world_size": (_is_int, "an integer"),
     "created": (_or_null(_is_str), "a string or null"),
     "binarize_version": (_or_null(_is_str), "a string or null"),
+    "weights_file": (_or_null(_is_str), "a string or null"),
+    "weights_sha256": (_or_null(_is_str), "a string or null"),
+    "notes": (_list_of(_is_str), "a list of strings"),
 }
 
 
@@ -277,6 +284,16 @@ class RunMetadata:
     world_size: int = 1
     created: str | None = None
     binarize_version: str | None = None
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fine_tuned(self) -> bool:
+        """Whether the run fine-tuned at all (``--epochs`` > 0). With ``--epochs 0`` the
+        ``binarized`` accuracy is the calibrated model's (the key is kept; tables omit it)."""
+        epochs = (self.recipe or {}).get("epochs")
+        return not (_is_number(epochs) and epochs == 0)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``binarize.json`` mapping (a deep copy), keys in file order."""

@@ -39,7 +39,9 @@ std (replicated over channels) and default to 32x32. RGB sets (cifar10, imagefol
 model's normalisation (``mean``/``std``, from its ``pretrained_cfg``) and the model's input size
 (``model_input_size``), falling back to the set's own statistics and native size; ``fake``
 defaults to 32x32 and the model's normalisation. ``input_size`` (``--input-size``) overrides the
-size for every set. Items are ``(float tensor [C, H, W], int label)``.
+size for every set. Items are ``(float tensor [C, H, W], int label)``. Small images that the
+model's input size enlarges a lot (32x32 CIFAR or ImageFolder images at 224x224) train slowly:
+:func:`upscale_hint` words the hint ``convert`` prints (the rule is in its docstring).
 
 Errors: an unknown spec, a missing/empty path or a wrong layout raise
 :class:`~binarize_cli.core.errors.DataError` with a one-line message.
@@ -76,6 +78,7 @@ __all__ = [
     "parse_input_size",
     "read_idx",
     "register_data",
+    "upscale_hint",
 ]
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -111,7 +114,9 @@ class DataBundle:
 
     ``spec`` is canonical (``digits``, ``fashion-mnist``, ``fashion-mnist:/abs/dir``,
     ``cifar10:/abs/dir``, ``imagefolder:/abs/dir``, ``fake``); ``source`` is where the files
-    were found. ``input_size`` is (C, H, W) of the items.
+    were found. ``input_size`` is (C, H, W) of the items; ``native_size`` is (H, W) of the
+    stored images before resizing (imagefolder: the first training image's), or None when the
+    set has no native size (``fake`` is generated at the input size).
     """
 
     spec: str
@@ -125,6 +130,7 @@ class DataBundle:
     channels: int
     classes: list[str] = field(default_factory=list)
     source: str | None = None
+    native_size: tuple[int, int] | None = None
 
 
 class TensorImageDataset(Dataset):
@@ -296,6 +302,7 @@ def _tensor_bundle(
     classes: list[str],
     source: str,
     scale: float = 1.0,
+    native_size: tuple[int, int] | None = None,
 ) -> DataBundle:
     """Two in-memory ``(images, labels)`` splits as a bundle of :class:`TensorImageDataset`
     with items of ``size`` (C, H, W): ``(resize(x * scale) - mean) / std``."""
@@ -319,6 +326,7 @@ def _tensor_bundle(
         channels=c,
         classes=classes,
         source=source,
+        native_size=native_size,
     )
 
 
@@ -371,6 +379,7 @@ def _load_digits(req: DataRequest) -> DataBundle:
         std=(sd,) * c,
         classes=[str(i) for i in range(10)],
         source="sklearn.datasets.load_digits",
+        native_size=(8, 8),
     )
 
 
@@ -521,6 +530,7 @@ def _load_fashion(req: DataRequest) -> DataBundle:
         classes=list(_FASHION_CLASSES),
         source=str(files["train_images"].parent),
         scale=1 / 255,
+        native_size=(28, 28),
     )
 
 
@@ -614,6 +624,7 @@ def _load_cifar10(req: DataRequest) -> DataBundle:
         classes=classes,
         source=str(base),
         scale=1 / 255,
+        native_size=(32, 32),
     )
 
 
@@ -631,6 +642,20 @@ def _use_train_classes(train: Any, val: Any) -> None:
     val.targets = [t for _, t in val.samples]
     val.classes = list(train.classes)
     val.class_to_idx = dict(train.class_to_idx)
+
+
+def _first_image_size(samples: list[tuple[str, int]]) -> tuple[int, int] | None:
+    """(H, W) of the first image of an ImageFolder (its header only), or None if unreadable."""
+    from PIL import Image
+
+    if not samples:
+        return None
+    try:
+        with Image.open(samples[0][0]) as img:
+            width, height = img.size
+    except OSError:
+        return None
+    return int(height), int(width)
 
 
 @register_data("imagefolder:PATH")
@@ -681,6 +706,7 @@ def _load_imagefolder(req: DataRequest) -> DataBundle:
         channels=3,
         classes=list(train.classes),
         source=str(d),
+        native_size=_first_image_size(train.samples),
     )
 
 
@@ -806,6 +832,36 @@ def make_loader(
         )
         return DataLoader(dataset, sampler=sampler, **kwargs)
     return DataLoader(dataset, shuffle=shuffle, **kwargs)
+
+
+#: :func:`upscale_hint`'s rule: images whose native side is at most this many pixels ...
+SMALL_IMAGE_SIDE = 64
+#: ... and that the model's input size enlarges at least this many times get a hint.
+UPSCALE_FACTOR = 4
+
+
+def upscale_hint(
+    bundle: DataBundle, model_input_size: Sequence[int], *, explicit_size: bool
+) -> str | None:
+    """A one-line hint when small images are upscaled to a much larger model input size.
+
+    The rule: no ``--input-size`` was given (``explicit_size`` False), the items have the
+    model's input size (so that size came from the model, not from the set's own default),
+    the native side is at most :data:`SMALL_IMAGE_SIDE` and the item side is at least
+    :data:`UPSCALE_FACTOR` times it (32x32 CIFAR or ImageFolder images fed to a 224x224
+    model). Otherwise None.
+    """
+    native = bundle.native_size
+    size = tuple(bundle.input_size[-2:])
+    if explicit_size or native is None or size != tuple(model_input_size[-2:]):
+        return None
+    if max(native) > SMALL_IMAGE_SIDE or min(size) < UPSCALE_FACTOR * max(native):
+        return None
+    return (
+        f"the images are {native[0]}x{native[1]} but the model's input size is "
+        f"{size[0]}x{size[1]}: every image is upscaled {min(size) // max(native)}x, which is slow; "
+        f"pass --input-size {max(native)} to train at their own size"
+    )
 
 
 def describe(bundle: DataBundle) -> str:

@@ -46,6 +46,7 @@ is replaced by a fresh one.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import os
@@ -68,6 +69,8 @@ from binarize_cli.core.modes import evaluating
 __all__ = [
     "PROBE_TIMEOUT_S",
     "LoadedModel",
+    "check_input_size",
+    "file_sha256",
     "ModelSpec",
     "create_architecture",
     "find_classifier",
@@ -424,9 +427,10 @@ def reset_classifier(loaded: LoadedModel, num_classes: int) -> LoadedModel:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 (hex) of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -563,7 +567,7 @@ def _load_from_checkpoint(
     loaded = _describe(
         model,
         ms,
-        weights=f"checkpoint:{_sha256(path)[:12]}",
+        weights=f"checkpoint:{file_sha256(path)[:12]}",
         canonical_tag=ms.tag,
         classifier_reset=headless,
         source=str(path),
@@ -629,7 +633,7 @@ def _cached_url_file(url: str) -> Path | None:
     name = os.path.basename(urllib.parse.urlparse(url).path)
     if not name:
         return None
-    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    path = _torch_hub_checkpoints() / name
     return path if path.is_file() else None
 
 
@@ -659,14 +663,20 @@ def _reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> 
     return result[0]
 
 
-def _offline_error(what: str, host: str) -> CheckpointError:
+def _torch_hub_checkpoints() -> Path:
+    """torch hub's download directory (``$TORCH_HOME/hub/checkpoints``), read at call time."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _offline_error(what: str, host: str, searched: list[Path]) -> CheckpointError:
     reason = (
         "HF_HUB_OFFLINE is set"
         if _hf_offline_env() and "huggingface" in host
         else f"{host} is unreachable (offline?)"
     )
+    where = ", ".join(str(d) for d in searched)
     return CheckpointError(
-        f"no pretrained weights for {what} in the local cache and {reason}; "
+        f"no pretrained weights for {what} in the local caches (searched {where}) and {reason}; "
         "pass --checkpoint PATH (a .safetensors or .pth state dict) or --no-pretrained"
     )
 
@@ -688,9 +698,15 @@ def _load_timm_pretrained(ms: ModelSpec, num_classes: int | None) -> LoadedModel
         raise CheckpointError(
             f"timm has no pretrained weights for {what}; pass --checkpoint PATH or --no-pretrained"
         )
-    cached = (_cached_hf_file(hub_id, cfg.get("hf_hub_filename")) if hub_id else None) or (
-        _cached_url_file(url) if url else None
-    )
+
+    def find_cached() -> Path | None:
+        return (_cached_hf_file(hub_id, cfg.get("hf_hub_filename")) if hub_id else None) or (
+            _cached_url_file(url) if url else None
+        )
+
+    cached = find_cached()
+    searched = [hf_cache_dir()] if hub_id else []
+    searched += [_torch_hub_checkpoints()] if url else []
     tagged = ModelSpec("timm", ms.arch, tag)
     try:
         if cached is not None:
@@ -711,9 +727,10 @@ def _load_timm_pretrained(ms: ModelSpec, num_classes: int | None) -> LoadedModel
                 host = urllib.parse.urlparse(url).hostname or "github.com"
                 online = _reachable(host)
             if not online:
-                raise _offline_error(what, host)
+                raise _offline_error(what, host, searched)
             model = _timm_create(tagged, num_classes=num_classes, pretrained=True)
-            source = f"hf-hub:{hub_id}" if hub_id else url
+            downloaded = find_cached()  # the download landed in one of the caches
+            source = str(downloaded) if downloaded else (f"hf-hub:{hub_id}" if hub_id else url)
     except (CheckpointError, UnknownModelError):
         raise
     except Exception as exc:
@@ -740,7 +757,7 @@ def _load_tv_pretrained(ms: ModelSpec, num_classes: int | None) -> LoadedModel:
     cached = _cached_url_file(weights.url)
     host = urllib.parse.urlparse(weights.url).hostname or "download.pytorch.org"
     if cached is None and not _reachable(host):
-        raise _offline_error(what, host)
+        raise _offline_error(what, host, [_torch_hub_checkpoints()])
     try:
         model = torchvision.models.get_model(ms.arch, weights=weights)
     except Exception as exc:
@@ -752,11 +769,70 @@ def _load_tv_pretrained(ms: ModelSpec, num_classes: int | None) -> LoadedModel:
         tagged,
         weights="pretrained",
         canonical_tag=weights.name,
-        source=str(cached or weights.url),
+        source=str(cached or _cached_url_file(weights.url) or weights.url),
     )
     if num_classes is not None and num_classes != loaded.num_classes:
         reset_classifier(loaded, num_classes)
     return loaded
+
+
+# --------------------------------------------------------------------------- input size
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (no memory)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _runs_at(model: nn.Module, size: tuple[int, int, int]) -> bool:
+    """Does ``model`` (on the meta device) accept a ``[1, *size]`` input?"""
+    try:
+        with evaluating(model):
+            model(torch.empty((1, *size), device="meta"))
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_input_size(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    *,
+    name: str,
+    default_size: tuple[int, int, int] | None = None,
+) -> None:
+    """Raise a one-line :class:`BadInputError` if ``model`` cannot run at ``input_size``
+    (C, H, W) because the input is too small (a kernel larger than a feature map, as
+    ``inception_v3`` at 32x32), naming the smallest square side that runs and ``--input-size``.
+
+    A dry forward of one zero image on a meta-device copy (no memory, no FLOPs). When it fails
+    but the model runs at ``default_size`` (the weights' own size), the smallest side is found
+    by bisection between the two; when it fails there too the problem is not the size and
+    nothing is raised here (the real forward reports it).
+    """
+    meta = _meta_copy(model)
+    if _runs_at(meta, input_size):
+        return
+    c, h, w = input_size
+    high = max(default_size[1:]) if default_size is not None else 0
+    if high <= max(h, w) or not _runs_at(meta, (c, high, high)):
+        return
+    low = max(h, w)  # fails at low, runs at high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if _runs_at(meta, (c, mid, mid)):
+            high = mid
+        else:
+            low = mid
+    raise BadInputError(
+        f"{name} needs inputs of at least {high}x{high}, got {h}x{w}; "
+        f"pass --input-size {high} or larger"
+    )
 
 
 # --------------------------------------------------------------------------- entry point

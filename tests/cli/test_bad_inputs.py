@@ -230,6 +230,22 @@ CASES: list[Case] = [
         ("weight_endpoints",),
     ),
     ("keep-bad-regex", lambda p: ["convert", SMALL, "--keep", "layer[", *FAST], ("--keep",)),
+    # refused after the model loads, before the baseline trains (the cache stays untouched)
+    (
+        "keep-matches-no-layer",
+        lambda p: ["convert", SMALL, "--keep", "layer9", *FAST],
+        ("--keep 'layer9' matches no layer", "conv1"),
+    ),
+    (
+        "pretrained-and-checkpoint",
+        lambda p: ["convert", SMALL, "--pretrained", "--checkpoint", str(p["ckpt"]), *FAST],
+        ("--pretrained", "--checkpoint", "one of them"),
+    ),
+    (
+        "input-size-below-the-model-minimum",
+        lambda p: ["convert", "timm:test_convnext", *FAST, "--input-size", "16"],
+        ("test_convnext needs inputs of at least 32x32, got 16x16", "--input-size 32"),
+    ),
     # numbers
     ("epochs-negative", lambda p: ["convert", SMALL, *FAST, "--epochs", "-1"], ("--epochs",)),
     ("lr-zero", lambda p: ["convert", SMALL, *FAST, "--lr", "0"], ("--lr",)),

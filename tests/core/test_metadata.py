@@ -56,6 +56,9 @@ def convert_record() -> dict[str, Any]:
         "world_size": 1,
         "created": "2026-11-30T04:00:00+00:00",
         "binarize_version": "0.1.0",
+        "weights_file": "/ckpt/resnet18.safetensors",
+        "weights_sha256": "ab" * 32,
+        "notes": ["the classifier is reset"],
     }
 
 
@@ -109,6 +112,7 @@ def test_an_old_file_without_the_schema_keys_still_loads(tmp_path) -> None:
     assert meta.keep == [] and meta.input_size is None and meta.first_conv is None
     assert meta.data_kwargs() == {}
     assert meta.world_size == 1
+    assert meta.weights_file is None and meta.weights_sha256 is None and meta.notes == []
 
 
 def test_another_schema_version_is_refused(tmp_path) -> None:
@@ -183,6 +187,8 @@ def _set(record: dict[str, Any], dotted: str, value: Any) -> None:
         ("accuracy.fp", 97.5, "accuracy.fp must be an object, not a number"),
         ("accuracy.binarized.top1", "93%", "accuracy.binarized.top1 must be a number"),
         ("timings", None, "timings must be an object, not null"),
+        ("notes", "reset", "notes must be a list of strings, not a string"),
+        ("weights_sha256", 12, "weights_sha256 must be a string or null, not a number"),
         ("timings.finetune_epoch_s", 30.0, "timings.finetune_epoch_s must be a list of numbers"),
         (
             "timings.calibrate_s",

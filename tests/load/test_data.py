@@ -22,6 +22,7 @@ from binarize_cli.load.data import (
     make_loader,
     parse_input_size,
     read_idx,
+    upscale_hint,
 )
 
 # --------------------------------------------------------------------------- digits
@@ -272,6 +273,31 @@ def test_imagefolder(tmp_path: Path) -> None:
     x, y = bundle.val[0]
     assert x.shape == (3, 24, 24) and y == 1  # val has only "bee": train's index, not 0
     assert bundle.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_small_images_upscaled_to_the_model_size_get_a_hint(tmp_path: Path) -> None:
+    """20x30 ImageFolder images or 32x32 CIFAR fed to a 224 model: a hint naming --input-size."""
+    _write_images(tmp_path / "ds", {"train": {"ant": 1, "bee": 1}, "val": {"bee": 1}})
+    spec = f"imagefolder:{tmp_path / 'ds'}"
+    model = (3, 224, 224)
+    bundle = load_data(spec, model_input_size=model)
+    assert bundle.native_size == (20, 30)
+    assert upscale_hint(bundle, model, explicit_size=False) == (
+        "the images are 20x30 but the model's input size is 224x224: every image is upscaled "
+        "7x, which is slow; pass --input-size 30 to train at their own size"
+    )
+    # --input-size given (even the model's own size), or less than 4x larger: no hint
+    assert upscale_hint(bundle, model, explicit_size=True) is None
+    near = load_data(spec, model_input_size=(3, 96, 96))
+    assert upscale_hint(near, (3, 96, 96), explicit_size=False) is None
+    _write_cifar(tmp_path / "cifar")
+    cifar = load_data(f"cifar10:{tmp_path / 'cifar'}", model_input_size=model)
+    assert cifar.native_size == (32, 32)
+    assert "pass --input-size 32" in str(upscale_hint(cifar, model, explicit_size=False))
+    # digits and fake keep their own 32x32 default whatever the model's size: no hint
+    for other in ("digits", "fake"):
+        small = load_data(other, model_input_size=model)
+        assert upscale_hint(small, model, explicit_size=False) is None, other
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:

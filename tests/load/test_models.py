@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from binarize_cli.convert.pipeline import weights_provenance
 from binarize_cli.core.errors import BadInputError, CheckpointError, UnknownModelError
 from binarize_cli.load import models
 from binarize_cli.load.models import (
     create_architecture,
     find_classifier,
     find_first_conv,
+    check_input_size,
     load_model,
     load_state_dict_file,
     parse_spec,
@@ -294,6 +297,11 @@ def test_pretrained_offline_fails_fast_with_hf_offline(empty_caches: Path) -> No
     assert time.monotonic() - start < 5
     msg = str(info.value)
     assert "--checkpoint" in msg and "timm:resnet18.a1_in1k" in msg and "HF_HUB_OFFLINE" in msg
+    # it says where it looked: the Hugging Face cache and torch hub's (timm's url fallback)
+    assert (
+        f"searched {empty_caches / 'hf'}, {empty_caches / 'torch' / 'hub' / 'checkpoints'}" in msg
+    )
+    assert len(msg.splitlines()) == 1
 
 
 def test_pretrained_unreachable_hub_fails_fast(
@@ -311,9 +319,10 @@ def test_pretrained_unreachable_hub_fails_fast(
         ("resnet18", "huggingface.co"),
         ("torchvision:resnet18", "download.pytorch.org"),
     ]:
-        with pytest.raises(CheckpointError, match="unreachable.*--checkpoint"):
+        with pytest.raises(CheckpointError, match="unreachable.*--checkpoint") as info:
             load_model(spec, pretrained=True)
         assert probed[-1] == host
+        assert str(empty_caches / "torch" / "hub" / "checkpoints") in str(info.value)
 
 
 def test_reachable_probe_gives_up_within_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -346,6 +355,11 @@ def test_timm_pretrained_from_the_local_hub_cache(empty_caches: Path) -> None:
     )
     lm = load_model("resnet18", pretrained=True)
     assert lm.weights == "pretrained" and lm.spec == "timm:resnet18.a1_in1k" and lm.tag == "a1_in1k"
+    # the run records the cached file and its hash
+    assert weights_provenance(lm) == (
+        str(file.resolve()),
+        hashlib.sha256(file.read_bytes()).hexdigest(),
+    )
     assert lm.source == str(file) and lm.num_classes == 1000 and not lm.classifier_reset
     assert lm.crop_pct == pytest.approx(0.95) and lm.interpolation == "bicubic"
     _same(lm.model.state_dict(), state)
@@ -426,3 +440,35 @@ def test_cli_convert_reports_a_bad_checkpoint_in_one_line(
     assert err[-1].startswith("binarize: error:") and expect in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not list(tmp_path.glob("runs/*/binarize.json"))  # no partial output
+
+
+# --------------------------------------------------------------------------- input size
+
+
+def test_inception_at_32x32_names_its_minimum_input_size() -> None:
+    """inception_v3 cannot run at 32x32 (a 3x3 kernel meets a 1x1 map): one line naming 75."""
+    import timm
+
+    with torch.device("meta"):  # the architecture only: built in a fraction of a second
+        model = timm.create_model("inception_v3", num_classes=10)
+    start = time.monotonic()
+    with pytest.raises(BadInputError) as info:
+        check_input_size(model, (3, 32, 32), name="timm:inception_v3", default_size=(3, 299, 299))
+    assert str(info.value) == (
+        "timm:inception_v3 needs inputs of at least 75x75, got 32x32; "
+        "pass --input-size 75 or larger"
+    )
+    check_input_size(model, (3, 75, 75), name="timm:inception_v3", default_size=(3, 299, 299))
+    assert time.monotonic() - start < 10
+
+
+def test_check_input_size_on_a_real_model_leaves_it_untouched() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 7), nn.ReLU(), nn.Conv2d(4, 4, 7), nn.Flatten())
+    before = _sd(model)
+    with pytest.raises(BadInputError, match="at least 13x13, got 8x8; pass --input-size 13"):
+        check_input_size(model, (3, 8, 8), name="net", default_size=(3, 32, 32))
+    check_input_size(model, (3, 13, 13), name="net", default_size=(3, 32, 32))
+    assert all(p.device.type == "cpu" for p in model.parameters()) and model.training
+    _same(model.state_dict(), before)
+    # without a size it runs at, the failure is not about the size: nothing is raised here
+    check_input_size(model, (3, 8, 8), name="net", default_size=(3, 10, 10))
