@@ -110,3 +110,25 @@ def test_write_figures_refuses_a_file(tmp_path):
     target.write_bytes(b"x")
     with pytest.raises(BadInputError):
         write_figures(PlotData(None, None, []), target)
+
+
+@pytest.mark.parametrize(
+    ("mask", "mode"), [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"]
+)
+def test_report_plot_files_get_the_umask_mode(tmp_path, make_run_dir, capsys, mask, mode):
+    """`report --plot DIR` writes its figures with 0o666 minus the umask (not tempfile's 0600)."""
+    import os
+    import stat
+
+    from binarize_cli.cli import main
+
+    run = make_run_dir(tmp_path / "run")
+    old = os.umask(mask)
+    try:
+        main(["report", str(run), "--plot", str(tmp_path / "figs")])
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    files = sorted((tmp_path / "figs").iterdir())
+    assert len(files) == 3
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {mode}

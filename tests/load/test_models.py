@@ -15,10 +15,10 @@ from binarize_cli.convert.pipeline import weights_provenance
 from binarize_cli.core.errors import BadInputError, CheckpointError, UnknownModelError
 from binarize_cli.load import models
 from binarize_cli.load.models import (
+    check_input_size,
     create_architecture,
     find_classifier,
     find_first_conv,
-    check_input_size,
     load_model,
     load_state_dict_file,
     parse_spec,
