@@ -23,15 +23,23 @@ Weights (``LoadedModel.weights``)
   (``pretrained_cfg_overlay=dict(file=...)``), so timm's checkpoint filters and classifier
   adaptation apply. Without a cached file the hub host is probed with a short timeout
   (:data:`PROBE_TIMEOUT_S`); offline (or with ``HF_HUB_OFFLINE=1``) a one-line
-  :class:`~binarize_cli.core.errors.CheckpointError` says to pass ``--checkpoint`` instead of
-  sitting through timm's ~45 s retry loop. Online, timm's hub download (or torchvision's
-  weights URL) runs as usual.
+  :class:`~binarize_cli.core.errors.CheckpointError` names the cache directories searched and
+  says to pass ``--checkpoint`` instead of sitting through timm's ~45 s retry loop. Online,
+  timm's hub download (or torchvision's weights URL) runs as usual. ``LoadedModel.source`` is
+  the cached file the weights were read from (after a download, the file it left in the
+  cache), so a run can record the file and its hash (:func:`file_sha256`).
 * ``"checkpoint:<sha256[:12]>"``: a local file. ``.safetensors`` is read with safetensors;
   anything else with ``torch.load(weights_only=True)`` (never a full unpickle). Accepted
   layouts: a plain state dict, ``{"state_dict": ...}``, ``{"model": ...}``,
   ``{"model_state_dict": ...}``, ``{"state_dict_ema": ...}``; ``module.`` (DDP) and
   ``_orig_mod.`` (torch.compile) prefixes are stripped. A checkpoint wins over
-  ``pretrained=True`` (nothing is downloaded).
+  ``pretrained=True`` (nothing is downloaded); ``convert`` refuses the two together.
+
+Input size
+----------
+:func:`check_input_size` refuses an input smaller than the model can take (``inception_v3``
+below 75x75) in one line naming the smallest size and ``--input-size``, from a dry forward on
+a meta-device copy (no memory, no FLOPs).
 
 Classifier policy
 -----------------
@@ -794,7 +802,7 @@ def _runs_at(model: nn.Module, size: tuple[int, int, int]) -> bool:
     try:
         with evaluating(model):
             model(torch.empty((1, *size), device="meta"))
-    except RuntimeError:
+    except Exception:  # a kernel larger than its input, a size assertion (fixed-size models)
         return False
     return True
 
@@ -815,7 +823,10 @@ def check_input_size(
     by bisection between the two; when it fails there too the problem is not the size and
     nothing is raised here (the real forward reports it).
     """
-    meta = _meta_copy(model)
+    try:
+        meta = _meta_copy(model)
+    except Exception:  # a module that cannot be deep-copied: the real forward will tell
+        return
     if _runs_at(meta, input_size):
         return
     c, h, w = input_size
