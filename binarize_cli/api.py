@@ -57,6 +57,7 @@ __all__ = [
     "binarize",
     "evaluate",
     "export",
+    "export_metadata",
     "finetune",
     "summary",
 ]
@@ -291,7 +292,8 @@ def finetune(
         teacher: a full-precision model to distil from (usually the original model):
             ``loss = (1 - w) CE + w T^2 KL(teacher || student)``, ``w = distill_weight``,
             ``T = temperature``.
-        device: where the batches go; default the model's device.
+        device: where the batches go (the model must be there already); default the
+            model's device.
 
     Returns:
         ``epochs_done``, ``epoch_seconds`` and per-epoch ``epoch_stats`` (loss, running
@@ -365,6 +367,51 @@ def _bases(model: nn.Module) -> tuple[str, int, int]:
     return next(iter(found))
 
 
+def export_metadata(
+    model: nn.Module,
+    *,
+    example_input: torch.Tensor | None = None,
+    input_size: int | Sequence[int] | None = None,
+    num_classes: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    name: str | None = None,
+    data: str | None = None,
+) -> dict[str, Any]:
+    """The metadata :func:`export` hands the writers (a run's ``binarize.json`` keys), derived
+    from the model where it can be (see :func:`export`); also what
+    :func:`binarize_cli.export.verify.verify_model` takes as ``meta``."""
+    if example_input is not None:
+        if example_input.dim() != 4:
+            raise BadInputError(
+                f"example_input must be a [B, C, H, W] batch, got shape {tuple(example_input.shape)}"
+            )
+        size = tuple(int(v) for v in example_input.shape[1:])
+    elif input_size is not None:
+        size = normalize_input_size(
+            tuple(input_size) if isinstance(input_size, Sequence) else input_size,
+            _input_channels(model),
+        )
+    else:
+        raise BadInputError("export needs example_input (a [B, C, H, W] batch) or input_size")
+    scheme, m, n = _bases(model)
+    if num_classes is None:
+        probe = example_input if example_input is not None else torch.zeros(1, *size)
+        with evaluating(model):
+            num_classes = int(model(probe.to(_device_of(model))).shape[-1])
+    return {
+        "model": name or _model_name(model),
+        "scheme": scheme,
+        "M": m,
+        "N": n,
+        "data": data or "",
+        "num_classes": num_classes,
+        "input_size": list(size),
+        "mean": None if mean is None else [float(v) for v in mean],
+        "std": None if std is None else [float(v) for v in std],
+    }
+
+
 def export(
     model: nn.Module,
     path: str | Path,
@@ -382,7 +429,8 @@ def export(
     format, docs/format.md) or ONNX (``"onnx"``: packed bit-planes unpacked in the graph;
     ``"onnx-float"``: plain dequantized weights); atomically, nothing left on error.
 
-    The metadata a run directory would give the exporters is derived where it can be:
+    The metadata a run directory would give the exporters is derived where it can be
+    (:func:`export_metadata`):
 
     * ``input_size`` (C, H, W): ``example_input.shape[1:]`` (a ``[B, C, H, W]`` batch), else
       the ``input_size`` argument (``32``, ``(H, W)`` or ``(C, H, W)``);
@@ -393,43 +441,25 @@ def export(
 
     ``mean``/``std`` (per channel) record the normalisation the inputs must already have, and
     ``data`` the data spec, so that ``binarize run FILE --data SPEC`` preprocesses the same way;
-    they cannot be derived from the model (default: not recorded). Returns ``path``.
+    they cannot be derived from the model (default: not recorded). A model on an accelerator
+    is exported from a CPU copy. Returns ``path``.
     """
     wanted = target.lower()
     if wanted not in EXPORT_TARGETS:
         raise BadInputError(
             f"unknown export target {target!r}; choose one of: {', '.join(EXPORT_TARGETS)}"
         )
-    if example_input is not None:
-        if example_input.dim() != 4:
-            raise BadInputError(
-                f"example_input must be a [B, C, H, W] batch, got shape {tuple(example_input.shape)}"
-            )
-        size = tuple(int(v) for v in example_input.shape[1:])
-    elif input_size is not None:
-        size = normalize_input_size(
-            tuple(input_size) if isinstance(input_size, Sequence) else input_size,
-            _input_channels(model),
-        )
-    else:
-        raise BadInputError("export needs example_input (a [B, C, H, W] batch) or input_size")
-    scheme, m, n = _bases(model)
+    meta = export_metadata(
+        model,
+        example_input=example_input,
+        input_size=input_size,
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        name=name,
+        data=data,
+    )
     cpu_model = model if _device_of(model).type == "cpu" else copy.deepcopy(model).cpu()
-    if num_classes is None:
-        probe = example_input if example_input is not None else torch.zeros(1, *size)
-        with evaluating(cpu_model):
-            num_classes = int(cpu_model(probe.cpu()).shape[-1])
-    meta = {
-        "model": name or _model_name(model),
-        "scheme": scheme,
-        "M": m,
-        "N": n,
-        "data": data or "",
-        "num_classes": num_classes,
-        "input_size": list(size),
-        "mean": None if mean is None else [float(v) for v in mean],
-        "std": None if std is None else [float(v) for v in std],
-    }
     if wanted == "packed":
         from binarize_cli.export.packed import export_packed_model
 

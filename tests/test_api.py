@@ -131,6 +131,13 @@ def test_custom_module_through_the_api_alone(tmp_path: Path) -> None:
     assert meta.source_model.endswith("test_api:TinyNet")
     agree, rel = packed_agreement(result.model, path, images.numpy())
     assert agree == 100.0 and rel < 1e-6
+    # ... and `binarize verify`'s own check, with the metadata export derived, agrees.
+    from binarize_cli.export.verify import verify_model
+
+    meta = api.export_metadata(result.model, example_input=images)
+    assert meta["input_size"] == [3, 16, 16] and meta["num_classes"] == 10
+    checked = verify_model(result.model, meta, images.numpy(), onnx=False)
+    assert checked.top1_agreement.runtime == 100.0
 
 
 def test_summary_matches_report_json(tmp_path: Path) -> None:
