@@ -215,7 +215,7 @@ def binarize(
     N: int | None = None,
     calibration_data: Iterable[Any] | None = None,
     *,
-    keep: Sequence[str] = (),
+    keep: str | Sequence[str] = (),
     calib_batches: int = _DEFAULTS.calib_batches,
     first_conv: str | Sequence[str] | None = None,
     classifier: str | Sequence[str] | None = None,
@@ -232,7 +232,8 @@ def binarize(
         calibration_data: an iterable of input batches or of ``(input, target)`` pairs; the
             first ``calib_batches`` set the activation endpoints and levels (from the
             original model's activations) and re-estimate batch norm. ``None``: no calibration.
-        keep: ``--keep`` regexes of layer names to keep full precision (``first``/``last``).
+        keep: ``--keep`` regexes (one or a list) of layer names to keep full precision
+            (``first``/``last`` aliases).
         first_conv, classifier: module names in those roles (kept full precision); default
             the model's ``pretrained_cfg``, else the first convolution / last weight layer run.
         options: scheme options (``weight_endpoints``, ``lambda_w``, ...; as in recipes).
@@ -246,7 +247,7 @@ def binarize(
     from binarize_cli.convert.surgery import binarize_model
     from binarize_cli.quant import get_scheme
 
-    sch = get_scheme(scheme.lower() if isinstance(scheme, str) else scheme)
+    sch = get_scheme(scheme.lower())
     m = sch.default_m if M is None else M
     n = sch.default_n if N is None else N
     batches = None if calibration_data is None else _input_batches(calibration_data, calib_batches)
@@ -256,7 +257,7 @@ def binarize(
         sch,
         m,
         n,
-        keep=tuple(keep),
+        keep=(keep,) if isinstance(keep, str) else tuple(keep),
         first_conv=first_conv,
         classifier=classifier,
         options=dict(options or {}),

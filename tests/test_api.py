@@ -177,6 +177,8 @@ def test_binarize_keep_and_warnings() -> None:
     result = binarize_cli.binarize(TinyNet(), "pa", 4, 5, keep=["down", "nothing_matches"])
     assert not isinstance(result.model.down, BinarizedConv2d)
     assert any("nothing_matches" in w for w in result.warnings)
+    one = binarize_cli.binarize(TinyNet(), "pa", 4, 5, keep="down")  # one pattern, not letters
+    assert not isinstance(one.model.down, BinarizedConv2d) and not one.warnings
 
 
 @pytest.mark.parametrize(
