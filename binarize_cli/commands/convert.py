@@ -117,11 +117,33 @@ def _endpoints(text: str) -> list[float]:
         ) from None
 
 
+def _arch_model(arch: str, model: str | None) -> str:
+    """``--arch MODULE:CLASS`` is the model spec; MODEL may not name another one."""
+    from binarize_cli.load.models import is_class_spec
+
+    if not is_class_spec(arch):
+        raise BadInputError(
+            f"--arch takes MODULE:CLASS (e.g. mymodels:TinyNet), got {arch!r}; "
+            "timm and torchvision models go in MODEL"
+        )
+    if model is not None and model != arch:
+        raise BadInputError(f"give MODEL ({model!r}) or --arch ({arch!r}), not both")
+    return arch.strip()
+
+
 # The command's options (Typer reads each one's help from its annotation).
 _Model = Annotated[
     str | None,
     typer.Argument(
         help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe."
+    ),
+]
+
+_Arch = Annotated[
+    str | None,
+    typer.Option(
+        help="Your own model class as MODULE:CLASS (imported from the current directory or "
+        "PYTHONPATH; see docs/api.md), instead of MODEL; weights from --checkpoint."
     ),
 ]
 
@@ -218,6 +240,7 @@ _Output = Annotated[
 
 def convert(
     model: _Model = None,
+    arch: _Arch = None,
     scheme: _Scheme = None,
     m: _M = None,
     n: _N = None,
@@ -244,6 +267,8 @@ def convert(
     from binarize_cli.core.settings import load_recipe, merge_settings
 
     recipe_data = load_recipe(recipe) if recipe is not None else None
+    if arch is not None:
+        model = _arch_model(arch, model)
     endpoints = None if weight_endpoints is None else _endpoints(weight_endpoints)
     settings = merge_settings(
         recipe_data,

@@ -19,7 +19,8 @@ Cache: ``$BINARIZE_CACHE`` (default ``~/.cache/binarize``) ``/baselines/<arch>-<
 ``model.safetensors`` (trained baselines only) and ``baseline.json``. ``key`` is the first 16
 hex digits of the SHA-256 of the sorted-JSON of: model spec, weights identity, data spec,
 input size, mean, std, num_classes, whether it trains and, if so, epochs, batch size, lr and
-seed (plus a format version). Files are written atomically (:mod:`binarize_cli.core.files`),
+seed (plus a format version); for a user's ``MODULE:CLASS`` model also the SHA-256 of the
+file defining the class, so an edited class is not served a stale baseline. Files are written atomically (:mod:`binarize_cli.core.files`),
 the json last, so a crashed run never leaves an entry that looks complete; an unreadable
 entry is ignored and rebuilt.
 
@@ -46,7 +47,12 @@ from binarize_cli.convert.training import Accuracy, evaluate, train_one_epoch
 from binarize_cli.core.errors import TrainingDivergedError
 from binarize_cli.core.files import atomic_write_bytes, atomic_write_json
 from binarize_cli.load.data import DataBundle, make_loader
-from binarize_cli.load.models import LoadedModel, create_architecture, reset_classifier
+from binarize_cli.load.models import (
+    LoadedModel,
+    class_source_digest,
+    create_architecture,
+    reset_classifier,
+)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -111,6 +117,8 @@ def baseline_key(
         "num_classes": int(data.num_classes),
         "train": bool(train),
     }
+    if loaded.family == "python":  # a user class: its code can change under the same spec
+        fields["source_sha256"] = class_source_digest(loaded.arch)
     if train:
         fields.update(
             {

@@ -4,7 +4,8 @@ Model specs
 -----------
 ``resnet18``, ``timm:resnet18``, ``timm:resnet18.a1_in1k`` (a timm name with an optional
 pretrained tag), ``torchvision:resnet18``, ``torchvision:resnet50.IMAGENET1K_V2`` (a torchvision
-classification model with an optional weights-enum name). A bare name is looked up in timm
+classification model with an optional weights-enum name), or ``MODULE:CLASS`` (a user's own
+``nn.Module`` class, see "User classes" below). A bare name is looked up in timm
 first; a bare name timm does not know but torchvision does (``mobilenet_v2``) loads from
 torchvision, and the canonical spec (``LoadedModel.spec``) records that. Unknown names raise
 :class:`~binarize_cli.core.errors.UnknownModelError` listing close matches (difflib).
@@ -13,6 +14,23 @@ Canonical specs: ``timm:ARCH`` for random/checkpoint weights without an explicit
 ``timm:ARCH.TAG`` when a tag was given or pretrained weights were loaded (the resolved default
 tag); ``torchvision:ARCH`` or ``torchvision:ARCH.WEIGHTS`` likewise. Every canonical spec is
 accepted back by :func:`load_model` and :func:`create_architecture`.
+
+User classes
+------------
+``MODULE:CLASS`` (``mymodels:TinyNet``, ``pkg.nets:Net``; any prefix other than ``timm`` and
+``torchvision``) imports ``MODULE`` with the current directory first on the import path, then
+``PYTHONPATH`` and the installed packages, and instantiates ``CLASS()``
+(:func:`import_model_class`). The number of classes: when the constructor has a
+``num_classes`` parameter it is passed ``num_classes=`` whenever a count is asked for;
+otherwise ``CLASS()`` is built as it is and, if its classifier (the last ``nn.Linear`` run)
+has another width, that classifier is replaced (:func:`reset_classifier`). Preprocessing and
+roles may be declared timm's way, a ``pretrained_cfg`` dict attribute with ``input_size``,
+``mean``, ``std``, ``first_conv``, ``classifier``; without it the input is 3x224x224 with
+ImageNet's mean/std and the roles come from the execution order. A user class has no hub
+weights (``pretrained`` is refused); weights come from ``--checkpoint``. Rebuilding a run
+(``report``/``export``/``verify``) imports the module again: run them where it can be
+imported. Import failures, a missing class and an object that is not an ``nn.Module``
+subclass raise :class:`~binarize_cli.core.errors.UnknownModelError` (exit 2).
 
 Weights (``LoadedModel.weights``)
 ---------------------------------
@@ -57,10 +75,13 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib
+import inspect
 import os
 import pickle
 import re
 import socket
+import sys
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -80,9 +101,12 @@ __all__ = [
     "check_input_size",
     "file_sha256",
     "ModelSpec",
+    "class_source_digest",
     "create_architecture",
     "find_classifier",
     "find_first_conv",
+    "import_model_class",
+    "is_class_spec",
     "load_model",
     "load_state_dict_file",
     "parse_spec",
@@ -102,11 +126,13 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.")
 class ModelSpec:
     """A parsed model spec: which library, which architecture, which tag (or weights enum)."""
 
-    family: str  # "timm" | "torchvision"
+    family: str  # "timm" | "torchvision" | "python" (arch is then "MODULE:CLASS")
     arch: str
     tag: str | None = None
 
     def canonical(self, tag: str | None = None) -> str:
+        if self.family == "python":
+            return self.arch
         t = tag if tag is not None else self.tag
         return f"{self.family}:{self.arch}" + (f".{t}" if t else "")
 
@@ -173,6 +199,9 @@ def parse_spec(spec: str) -> ModelSpec:
     prefix, sep, rest = text.partition(":")
     family: str | None = None
     if sep:
+        if prefix not in ("timm", "torchvision") and is_class_spec(text):
+            import_model_class(text)
+            return ModelSpec("python", text)
         if prefix not in ("timm", "torchvision"):
             raise UnknownModelError(
                 f"unknown model source {prefix!r} in {spec!r}; use timm:NAME or torchvision:NAME"
@@ -197,6 +226,94 @@ def parse_spec(spec: str) -> ModelSpec:
     raise UnknownModelError(
         f"unknown model {name!r}: not a {where} model{_suggest(name, candidates)}"
     )
+
+
+# --------------------------------------------------------------------------- user classes
+
+_CLASS_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_class_spec(spec: str) -> bool:
+    """Whether ``spec`` has the ``MODULE:CLASS`` form (dotted identifiers; not timm/torchvision)."""
+    text = spec.strip()
+    return bool(_CLASS_SPEC.fullmatch(text)) and text.split(":")[0] not in ("timm", "torchvision")
+
+
+def _class_spec_hint(spec: str) -> str:
+    return (
+        f"{spec!r} is read as MODULE:CLASS, imported from the current directory or PYTHONPATH "
+        "(hub models are timm:NAME or torchvision:NAME)"
+    )
+
+
+def import_model_class(spec: str) -> type[nn.Module]:
+    """Import ``MODULE`` of a ``MODULE:CLASS`` spec (the current directory first on the path)
+    and return its ``nn.Module`` subclass ``CLASS``; one-line UnknownModelError otherwise."""
+    module_name, _, attr = spec.strip().partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UnknownModelError(
+            f"cannot import module {module_name!r} ({exc}); {_class_spec_hint(spec)}"
+        ) from None
+    except Exception as exc:  # the user's module raised while being imported
+        raise UnknownModelError(
+            f"importing module {module_name!r} failed ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise UnknownModelError(
+                f"module {module_name!r} ({getattr(module, '__file__', None) or 'no file'}) has "
+                f"no class {attr!r}; check the CLASS part of {spec!r}"
+            )
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise UnknownModelError(
+            f"{spec} is not an nn.Module subclass (got {type(obj).__name__}); name the model's class"
+        )
+    return obj
+
+
+def class_source_digest(spec: str) -> str:
+    """SHA-256 of the source file defining a ``MODULE:CLASS`` spec's class ("" if none), so
+    caches keyed on the spec notice an edited class."""
+    cls = import_model_class(spec)
+    try:
+        source = inspect.getsourcefile(cls)
+    except TypeError:
+        source = None
+    return _sha256(Path(source)) if source and Path(source).is_file() else ""
+
+
+def _build_python(ms: ModelSpec, num_classes: int | None) -> nn.Module:
+    """``CLASS()`` or ``CLASS(num_classes=...)`` with a classifier of ``num_classes`` outputs
+    (see "User classes" in the module doc)."""
+    cls = import_model_class(ms.arch)
+    try:
+        takes = "num_classes" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        takes = False
+    try:
+        model = cls(num_classes=num_classes) if takes and num_classes is not None else cls()
+    except Exception as exc:
+        what = "num_classes=" if takes and num_classes is not None else "no"
+        raise BadInputError(
+            f"{ms.arch}() with {what} arguments failed ({type(exc).__name__}: {_first_line(exc)}); "
+            "the class must build without other arguments"
+        ) from None
+    if num_classes is not None and not takes:
+        loaded = _describe(model, ms, weights="random", canonical_tag=None)
+        if loaded.num_classes != num_classes:
+            reset_classifier(loaded, num_classes)
+    return model
 
 
 # --------------------------------------------------------------------------- module finding
@@ -334,7 +451,7 @@ def _describe(
     source: str | None = None,
 ) -> LoadedModel:
     """Fill a LoadedModel from a built model."""
-    if ms.family == "timm":
+    if ms.family in ("timm", "python"):
         cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
         input_size = tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))
         mean = tuple(float(v) for v in cfg.get("mean", _IMAGENET_MEAN))
@@ -344,10 +461,14 @@ def _describe(
         first_conv = _existing(model, cfg.get("first_conv"))
         classifier = _existing(model, cfg.get("classifier"))
         if first_conv is None or classifier is None:
-            order = _meta_order(ms, getattr(model, "num_classes", None), input_size)  # type: ignore[arg-type]
+            width = getattr(model, "num_classes", None) if ms.family == "timm" else None
+            order = _meta_order(ms, width, input_size)  # type: ignore[arg-type]
             first_conv = first_conv or _pick(model, order, nn.Conv2d, last=False)
             classifier = classifier or _pick(model, order, nn.Linear, last=True)
-        num_classes = int(getattr(model, "num_classes", 0) or _classes_of(model, classifier))
+        counted = _classes_of(model, classifier) if ms.family == "python" else 0
+        num_classes = int(
+            counted or getattr(model, "num_classes", 0) or _classes_of(model, classifier)
+        )
     else:
         mean, std, input_size, crop_pct, interp = _tv_preprocessing(ms)
         order = _meta_order(ms, None, input_size)
@@ -382,6 +503,8 @@ def _classes_of(model: nn.Module, classifier: str | None) -> int:
 
 
 def _build_random(ms: ModelSpec, num_classes: int | None) -> nn.Module:
+    if ms.family == "python":
+        return _build_python(ms, num_classes)
     if ms.family == "timm":
         return _timm_create(ms, num_classes=num_classes, pretrained=False)
     import torchvision
@@ -867,6 +990,10 @@ def load_model(
     ms = parse_spec(spec)
     if checkpoint is not None:
         return _load_from_checkpoint(ms, checkpoint, num_classes)
+    if pretrained and ms.family == "python":
+        raise CheckpointError(
+            f"{ms.arch} is a user class without hub weights; pass --checkpoint FILE or --no-pretrained"
+        )
     if pretrained:
         if ms.family == "timm":
             return _load_timm_pretrained(ms, num_classes)

@@ -104,6 +104,8 @@ EXPENSIVE: dict[str, str] = {
     r"binarize convert resnet18 --data digits --epochs 0$": "trains the 4-epoch digits "
     "baseline before calibrating (minutes)",
     r"binarize convert .*--data imagefolder:/data/imagenet": "needs ImageNet and a checkpoint",
+    r"binarize convert --arch mymodels:TinyNet ": "needs the reader's own mymodels.py and "
+    "checkpoint; tests/cli/test_convert_arch.py runs the same command on a tiny class",
     r"torchrun ": "multi-process fine-tuning on ImageNet",
     r"(\.venv/bin/)?python -m pytest ": "runs other test files; the suite runs them itself",
     r"(\.venv/bin/)?python benchmarks/\w+\.py": "benchmarks run for minutes to hours",
