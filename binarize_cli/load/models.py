@@ -290,7 +290,7 @@ def class_source_digest(spec: str) -> str:
         source = inspect.getsourcefile(cls)
     except TypeError:
         source = None
-    return _sha256(Path(source)) if source and Path(source).is_file() else ""
+    return file_sha256(Path(source)) if source and Path(source).is_file() else ""
 
 
 def _build_python(ms: ModelSpec, num_classes: int | None) -> nn.Module:
