@@ -17,9 +17,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from binarize_cli.commands._common import console, err_console
+from binarize_cli.commands._common import console, data_spec, err_console, lower_choice
 from binarize_cli.core.errors import BadInputError
-from binarize_cli.core.metadata import RunMetadata
+from binarize_cli.core.metadata import GAP_DEFINITION, RunMetadata, accuracy_gap
+from binarize_cli.core.settings import ConvertSettings
 
 
 class RichReporter:
@@ -68,29 +69,42 @@ class RichReporter:
     close = _close
 
 
+def _shape(d: Any) -> str:
+    shape = f"{d.in_channels}->{d.out_channels}"
+    if d.kernel_size:
+        shape += " k" + "x".join(map(str, d.kernel_size))
+    if d.stride and max(d.stride) > 1:
+        shape += " s" + "x".join(map(str, d.stride))
+    if d.groups != 1:
+        shape += f" g{d.groups}"
+    return shape
+
+
 def _decisions_table(decisions: list[Any]) -> Table:
+    """Graph surgery: one row per layer. Names and shapes stay whole (they fold onto a
+    second line at narrow widths); the reason wraps."""
     table = Table(title="Graph surgery", show_lines=False)
     for col in ("layer", "kind", "shape", "precision", "why"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold", ratio=2 if col == "why" else 1)
     for d in decisions:
-        shape = f"{d.in_channels}->{d.out_channels}"
-        if d.kernel_size:
-            shape += " k" + "x".join(map(str, d.kernel_size))
-        if d.stride and max(d.stride) > 1:
-            shape += " s" + "x".join(map(str, d.stride))
-        if d.groups != 1:
-            shape += f" g{d.groups}"
         precision = "[green]binarized[/]" if d.binarized else "full precision"
-        table.add_row(d.name, d.kind, shape, precision, d.reason)
+        table.add_row(d.name, d.kind, _shape(d), precision, d.reason)
     return table
+
+
+def _gap_cell(fp: Any, row: Any) -> str:
+    """The gap column's cell (:func:`~binarize_cli.core.metadata.accuracy_gap`, top-1)."""
+    gap = None if fp is None else accuracy_gap(fp.top1, row.top1)
+    return "" if gap is None else f"{gap:.2f}"
 
 
 def _accuracy_table(meta: RunMetadata) -> Table:
     table = Table(title=f"{meta.model}  {meta.scheme}  M={meta.M} N={meta.N}  on {meta.data}")
+    table.caption = GAP_DEFINITION
     table.add_column("model")
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
-    table.add_column("gap top-1", justify="right")
+    table.add_column("top-1 gap", justify="right")
     fp = meta.accuracy.fp
     for key, label in (
         ("fp", "full precision"),
@@ -100,7 +114,7 @@ def _accuracy_table(meta: RunMetadata) -> Table:
         row = meta.accuracy.stage(key)
         if row is None:
             continue
-        gap = "" if key == "fp" or fp is None else f"{row.top1 - fp.top1:+.2f}"
+        gap = "" if key == "fp" else _gap_cell(fp, row)
         table.add_row(label, f"{row.top1:.2f}%", f"{row.top5:.2f}%", gap)
     return table
 
@@ -115,25 +129,69 @@ def _endpoints(text: str) -> list[float]:
         ) from None
 
 
-# The command's options (Typer reads each one's help from its annotation).
+# The command's options (Typer reads each one's help from its annotation). Their Python
+# defaults are None so a recipe's values are not overridden; the defaults shown in --help
+# are ConvertSettings' (what an option left unset, in no recipe, becomes).
+_DEFAULTS = ConvertSettings()
+#: Each built-in scheme's default (M, N), for --help without importing torch at start-up
+#: (tests/cli/test_cli_help.py holds it to the scheme registry).
+SCHEME_DEFAULTS = {
+    "pa": (4, 5),
+    "abc": (5, 5),
+    "bnn": (1, 1),
+    "xnor": (1, 1),
+    "bireal": (1, 1),
+    "dorefa": (2, 2),
+}
+
+
+def _per_scheme(index: int) -> str:
+    """``-M``/``-N``'s default as --help shows it: each scheme's own value."""
+    return "the scheme's: " + ", ".join(f"{k} {v[index]}" for k, v in SCHEME_DEFAULTS.items())
+
+
 _Model = Annotated[
     str | None,
     typer.Argument(
-        help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe."
+        help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; "
+        "optional with --recipe.",
+        show_default="none",
     ),
 ]
 
-_Scheme = Annotated[str | None, typer.Option(help="pa | abc | bnn | xnor | bireal | dorefa")]
+_Scheme = Annotated[
+    str | None,
+    typer.Option(
+        help=" | ".join(SCHEME_DEFAULTS) + " (any case).",
+        show_default=_DEFAULTS.scheme,
+        callback=lower_choice,
+    ),
+]
 
-_M = Annotated[int | None, typer.Option("-M", help="Weight bases (PA: even number of endpoints).")]
+_M = Annotated[
+    int | None,
+    typer.Option(
+        "-M",
+        help="Weight bases (PA: even number of endpoints).",
+        show_default=_per_scheme(0),
+    ),
+]
 
 _N = Annotated[
-    int | None, typer.Option("-N", help="Activation bases; 0 keeps activations full precision.")
+    int | None,
+    typer.Option(
+        "-N",
+        help="Activation bases; 0 keeps activations full precision.",
+        show_default=_per_scheme(1),
+    ),
 ]
 
 _Checkpoint = Annotated[
     Path | None,
-    typer.Option(help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True)."),
+    typer.Option(
+        help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True).",
+        show_default="none: random init",
+    ),
 ]
 
 _Pretrained = Annotated[
@@ -141,62 +199,92 @@ _Pretrained = Annotated[
     typer.Option(
         "--pretrained/--no-pretrained",
         help="Download pretrained weights from the hub (needs internet).",
+        show_default="--pretrained" if _DEFAULTS.pretrained else "--no-pretrained",
     ),
 ]
 
 _Data = Annotated[
     str | None,
     typer.Option(
-        help="digits (default) | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake"
+        help="digits | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake",
+        show_default=_DEFAULTS.data,
+        callback=data_spec,
     ),
 ]
 
 _InputSize = Annotated[
-    int | None, typer.Option(help="Input resolution (default: the data's or the model's).")
+    int | None,
+    typer.Option(help="Input resolution.", show_default="the data's or the model's"),
 ]
 
 _Epochs = Annotated[
     float | None,
-    typer.Option(help="Fine-tune epochs (fractional allowed; 0 = calibrate only)."),
+    typer.Option(
+        help="Fine-tune epochs (fractional allowed; 0 = calibrate only).",
+        show_default=f"{_DEFAULTS.epochs:g}",
+    ),
 ]
 
 _BaselineEpochs = Annotated[
-    int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")
+    int | None,
+    typer.Option(
+        help="Epochs to adapt the full-precision baseline when needed.",
+        show_default=str(_DEFAULTS.baseline_epochs),
+    ),
 ]
 
 _BaselineLr = Annotated[
-    float | None, typer.Option(help="Learning rate for adapting the baseline (Adam).")
+    float | None,
+    typer.Option(
+        help="Learning rate for adapting the baseline (Adam).",
+        show_default=f"{_DEFAULTS.baseline_lr:g}",
+    ),
 ]
 
-_BatchSize = Annotated[int | None, typer.Option(help="Batch size (paper: 64).")]
+_BatchSize = Annotated[
+    int | None,
+    typer.Option(help="Batch size (paper: 64).", show_default=str(_DEFAULTS.batch_size)),
+]
 
-_Lr = Annotated[float | None, typer.Option(help="Fine-tune learning rate (Adam).")]
+_Lr = Annotated[
+    float | None,
+    typer.Option(help="Fine-tune learning rate (Adam).", show_default=f"{_DEFAULTS.lr:g}"),
+]
 
-_CalibBatches = Annotated[int | None, typer.Option(help="Batches used for calibration.")]
+_CalibBatches = Annotated[
+    int | None,
+    typer.Option(help="Batches used for calibration.", show_default=str(_DEFAULTS.calib_batches)),
+]
 
 _Recipe = Annotated[
-    Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")
+    Path | None,
+    typer.Option(help="TOML recipe (see recipes/); flags override it.", show_default="none"),
 ]
 
-_Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+_Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=str(_DEFAULTS.seed))]
 
 _Keep = Annotated[
     list[str] | None,
     typer.Option(
-        help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases)."
+        help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases).",
+        show_default="none: the policy keeps the first conv and the classifier",
     ),
 ]
 
 _WeightEndpoints = Annotated[
     str | None,
-    typer.Option(help="PA weight endpoints in std units, comma separated (overrides the rule)."),
+    typer.Option(
+        help="PA weight endpoints in std units, comma separated (overrides the rule).",
+        show_default="the scheme's rule",
+    ),
 ]
 
 _Distill = Annotated[
     bool | None,
     typer.Option(
         "--distill/--no-distill",
-        help="Distil from the full-precision model during fine-tuning (default: on).",
+        help="Distil from the full-precision model during fine-tuning.",
+        show_default="--distill" if _DEFAULTS.distill else "--no-distill",
     ),
 ]
 
@@ -207,9 +295,19 @@ _Resume = Annotated[
     ),
 ]
 
+_Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing run directory at the output (without it, that is an error).",
+    ),
+]
+
 _Output = Annotated[
     Path | None,
-    typer.Option("-o", "--output", help="Run directory (default runs/<model>-<scheme>-M<M>N<N>)."),
+    typer.Option(
+        "-o", "--output", help="Run directory.", show_default="runs/<model>-<scheme>-M<M>N<N>"
+    ),
 ]
 
 
@@ -234,6 +332,7 @@ def convert(
     weight_endpoints: _WeightEndpoints = None,
     distill: _Distill = None,
     resume: _Resume = False,
+    overwrite: _Overwrite = False,
     output: _Output = None,
 ) -> None:
     """Convert MODEL into a multiple-binary network and save a run directory."""
@@ -272,6 +371,7 @@ def convert(
             settings,
             out_dir=output,
             resume=resume,
+            overwrite=overwrite,
             reporter=reporter,
             progress_console=err_console if is_main else None,
         )
