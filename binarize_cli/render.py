@@ -7,7 +7,7 @@ Nothing here computes a figure: every number comes from a :class:`~binarize_cli.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich import box
@@ -72,138 +72,168 @@ def _is_compute_row(row: LayerProfile) -> bool:
     return row.binarized or row.macs > 0
 
 
-@dataclass(frozen=True)
-class _LayerColumn:
-    """One column of the Layers table: header, footer, cell of a row, and of the folded
-    parameter-layers row."""
+#: The narrowest a wrapping column (a reason, a note) gets.
+WRAP_MIN_WIDTH = 10
 
-    header: str
-    cell: Callable[[LayerProfile], str]
-    rest: str = ""
-    footer: str = ""
+
+@dataclass(frozen=True)
+class Col:
+    """A column of a fitted table: ``key`` names it in rows and drop orders, ``header`` is
+    shown; a ``wrap`` column folds its text onto more lines, the others never shorten."""
+
+    key: str
+    header: str = ""
     right: bool = False
     wrap: bool = False
+    footer: str = ""
 
 
-#: Columns dropped, in this order, until the Layers table fits the console (the full table
-#: stays in ``--json`` and on a wide terminal).
-DROP_ORDER = ("FLOPs", "MACs", "kind", "why", "M", "N", "params", "A err", "W err", "BOPs")
+Cell = str | Text
+Row = tuple[dict[str, Cell], str | None]  # cells by column key, row style
 
 
-def _layer_columns(profile: ModelProfile, errors: bool) -> list[_LayerColumn]:
-    rest = [r for r in profile.layers if not _is_compute_row(r)]
-    columns = [
-        _LayerColumn("layer", lambda r: r.name, f"+{len(rest)} parameter layers", "total"),
-        _LayerColumn("kind", lambda r: r.kind, ", ".join(sorted({r.module for r in rest}))),
-        _LayerColumn("shape", _shape_text),
-        _LayerColumn("prec.", _precision, "fp32"),
-        _LayerColumn("M", lambda r: "-" if r.m is None else str(r.m), "-", right=True),
-        _LayerColumn("N", lambda r: "-" if r.n is None else str(r.n), "-", right=True),
-        _LayerColumn("why", lambda r: r.reason, "no MACs counted", wrap=True),
-        _LayerColumn(
-            "params",
-            lambda r: f"{r.fp_params:,}",
-            f"{sum(r.fp_params for r in rest):,}",
-            f"{sum(r.fp_params for r in profile.layers):,}",
-            right=True,
-        ),
-        _LayerColumn(
-            "Mbit",
-            lambda r: mbit(r.bits),
-            mbit(sum(r.bits for r in rest)),
-            mbit(profile.memory_bits),
-            right=True,
-        ),
-        _LayerColumn(
-            "MACs", lambda r: sci(r.macs) if r.macs else "-", "-", sci(profile.macs), True
-        ),
-        _LayerColumn(
-            "BOPs", lambda r: sci(r.bops) if r.bops else "-", "-", sci(profile.bops), True
-        ),
-        _LayerColumn(
-            "FLOPs", lambda r: sci(r.flops) if r.macs else "-", "-", sci(profile.flops), True
-        ),
-    ]
-    if errors:
-        columns += [
-            _LayerColumn(
-                "W err",
-                lambda r: "-" if r.weight_error is None else f"{r.weight_error:.3f}",
-                right=True,
-            ),
-            _LayerColumn(
-                "A err",
-                lambda r: "-" if r.activation_error is None else f"{r.activation_error:.3f}",
-                right=True,
-            ),
-        ]
-    return columns
-
-
-#: The narrowest the wrapping "why" column of the Layers table gets.
-WHY_MIN_WIDTH = 10
-
-
-def _build_layer_table(
-    profile: ModelProfile, columns: Sequence[_LayerColumn], *, probe: bool = False
+def _grid(
+    title: str, cols: Sequence[Col], rows: Sequence[Row], *, probe: bool, footer: bool, simple: bool
 ) -> Table:
-    """The Layers table with ``columns``; ``probe``: wrapping cells cut to their minimum
-    width, so that the table's natural width is the narrowest it can be drawn without
-    shortening a cell."""
-    compute = [r for r in profile.layers if _is_compute_row(r)]
-    rest = [r for r in profile.layers if not _is_compute_row(r)]
-    table = Table(title="Layers", show_footer=True, header_style="bold", box=box.SIMPLE_HEAD)
-    for c in columns:
+    table = Table(
+        title=title,
+        header_style="bold",
+        show_footer=footer,
+        box=box.SIMPLE_HEAD if simple else box.HEAVY_HEAD,
+    )
+    for c in cols:
         table.add_column(
-            c.header,
+            c.header or c.key,
             footer=c.footer,
             justify="right" if c.right else "left",
             no_wrap=not c.wrap,
             overflow="fold",
             ratio=1 if c.wrap and not probe else None,
-            min_width=WHY_MIN_WIDTH if c.wrap else None,
+            min_width=WRAP_MIN_WIDTH if c.wrap else None,
         )
-
-    def cells(values: list[str]) -> list[str]:
-        if not probe:
-            return values
-        return [v[:WHY_MIN_WIDTH] if c.wrap else v for c, v in zip(columns, values, strict=True)]
-
-    for r in compute:
-        table.add_row(*cells([c.cell(r) for c in columns]), style=None if r.binarized else "dim")
-    if rest:
-        table.add_row(*cells([c.rest for c in columns]), style="dim")
+    for cells, style in rows:
+        values = [cells.get(c.key, "") for c in cols]
+        if probe:  # wrapping cells at their narrowest: the table's least width
+            values = [
+                (v[:WRAP_MIN_WIDTH] if isinstance(v, str) else v) if c.wrap else v
+                for c, v in zip(cols, values, strict=True)
+            ]
+        table.add_row(*values, style=style)
     return table
 
 
-def _fits(profile: ModelProfile, columns: Sequence[_LayerColumn], width: int) -> bool:
-    """Whether the Layers table with ``columns`` can be drawn in ``width`` characters with
-    every cell whole (the wrapping column at its minimum)."""
-    probe = _build_layer_table(profile, columns, probe=True)
-    measure_console = Console(width=100_000)
-    return Measurement.get(measure_console, measure_console.options, probe).maximum <= width
+def _fits(
+    title: str, cols: Sequence[Col], rows: Sequence[Row], width: int, *, footer: bool, simple: bool
+) -> bool:
+    """Whether the table can be drawn in ``width`` characters with no cell shortened."""
+    probe = _grid(title, cols, rows, probe=True, footer=footer, simple=simple)
+    measure = Console(width=100_000)
+    return Measurement.get(measure, measure.options, probe).maximum <= width
+
+
+def fitted_table(
+    title: str,
+    cols: Sequence[Col],
+    rows: Sequence[Row],
+    *,
+    width: int | None,
+    drop: Sequence[str],
+    caption: str = "",
+    footer: bool = False,
+    simple: bool = True,
+) -> Table:
+    """A table of ``cols`` that fits ``width`` characters with no cell shortened: columns are
+    dropped in ``drop`` order (keys) until it does, and the caption names them (the full
+    data stays in ``--json``, and on a terminal wide enough nothing is dropped). Wrapping
+    columns count at :data:`WRAP_MIN_WIDTH`. ``width`` None: every column."""
+    kept = list(cols)
+    dropped: list[str] = []
+    for key in drop:
+        if width is None or _fits(title, kept, rows, width, footer=footer, simple=simple):
+            break
+        for c in [c for c in kept if c.key == key]:
+            kept.remove(c)
+            dropped.append(c.header or c.key)
+    table = _grid(title, kept, rows, probe=False, footer=footer, simple=simple)
+    notes = [caption] if caption else []
+    if dropped:
+        notes.append(f"not shown at this width: {', '.join(dropped)} (see --json)")
+    if notes:
+        table.caption = "; ".join(notes)
+    return table
+
+
+#: Layers-table columns dropped, in this order, until it fits the console.
+DROP_ORDER = ("flops", "macs", "kind", "why", "m", "n", "params", "a_err", "w_err", "bops")
+
+
+def _layer_cells(r: LayerProfile, errors: bool) -> dict[str, Cell]:
+    cells: dict[str, Cell] = {
+        "layer": r.name,
+        "kind": r.kind,
+        "shape": _shape_text(r),
+        "prec": _precision(r),
+        "m": "-" if r.m is None else str(r.m),
+        "n": "-" if r.n is None else str(r.n),
+        "why": r.reason,
+        "params": f"{r.fp_params:,}",
+        "mbit": mbit(r.bits),
+        "macs": sci(r.macs) if r.macs else "-",
+        "bops": sci(r.bops) if r.bops else "-",
+        "flops": sci(r.flops) if r.macs else "-",
+    }
+    if errors:
+        cells["w_err"] = "-" if r.weight_error is None else f"{r.weight_error:.3f}"
+        cells["a_err"] = "-" if r.activation_error is None else f"{r.activation_error:.3f}"
+    return cells
 
 
 def layer_table(profile: ModelProfile, *, errors: bool = False, width: int | None = None) -> Table:
     """The per-layer table (Larq's model summary): conv/linear rows, the parameter-only
     layers (batch norm, ...) folded into one row, and the totals as the footer; with
-    ``errors``, each layer's weight and activation approximation errors.
+    ``errors``, each layer's weight and activation approximation errors ("W err", "A err":
+    ``||W - W_hat|| / ||W||`` and ``||A - A_hat|| / ||A||``, Frobenius norms).
 
-    With ``width``, columns are dropped in :data:`DROP_ORDER` until the table fits in
-    ``width`` characters without shortening any cell (the "why" column wraps); the table's
-    caption names what was dropped. ``--json`` lists every row and field."""
-    columns = _layer_columns(profile, errors)
-    dropped: list[str] = []
-    for name in DROP_ORDER:
-        if width is None or _fits(profile, columns, width):
-            break
-        if name in {c.header for c in columns}:
-            columns = [c for c in columns if c.header != name]
-            dropped.append(name)
-    table = _build_layer_table(profile, columns)
-    if dropped:
-        table.caption = f"not shown at this width: {', '.join(dropped)} (see --json)"
-    return table
+    With ``width``, columns go in :data:`DROP_ORDER` until the table fits without
+    shortening a cell (:func:`fitted_table`). ``--json`` lists every row and field."""
+    compute = [r for r in profile.layers if _is_compute_row(r)]
+    rest = [r for r in profile.layers if not _is_compute_row(r)]
+    cols = [
+        Col("layer", footer="total"),
+        Col("kind"),
+        Col("shape"),
+        Col("prec", "prec."),
+        Col("m", "M", right=True),
+        Col("n", "N", right=True),
+        Col("why", wrap=True),
+        Col("params", right=True, footer=f"{sum(r.fp_params for r in profile.layers):,}"),
+        Col("mbit", "Mbit", right=True, footer=mbit(profile.memory_bits)),
+        Col("macs", "MACs", right=True, footer=sci(profile.macs)),
+        Col("bops", "BOPs", right=True, footer=sci(profile.bops)),
+        Col("flops", "FLOPs", right=True, footer=sci(profile.flops)),
+    ]
+    if errors:
+        cols += [Col("w_err", "W err", right=True), Col("a_err", "A err", right=True)]
+    rows: list[Row] = [(_layer_cells(r, errors), None if r.binarized else "dim") for r in compute]
+    if rest:
+        folded: dict[str, Cell] = {
+            "layer": f"+{len(rest)} parameter layers",
+            "kind": ", ".join(sorted({r.module for r in rest})),
+            "prec": "fp32",
+            "m": "-",
+            "n": "-",
+            "why": "no MACs counted",
+            "params": f"{sum(r.fp_params for r in rest):,}",
+            "mbit": mbit(sum(r.bits for r in rest)),
+            "macs": "-",
+            "bops": "-",
+            "flops": "-",
+        }
+        rows.append((folded, "dim"))
+    caption = "W err, A err: relative approximation errors (docs/accounting.md)" if errors else ""
+    return fitted_table(
+        "Layers", cols, rows, width=width, drop=DROP_ORDER, caption=caption, footer=True
+    )
 
 
 def totals_table(profile: ModelProfile) -> Table:
@@ -272,144 +302,167 @@ def render_report(report: Report, width: int | None = None) -> RenderableType:
     return Group(*parts)
 
 
-def compare_table(rows: Sequence[CompareRow]) -> Table:
-    """``--compare``: scheme, M, N, memory, FLOPs, top-1/top-5 and the gaps (Tables 3, 6)."""
-    table = Table(title="Runs compared", header_style="bold")
-    for col in (
-        "run",
-        "model",
-        "data",
-        "scheme",
-        "M",
-        "N",
-        "Mbit",
-        "saving",
-        "FLOPs",
-        "speedup",
-        "top-1 %",
-        "top-5 %",
-        "top-1 gap",
-        "top-5 gap",
-    ):
-        table.add_column(
-            col, justify="left" if col in ("run", "model", "data", "scheme") else "right"
-        )
-    for r in rows:
-        table.add_row(
-            r.label,
-            r.model,
-            r.data or "-",
-            r.scheme or "full precision",
-            "-" if r.m is None else str(r.m),
-            "-" if r.n is None else ("fp" if r.n == 0 else str(r.n)),
-            mbit(r.memory_bits),
-            ratio(r.memory_saving),
-            sci(r.flops),
-            ratio(r.speedup),
-            pct(r.top1),
-            pct(r.top5),
-            pct(r.gap_top1),
-            pct(r.gap_top5),
-        )
-    return table
+#: ``--compare`` columns dropped, in this order, until the table fits the console.
+COMPARE_DROP_ORDER = ("top5_gap", "top5", "flops", "speedup", "model", "data", "mbit")
 
 
-def paper_table(rows: Sequence[PaperRow]) -> Table:
-    """``--paper``: our analytic numbers beside the paper's Table 7."""
-    table = Table(
-        title="Table 7 (seed 002), 224x224: ours vs paper",
-        caption="differences explained in docs/accounting.md",
-        header_style="bold",
+def compare_table(rows: Sequence[CompareRow], width: int | None = None) -> Table:
+    """``--compare``: scheme, M, N, memory, FLOPs, top-1/top-5 and the gaps (Tables 3, 6);
+    with ``width``, fitted by :func:`fitted_table` (:data:`COMPARE_DROP_ORDER`)."""
+    cols = [
+        Col("run"),
+        Col("model"),
+        Col("data"),
+        Col("scheme"),
+        Col("m", "M", right=True),
+        Col("n", "N", right=True),
+        Col("mbit", "Mbit", right=True),
+        Col("saving", right=True),
+        Col("flops", "FLOPs", right=True),
+        Col("speedup", right=True),
+        Col("top1", "top-1 %", right=True),
+        Col("top5", "top-5 %", right=True),
+        Col("top1_gap", "top-1 gap", right=True),
+        Col("top5_gap", "top-5 gap", right=True),
+    ]
+    grid: list[Row] = [
+        (
+            {
+                "run": r.label,
+                "model": r.model,
+                "data": r.data or "-",
+                "scheme": r.scheme or "full precision",
+                "m": "-" if r.m is None else str(r.m),
+                "n": "-" if r.n is None else ("fp" if r.n == 0 else str(r.n)),
+                "mbit": mbit(r.memory_bits),
+                "saving": ratio(r.memory_saving),
+                "flops": sci(r.flops),
+                "speedup": ratio(r.speedup),
+                "top1": pct(r.top1),
+                "top5": pct(r.top5),
+                "top1_gap": pct(r.gap_top1),
+                "top5_gap": pct(r.gap_top5),
+            },
+            None,
+        )
+        for r in rows
+    ]
+    return fitted_table(
+        "Runs compared",
+        cols,
+        grid,
+        width=width,
+        drop=COMPARE_DROP_ORDER,
+        caption=GAP_DEFINITION,
+        simple=False,
     )
-    for col in (
-        "model",
-        "Mbit",
-        "paper",
-        "diff",
-        "saving",
-        "paper",
-        "FLOPs",
-        "paper",
-        "diff",
-        "speedup",
-        "paper",
-        "note",
-    ):
-        table.add_column(col, justify="left" if col in ("model", "note") else "right")
+
+
+#: ``--paper`` columns dropped, in this order, until the table fits the console (after the
+#: notes, which then go below the table).
+PAPER_DROP_ORDER = ("saving", "paper_saving", "speedup", "paper_speedup")
+
+
+def paper_table(rows: Sequence[PaperRow], width: int | None = None) -> RenderableType:
+    """``--paper``: our analytic numbers beside the paper's Table 7 (PA-Net, Zhu, Al-Ars &
+    Pan, ECAI 2020); with ``width``, fitted by :func:`fitted_table`, each row's note then
+    printed below the table."""
+    cols = [
+        Col("model"),
+        Col("mbit", "Mbit", right=True),
+        Col("paper_mbit", "paper", right=True),
+        Col("mbit_diff", "diff", right=True),
+        Col("saving", right=True),
+        Col("paper_saving", "paper", right=True),
+        Col("flops", "FLOPs", right=True),
+        Col("paper_flops", "paper", right=True),
+        Col("flops_diff", "diff", right=True),
+        Col("speedup", right=True),
+        Col("paper_speedup", "paper", right=True),
+        Col("note", wrap=True),
+    ]
+    grid: list[Row] = []
     for r in rows:
         mem_ok = abs(r.memory_diff) <= 0.005
         flops_ok = abs(r.flops_diff) <= 0.005
-        table.add_row(
-            r.label,
-            mbit(r.memory_bits),
-            f"{r.paper_memory_bits / 1e6:.1f}",
-            Text(signed_pct(r.memory_diff), style="green" if mem_ok else "red"),
-            ratio(r.memory_saving),
-            ratio(r.paper_memory_saving),
-            sci(r.flops),
-            sci(r.paper_flops),
-            Text(signed_pct(r.flops_diff), style="green" if flops_ok else "red"),
-            ratio(r.speedup),
-            ratio(r.paper_speedup),
-            r.note,
-        )
-    return table
+        cells: dict[str, Cell] = {
+            "model": r.label,
+            "mbit": mbit(r.memory_bits),
+            "paper_mbit": f"{r.paper_memory_bits / 1e6:.1f}",
+            "mbit_diff": Text(signed_pct(r.memory_diff), style="green" if mem_ok else "red"),
+            "saving": ratio(r.memory_saving),
+            "paper_saving": ratio(r.paper_memory_saving),
+            "flops": sci(r.flops),
+            "paper_flops": sci(r.paper_flops),
+            "flops_diff": Text(signed_pct(r.flops_diff), style="green" if flops_ok else "red"),
+            "speedup": ratio(r.speedup),
+            "paper_speedup": ratio(r.paper_speedup),
+            "note": r.note,
+        }
+        grid.append((cells, None))
+    title = "Table 7 of the PA-Net paper, 224x224: ours vs paper"
+    if width is None or _fits(title, cols, grid, width, footer=False, simple=False):
+        notes: list[Text] = []
+    else:  # the notes go below the table, one line each
+        cols = [c for c in cols if c.key != "note"]
+        notes = [Text(f"{r.label}: {r.note}") for r in rows if r.note]
+    table = fitted_table(
+        title,
+        cols,
+        grid,
+        width=width,
+        drop=PAPER_DROP_ORDER,
+        caption="differences explained in docs/accounting.md",
+        simple=False,
+    )
+    return Group(table, *notes) if notes else table
 
 
 #: ``binarize runs`` columns dropped, in this order, until the table fits the console.
 RUNS_DROP_ORDER = ("model", "calib.", "data", "fp")
 
 
-def _run_cells(e: RunEntry) -> dict[str, str]:
-    if e.meta is None:
-        return {"run": e.path.name, "model": "error (below)", "scheme": "error"}
-    m = e.meta
-    top1 = {s: m.accuracy.stage(s) for s in ACCURACY_STAGES}
-    return {
-        "run": e.path.name,
-        "model": m.model,
-        "scheme": f"{m.scheme} {m.M}/{m.N}",
-        "data": m.data,
-        "fp": pct(None if top1["fp"] is None else top1["fp"].top1),
-        "calib.": pct(None if top1["calibrated"] is None else top1["calibrated"].top1),
-        "binarized": pct(None if top1["binarized"] is None else top1["binarized"].top1),
-        "date": (m.created or "-")[:10],
-    }
-
-
-def _runs_grid(entries: Sequence[RunEntry], columns: Sequence[str]) -> Table:
-    table = Table(title="Runs (newest first)", header_style="bold", box=box.SIMPLE_HEAD)
-    for col in columns:
-        right = col in ("fp", "calib.", "binarized")
-        table.add_column(col, justify="right" if right else "left", no_wrap=True)
-    for e in entries:
-        cells = _run_cells(e)
-        table.add_row(*(cells.get(c, "") for c in columns), style=None if e.meta else "red")
-    return table
-
-
 def runs_table(entries: Sequence[RunEntry], width: int | None = None) -> RenderableType:
     """``binarize runs``: one row per run directory, newest first, as
     :func:`~binarize_cli.core.rundir.list_runs` orders them (scheme as ``name M/N``, top-1
     accuracies in %, the date ``created``); a damaged one is named in the table and its
-    error printed below it. With ``width``, columns go in :data:`RUNS_DROP_ORDER` until the
-    table fits without shortening a cell (``--json`` has every field)."""
-    columns = ["run", "model", "scheme", "data", "fp", "calib.", "binarized", "date"]
-    dropped: list[str] = []
-    measure_console = Console(width=100_000)
-    for name in RUNS_DROP_ORDER:
-        grid = _runs_grid(entries, columns)
-        if (
-            width is None
-            or Measurement.get(measure_console, measure_console.options, grid).maximum <= width
-        ):
-            break
-        columns.remove(name)
-        dropped.append(name)
-    table = _runs_grid(entries, columns)
-    notes = "top-1 %: fp full precision, calib. calibrated, binarized fine-tuned"
-    if dropped:
-        notes += f"; not shown at this width: {', '.join(dropped)} (see --json)"
-    table.caption = notes
+    error printed below it. With ``width``, fitted by :func:`fitted_table`
+    (:data:`RUNS_DROP_ORDER`; ``--json`` has every field)."""
+    cols = [
+        Col("run"),
+        Col("model"),
+        Col("scheme"),
+        Col("data"),
+        Col("fp", right=True),
+        Col("calib.", right=True),
+        Col("binarized", right=True),
+        Col("date"),
+    ]
+    grid: list[Row] = []
+    for e in entries:
+        if e.meta is None:
+            grid.append(({"run": e.path.name, "model": "error (below)", "scheme": "error"}, "red"))
+            continue
+        m = e.meta
+        top1 = {s: m.accuracy.stage(s) for s in ACCURACY_STAGES}
+        cells: dict[str, Cell] = {
+            "run": e.path.name,
+            "model": m.model,
+            "scheme": f"{m.scheme} {m.M}/{m.N}",
+            "data": m.data,
+            "fp": pct(None if top1["fp"] is None else top1["fp"].top1),
+            "calib.": pct(None if top1["calibrated"] is None else top1["calibrated"].top1),
+            "binarized": pct(None if top1["binarized"] is None else top1["binarized"].top1),
+            "date": (m.created or "-")[:10],
+        }
+        grid.append((cells, None))
+    table = fitted_table(
+        "Runs (newest first)",
+        cols,
+        grid,
+        width=width,
+        drop=RUNS_DROP_ORDER,
+        caption="top-1 %: fp full precision, calib. calibrated, binarized fine-tuned",
+    )
     errors = [Text(f"{e.path.name}: {e.error}", style="red") for e in entries if e.meta is None]
     return Group(table, *errors)

@@ -124,7 +124,7 @@ def report(
         _show(
             json_out,
             lambda: {"paper": [r.to_dict() for r in paper_rows]},
-            lambda: render.paper_table(paper_rows),
+            lambda: render.paper_table(paper_rows, console.width),
             None,
         )
     elif compare:
@@ -138,7 +138,7 @@ def report(
         _show(
             json_out,
             lambda: {"runs": [r.to_dict() for r in rows]},
-            lambda: render.compare_table(rows),
+            lambda: render.compare_table(rows, console.width),
             figures,
         )
     else:

@@ -237,3 +237,29 @@ def test_report_gap_is_fp_minus_model(wide_and_narrow):
     ]
     assert "-5.00" not in text
     assert "gap = full-precision accuracy - this model's accuracy" in " ".join(text.split())
+
+
+def test_paper_and_compare_tables_fit_80_columns(tmp_path, make_run_dir, monkeypatch):
+    import binarize_cli.analyze.report as lib
+
+    monkeypatch.setattr(lib, "paper_comparison", partial(lib.paper_comparison, ("resnet18",)))
+    a = make_run_dir(tmp_path / "a", top1=85.0)
+    b = make_run_dir(tmp_path / "b", scheme="bireal", m=1, n=1, top1=70.0)
+    for args, whole in (
+        (["report", "--paper", "--input-size", "32"], ("PA ResNet18", "61.6")),
+        (["report", str(a), "--compare", str(b)], ("full precision", "20.00", "bireal")),
+    ):
+        narrow = runner.invoke(app, args, env={"COLUMNS": "80"})
+        wide = runner.invoke(app, args, env={"COLUMNS": "250"})
+        assert narrow.exit_code == 0 and wide.exit_code == 0, (narrow.output, wide.output)
+        for text, width in ((narrow.stdout, 80), (wide.stdout, 250)):
+            assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+            assert all(cell in text for cell in whole)
+        assert "not shown at this width" in " ".join(narrow.stdout.split())
+        assert "not shown at this width" not in wide.stdout
+    # --paper's notes move below the table at 80 columns, whole
+    narrow = runner.invoke(app, ["report", "--paper", "--input-size", "32"], env={"COLUMNS": "80"})
+    rows = lib.paper_comparison(input_size=32)
+    for r in rows:
+        if r.note and len(f"{r.label}: {r.note}") <= 80:
+            assert f"{r.label}: {r.note}" in narrow.stdout
