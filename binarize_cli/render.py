@@ -93,7 +93,14 @@ Row = tuple[dict[str, Cell], str | None]  # cells by column key, row style
 
 
 def _grid(
-    title: str, cols: Sequence[Col], rows: Sequence[Row], *, probe: bool, footer: bool, simple: bool
+    title: str,
+    cols: Sequence[Col],
+    rows: Sequence[Row],
+    *,
+    probe: bool,
+    footer: bool,
+    simple: bool,
+    fold_all: bool = False,
 ) -> Table:
     table = Table(
         title=title,
@@ -106,7 +113,7 @@ def _grid(
             c.header or c.key,
             footer=c.footer,
             justify="right" if c.right else "left",
-            no_wrap=not c.wrap,
+            no_wrap=not (c.wrap or fold_all),
             overflow="fold",
             ratio=1 if c.wrap and not probe else None,
             min_width=WRAP_MIN_WIDTH if c.wrap else None,
@@ -145,7 +152,8 @@ def fitted_table(
     """A table of ``cols`` that fits ``width`` characters with no cell shortened: columns are
     dropped in ``drop`` order (keys) until it does, and the caption names them (the full
     data stays in ``--json``, and on a terminal wide enough nothing is dropped). Wrapping
-    columns count at :data:`WRAP_MIN_WIDTH`. ``width`` None: every column."""
+    columns count at :data:`WRAP_MIN_WIDTH`; if the table is still too wide, every cell
+    folds onto more lines (never cut to "…"). ``width`` None: every column."""
     kept = list(cols)
     dropped: list[str] = []
     for key in drop:
@@ -154,7 +162,11 @@ def fitted_table(
         for c in [c for c in kept if c.key == key]:
             kept.remove(c)
             dropped.append(c.header or c.key)
-    table = _grid(title, kept, rows, probe=False, footer=footer, simple=simple)
+    # Still too wide with every optional column gone: cells fold onto more lines.
+    fold_all = width is not None and not _fits(
+        title, kept, rows, width, footer=footer, simple=simple
+    )
+    table = _grid(title, kept, rows, probe=False, footer=footer, simple=simple, fold_all=fold_all)
     notes = [caption] if caption else []
     if dropped:
         notes.append(f"not shown at this width: {', '.join(dropped)} (see --json)")

@@ -16,6 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from binarize_cli.commands._common import console, data_spec, err_console, lower_choice
 from binarize_cli.core.errors import BadInputError
@@ -80,16 +81,20 @@ def _shape(d: Any) -> str:
     return shape
 
 
-def _decisions_table(decisions: list[Any]) -> Table:
-    """Graph surgery: one row per layer. Names and shapes stay whole (they fold onto a
-    second line at narrow widths); the reason wraps."""
-    table = Table(title="Graph surgery", show_lines=False)
-    for col in ("layer", "kind", "shape", "precision", "why"):
-        table.add_column(col, overflow="fold", ratio=2 if col == "why" else 1)
+def _decisions_table(decisions: list[Any], width: int | None = None) -> Table:
+    """Graph surgery: one row per layer; fitted to ``width`` (``kind``, then ``why``
+    dropped; names and shapes never cut) by :func:`binarize_cli.render.fitted_table`."""
+    from binarize_cli.render import Col, Row, fitted_table
+
+    cols = [Col("layer"), Col("kind"), Col("shape"), Col("precision"), Col("why", wrap=True)]
+    rows: list[Row] = []
     for d in decisions:
-        precision = "[green]binarized[/]" if d.binarized else "full precision"
-        table.add_row(d.name, d.kind, _shape(d), precision, d.reason)
-    return table
+        precision = Text("binarized", style="green") if d.binarized else "full precision"
+        cells = {"layer": d.name, "kind": d.kind, "shape": _shape(d), "precision": precision}
+        rows.append(({**cells, "why": d.reason}, None))
+    return fitted_table(
+        "Graph surgery", cols, rows, width=width, drop=("kind", "why"), simple=False
+    )
 
 
 def _gap_cell(fp: Any, row: Any) -> str:
@@ -381,7 +386,7 @@ def convert(
         return
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
-    console.print(_decisions_table(result.decisions))
+    console.print(_decisions_table(result.decisions, console.width))
     console.print(_accuracy_table(result.meta))
     t = result.meta.timings
     if t.baseline_epoch_s and t.finetune_epoch_s:

@@ -46,9 +46,16 @@ def _fake_run(path: Path, run_meta, **extra) -> Path:
 # --------------------------------------------------------------------------- --overwrite
 
 
-def test_convert_into_an_existing_run_exits_2_naming_overwrite(tmp_path, make_run_dir, capsys):
+def test_convert_into_an_existing_run_exits_2_naming_overwrite(
+    tmp_path, make_run_dir, capsys, monkeypatch
+):
     run = make_run_dir(tmp_path / "run")
     before = _hashes(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("convert loaded the model before refusing the output")
+
+    monkeypatch.setattr("binarize_cli.convert.pipeline.load_inputs", no_work)
     with pytest.raises(SystemExit) as exc:
         main(["convert", "timm:test_resnet", *TINY, "-o", str(run)])
     assert exc.value.code == 2
@@ -186,26 +193,34 @@ def _render(table, width: int) -> str:
     return console.export_text()
 
 
+def _decision(name: str, binarized: bool = True, groups: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(
+        name=name,
+        kind="downsample",
+        in_channels=320,
+        out_channels=1280,
+        kernel_size=(3, 3),
+        stride=(2, 2),
+        groups=groups,
+        binarized=binarized,
+        reason="kept full precision: depthwise conv (paper 4.3), too few channels",
+    )
+
+
 def test_surgery_table_fits_80_columns():
-    decisions = [
-        SimpleNamespace(
-            name=f"stages.{i}.blocks.{i}.conv_pwl_with_a_long_name",
-            kind="pointwise",
-            in_channels=320,
-            out_channels=1280,
-            kernel_size=(3, 3),
-            stride=(2, 2),
-            groups=32,
-            binarized=i % 2 == 0,
-            reason="kept full precision: depthwise conv (paper 4.3), too few channels",
-        )
-        for i in range(3)
-    ]
+    names = ["conv1.0", "layer2.0.downsample.1", "blocks.5.2.conv_pwl.0"]
+    decisions = [_decision(n, i % 2 == 0) for i, n in enumerate(names)]
     for width in (80, 200):
-        text = _render(_decisions_table(decisions), width)
+        text = _render(_decisions_table(decisions, width), width)
         assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
-    flat = "".join(_render(_decisions_table(decisions), 200).split())
-    assert "stages.0.blocks.0.conv_pwl_with_a_long_name" in flat
+        assert all(name in text for name in names)  # whole, on one line
+        assert "320->1280 k3x3 s2x2" in text
+    assert "why" in _render(_decisions_table(decisions, 200), 200)
+    # names too long for any column layout fold instead of being cut
+    long = [_decision("stages.3.blocks.12.attention.conv_pointwise_expand_" + "x" * 30, groups=32)]
+    text = _render(_decisions_table(long, 80), 80)
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "xxxxxxxxxxxxx" in text
 
 
 def test_convert_accuracy_table_gap_is_fp_minus_model(run_meta):
