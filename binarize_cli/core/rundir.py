@@ -27,7 +27,7 @@ from typing import Any
 
 from binarize_cli.core.errors import BinarizeError, RunDirError
 from binarize_cli.core.files import atomic_write_bytes, fsync_dir, location_error, umask
-from binarize_cli.core.metadata import META_FILE, RUN_FORMAT, RunMetadata
+from binarize_cli.core.metadata import ACCURACY_STAGES, META_FILE, RUN_FORMAT, RunMetadata
 
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_RUNS_ROOT = Path("runs")
@@ -92,7 +92,7 @@ class RunEntry:
             return d
         m = self.meta
         d.update(model=m.model, scheme=m.scheme, M=m.M, N=m.N, data=m.data)
-        for stage in ("fp", "calibrated", "binarized"):
+        for stage in ACCURACY_STAGES:
             acc = m.accuracy.stage(stage)
             d[f"{stage}_top1"] = None if acc is None else acc.top1
         d["created"] = m.created
@@ -112,14 +112,16 @@ def list_runs(root: Path = DEFAULT_RUNS_ROOT) -> list[RunEntry]:
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or not path.is_dir():
             continue
-        mtime = path.stat().st_mtime
+        mtime = 0.0
         try:
+            mtime = path.stat().st_mtime
             resolve_run(path)
             meta = RunMetadata.load(path)
-        except BinarizeError as exc:
+            mtime = (path / META_FILE).stat().st_mtime
+        except (BinarizeError, OSError) as exc:
             entries.append(RunEntry(path, None, " ".join(str(exc).split()), mtime))
             continue
-        entries.append(RunEntry(path, meta, None, (path / META_FILE).stat().st_mtime))
+        entries.append(RunEntry(path, meta, None, mtime))
     return sorted(entries, key=_when, reverse=True)
 
 
