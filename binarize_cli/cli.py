@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 
 from binarize_cli import __version__
-from binarize_cli.commands import convert, export, report, run, verify
+from binarize_cli.commands import convert, export, report, run, runs, verify
 from binarize_cli.core.errors import BinarizeError
 
 app = typer.Typer(
@@ -31,6 +31,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain (click) help: wraps to the terminal (at most 80 columns), shows no type tag on
+    # flags; ``-h`` is ``--help`` on every command (subcommands inherit the setting).
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -52,11 +56,17 @@ def _root(
     """binarize: multiple-binary networks from pretrained checkpoints."""
 
 
-app.command("convert")(convert.convert)
-app.command("report")(report.report)
-app.command("export")(export.export)
-app.command("verify")(verify.verify)
-app.command("run")(run.run)
+# short_help: the one-line summaries of `binarize --help`, short enough for 80 columns.
+app.command("convert", short_help="Convert a model into a multiple-binary run.")(convert.convert)
+app.command("report", short_help="Memory, FLOPs/BOPs and accuracy of a run or model.")(
+    report.report
+)
+app.command("export", short_help="Export a run as packed bit-planes or ONNX.")(export.export)
+app.command("verify", short_help="Check PyTorch, the bitwise runtime and ONNX agree.")(
+    verify.verify
+)
+app.command("run", short_help="Evaluate a packed file with the bitwise runtime.")(run.run)
+app.command("runs", short_help="List the runs under runs/ (newest first).")(runs.runs)
 
 
 def _error_line(exc: BaseException) -> str:

@@ -22,7 +22,6 @@ it into tables and :mod:`binarize_cli.analyze.plots` into figures. The accountin
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 
 from binarize_cli.analyze.profile import ModelProfile, contract_dict, profile_model
 from binarize_cli.core.errors import BadInputError, BinarizeError
-from binarize_cli.core.metadata import ACCURACY_STAGES, RunMetadata
+from binarize_cli.core.metadata import ACCURACY_STAGES, RunMetadata, accuracy_gap
 from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.base import get_scheme
 from binarize_cli.quant.layers import BinarizedConv2d
@@ -374,16 +373,11 @@ class CompareRow(_Row):
     run_dir: str | None = None
 
 
-def _gap(fp: float | None, value: float | None) -> float | None:
-    if fp is None or value is None or math.isnan(fp) or math.isnan(value):
-        return None
-    return fp - value
-
-
 def compare_reports(reports: Sequence[Report]) -> list[CompareRow]:
     """Comparison rows (paper Tables 3 and 6): a full-precision row per (model, data) first,
-    then one row per run; gaps are the run's own full-precision top-1/top-5 minus its
-    fine-tuned ones (percentage points)."""
+    then one row per run; ``gap_top1``/``gap_top5`` are
+    :func:`~binarize_cli.core.metadata.accuracy_gap` of the run's fine-tuned model (its own
+    full-precision top-1/top-5 minus its fine-tuned ones, percentage points)."""
     rows: list[CompareRow] = []
     for rep in reports:
         prof = rep.profile
@@ -402,8 +396,8 @@ def compare_reports(reports: Sequence[Report]) -> list[CompareRow]:
                 top1=final["top1"] if final else None,
                 top5=final["top5"] if final else None,
                 data=rep.data,
-                gap_top1=_gap(fp["top1"] if fp else None, final["top1"] if final else None),
-                gap_top5=_gap(fp["top5"] if fp else None, final["top5"] if final else None),
+                gap_top1=accuracy_gap(fp["top1"] if fp else None, final["top1"] if final else None),
+                gap_top5=accuracy_gap(fp["top5"] if fp else None, final["top5"] if final else None),
                 memory_saving=prof.memory_saving,
                 speedup=prof.speedup,
                 run_dir=str(rep.run_dir) if rep.run_dir is not None else None,

@@ -1,21 +1,50 @@
-"""Shared pieces of the command modules: the consoles."""
+"""Shared pieces of the command modules: the consoles and option helpers."""
 
 from __future__ import annotations
 
 import os
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+
+#: The width of piped or redirected output (logs, docs, CI) when ``COLUMNS`` is not set.
+PIPE_WIDTH = 160
 
 
-def _make_console(stderr: bool) -> Console:
-    probe = Console(stderr=stderr)
-    # Piped or redirected output (logs, docs, CI) gets a wide fixed width instead of rich's
-    # 80-column default, so per-layer tables are not truncated; COLUMNS still wins.
-    if not probe.is_terminal and "COLUMNS" not in os.environ:
-        return Console(stderr=stderr, width=160)
-    return probe
+class _Console(Console):
+    """A console whose width is decided at each print: ``COLUMNS`` when set, else
+    :data:`PIPE_WIDTH` for piped output (so per-layer tables keep every column), else the
+    terminal's width. Tables fold or drop columns to fit it (:mod:`binarize_cli.render`)."""
+
+    @property  # type: ignore[override]
+    def size(self) -> ConsoleDimensions:
+        dims = Console.size.fget(self)  # type: ignore[attr-defined]
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit() and int(columns) > 0:
+            return ConsoleDimensions(int(columns), dims.height)
+        if not self.is_terminal:
+            return ConsoleDimensions(PIPE_WIDTH, dims.height)
+        return dims
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
 
 #: stdout console for tables and results; stderr for progress and warnings.
-console = _make_console(stderr=False)
-err_console = _make_console(stderr=True)
+console = _Console()
+err_console = _Console(stderr=True)
+
+
+def lower_choice(value: str | None) -> str | None:
+    """Option callback for a choice (``--scheme``, ``--target``, ``--kernel``): choices are
+    case-insensitive, the command sees the lower-case value."""
+    return None if value is None else value.strip().lower()
+
+
+def data_spec(value: str | None) -> str | None:
+    """Option callback for ``--data``: the data-set name (before any ``:PATH``) is
+    case-insensitive and lower-cased; a path keeps its case."""
+    if value is None:
+        return None
+    name, sep, rest = value.strip().partition(":")
+    return name.lower() + sep + rest

@@ -16,10 +16,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from binarize_cli.commands._common import console, err_console
+from binarize_cli.commands._common import console, data_spec, err_console, lower_choice
 from binarize_cli.core.errors import BadInputError
-from binarize_cli.core.metadata import RunMetadata
+from binarize_cli.core.metadata import GAP_DEFINITION, RunMetadata, accuracy_gap
+from binarize_cli.core.settings import ConvertSettings
 
 
 class RichReporter:
@@ -69,29 +71,46 @@ class RichReporter:
     close = _close
 
 
-def _decisions_table(decisions: list[Any]) -> Table:
-    table = Table(title="Graph surgery", show_lines=False)
-    for col in ("layer", "kind", "shape", "precision", "why"):
-        table.add_column(col)
+def _shape(d: Any) -> str:
+    shape = f"{d.in_channels}->{d.out_channels}"
+    if d.kernel_size:
+        shape += " k" + "x".join(map(str, d.kernel_size))
+    if d.stride and max(d.stride) > 1:
+        shape += " s" + "x".join(map(str, d.stride))
+    if d.groups != 1:
+        shape += f" g{d.groups}"
+    return shape
+
+
+def _decisions_table(decisions: list[Any], width: int | None = None) -> Table:
+    """Graph surgery: one row per layer; fitted to ``width`` (``kind``, then ``why``
+    dropped; names and shapes never cut) by :func:`binarize_cli.render.fitted_table`."""
+    from binarize_cli.render import Col, Row, fitted_table
+
+    cols = [Col("layer"), Col("kind"), Col("shape"), Col("precision"), Col("why", wrap=True)]
+    rows: list[Row] = []
     for d in decisions:
-        shape = f"{d.in_channels}->{d.out_channels}"
-        if d.kernel_size:
-            shape += " k" + "x".join(map(str, d.kernel_size))
-        if d.stride and max(d.stride) > 1:
-            shape += " s" + "x".join(map(str, d.stride))
-        if d.groups != 1:
-            shape += f" g{d.groups}"
-        precision = "[green]binarized[/]" if d.binarized else "full precision"
-        table.add_row(d.name, d.kind, shape, precision, d.reason)
-    return table
+        precision = Text("binarized", style="green") if d.binarized else "full precision"
+        cells = {"layer": d.name, "kind": d.kind, "shape": _shape(d), "precision": precision}
+        rows.append(({**cells, "why": d.reason}, None))
+    return fitted_table(
+        "Graph surgery", cols, rows, width=width, drop=("kind", "why"), simple=False
+    )
+
+
+def _gap_cell(fp: Any, row: Any) -> str:
+    """The gap column's cell (:func:`~binarize_cli.core.metadata.accuracy_gap`, top-1)."""
+    gap = None if fp is None else accuracy_gap(fp.top1, row.top1)
+    return "" if gap is None else f"{gap:.2f}"
 
 
 def _accuracy_table(meta: RunMetadata) -> Table:
     table = Table(title=f"{meta.model}  {meta.scheme}  M={meta.M} N={meta.N}  on {meta.data}")
+    table.caption = GAP_DEFINITION
     table.add_column("model")
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
-    table.add_column("gap top-1", justify="right")
+    table.add_column("top-1 gap", justify="right")
     fp = meta.accuracy.fp
     stages = (
         ("fp", "full precision"),
@@ -102,7 +121,7 @@ def _accuracy_table(meta: RunMetadata) -> Table:
         row = meta.accuracy.stage(key)
         if row is None:
             continue
-        gap = "" if key == "fp" or fp is None else f"{row.top1 - fp.top1:+.2f}"
+        gap = "" if key == "fp" else _gap_cell(fp, row)
         table.add_row(label, f"{row.top1:.2f}%", f"{row.top5:.2f}%", gap)
     return table
 
@@ -131,11 +150,33 @@ def _arch_model(arch: str, model: str | None) -> str:
     return arch.strip()
 
 
-# The command's options (Typer reads each one's help from its annotation).
+# The command's options (Typer reads each one's help from its annotation). Their Python
+# defaults are None so a recipe's values are not overridden; the defaults shown in --help
+# are ConvertSettings' (what an option left unset, in no recipe, becomes).
+_DEFAULTS = ConvertSettings()
+#: Each built-in scheme's default (M, N), for --help without importing torch at start-up
+#: (tests/cli/test_cli_help.py holds it to the scheme registry).
+SCHEME_DEFAULTS = {
+    "pa": (4, 5),
+    "abc": (5, 5),
+    "bnn": (1, 1),
+    "xnor": (1, 1),
+    "bireal": (1, 1),
+    "dorefa": (2, 2),
+}
+
+
+def _per_scheme(index: int) -> str:
+    """``-M``/``-N``'s default as --help shows it: each scheme's own value."""
+    return "the scheme's: " + ", ".join(f"{k} {v[index]}" for k, v in SCHEME_DEFAULTS.items())
+
+
 _Model = Annotated[
     str | None,
     typer.Argument(
-        help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; optional with --recipe."
+        help="timm name (resnet18, timm:resnet18.a1_in1k) or torchvision:NAME; "
+        "optional with --recipe.",
+        show_default="none",
     ),
 ]
 
@@ -147,17 +188,39 @@ _Arch = Annotated[
     ),
 ]
 
-_Scheme = Annotated[str | None, typer.Option(help="pa | abc | bnn | xnor | bireal | dorefa")]
+_Scheme = Annotated[
+    str | None,
+    typer.Option(
+        help=" | ".join(SCHEME_DEFAULTS) + " (any case).",
+        show_default=_DEFAULTS.scheme,
+        callback=lower_choice,
+    ),
+]
 
-_M = Annotated[int | None, typer.Option("-M", help="Weight bases (PA: even number of endpoints).")]
+_M = Annotated[
+    int | None,
+    typer.Option(
+        "-M",
+        help="Weight bases (PA: even number of endpoints).",
+        show_default=_per_scheme(0),
+    ),
+]
 
 _N = Annotated[
-    int | None, typer.Option("-N", help="Activation bases; 0 keeps activations full precision.")
+    int | None,
+    typer.Option(
+        "-N",
+        help="Activation bases; 0 keeps activations full precision.",
+        show_default=_per_scheme(1),
+    ),
 ]
 
 _Checkpoint = Annotated[
     Path | None,
-    typer.Option(help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True)."),
+    typer.Option(
+        help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True).",
+        show_default="none: random init",
+    ),
 ]
 
 _Pretrained = Annotated[
@@ -166,62 +229,92 @@ _Pretrained = Annotated[
         "--pretrained/--no-pretrained",
         help="Pretrained hub weights: read from the local Hugging Face / torch hub caches, "
         "downloaded only when not cached (the run records the file and its sha256).",
+        show_default="--pretrained" if _DEFAULTS.pretrained else "--no-pretrained",
     ),
 ]
 
 _Data = Annotated[
     str | None,
     typer.Option(
-        help="digits (default) | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake"
+        help="digits | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake",
+        show_default=_DEFAULTS.data,
+        callback=data_spec,
     ),
 ]
 
 _InputSize = Annotated[
-    int | None, typer.Option(help="Input resolution (default: the data's or the model's).")
+    int | None,
+    typer.Option(help="Input resolution.", show_default="the data's or the model's"),
 ]
 
 _Epochs = Annotated[
     float | None,
-    typer.Option(help="Fine-tune epochs (fractional allowed; 0 = calibrate only)."),
+    typer.Option(
+        help="Fine-tune epochs (fractional allowed; 0 = calibrate only).",
+        show_default=f"{_DEFAULTS.epochs:g}",
+    ),
 ]
 
 _BaselineEpochs = Annotated[
-    int | None, typer.Option(help="Epochs to adapt the full-precision baseline when needed.")
+    int | None,
+    typer.Option(
+        help="Epochs to adapt the full-precision baseline when needed.",
+        show_default=str(_DEFAULTS.baseline_epochs),
+    ),
 ]
 
 _BaselineLr = Annotated[
-    float | None, typer.Option(help="Learning rate for adapting the baseline (Adam).")
+    float | None,
+    typer.Option(
+        help="Learning rate for adapting the baseline (Adam).",
+        show_default=f"{_DEFAULTS.baseline_lr:g}",
+    ),
 ]
 
-_BatchSize = Annotated[int | None, typer.Option(help="Batch size (paper: 64).")]
+_BatchSize = Annotated[
+    int | None,
+    typer.Option(help="Batch size (paper: 64).", show_default=str(_DEFAULTS.batch_size)),
+]
 
-_Lr = Annotated[float | None, typer.Option(help="Fine-tune learning rate (Adam).")]
+_Lr = Annotated[
+    float | None,
+    typer.Option(help="Fine-tune learning rate (Adam).", show_default=f"{_DEFAULTS.lr:g}"),
+]
 
-_CalibBatches = Annotated[int | None, typer.Option(help="Batches used for calibration.")]
+_CalibBatches = Annotated[
+    int | None,
+    typer.Option(help="Batches used for calibration.", show_default=str(_DEFAULTS.calib_batches)),
+]
 
 _Recipe = Annotated[
-    Path | None, typer.Option(help="TOML recipe (see recipes/); flags override it.")
+    Path | None,
+    typer.Option(help="TOML recipe (see recipes/); flags override it.", show_default="none"),
 ]
 
-_Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+_Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=str(_DEFAULTS.seed))]
 
 _Keep = Annotated[
     list[str] | None,
     typer.Option(
-        help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases)."
+        help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases).",
+        show_default="none: the policy keeps the first conv and the classifier",
     ),
 ]
 
 _WeightEndpoints = Annotated[
     str | None,
-    typer.Option(help="PA weight endpoints in std units, comma separated (overrides the rule)."),
+    typer.Option(
+        help="PA weight endpoints in std units, comma separated (overrides the rule).",
+        show_default="the scheme's rule",
+    ),
 ]
 
 _Distill = Annotated[
     bool | None,
     typer.Option(
         "--distill/--no-distill",
-        help="Distil from the full-precision model during fine-tuning (default: on).",
+        help="Distil from the full-precision model during fine-tuning.",
+        show_default="--distill" if _DEFAULTS.distill else "--no-distill",
     ),
 ]
 
@@ -232,9 +325,19 @@ _Resume = Annotated[
     ),
 ]
 
+_Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing run directory at the output (without it, that is an error).",
+    ),
+]
+
 _Output = Annotated[
     Path | None,
-    typer.Option("-o", "--output", help="Run directory (default runs/<model>-<scheme>-M<M>N<N>)."),
+    typer.Option(
+        "-o", "--output", help="Run directory.", show_default="runs/<model>-<scheme>-M<M>N<N>"
+    ),
 ]
 
 
@@ -260,6 +363,7 @@ def convert(
     weight_endpoints: _WeightEndpoints = None,
     distill: _Distill = None,
     resume: _Resume = False,
+    overwrite: _Overwrite = False,
     output: _Output = None,
 ) -> None:
     """Convert MODEL into a multiple-binary network and save a run directory."""
@@ -300,6 +404,7 @@ def convert(
             settings,
             out_dir=output,
             resume=resume,
+            overwrite=overwrite,
             reporter=reporter,
             progress_console=err_console if is_main else None,
         )
@@ -309,7 +414,7 @@ def convert(
         return
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
-    console.print(_decisions_table(result.decisions))
+    console.print(_decisions_table(result.decisions, console.width))
     console.print(_accuracy_table(result.meta))
     t = result.meta.timings
     if t.baseline_epoch_s and t.finetune_epoch_s:

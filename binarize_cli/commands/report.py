@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
-from binarize_cli.commands._common import console, err_console
+from binarize_cli.commands._common import console, err_console, lower_choice
 from binarize_cli.core.errors import BadInputError
 
 
@@ -57,31 +57,49 @@ def report(
     target: Annotated[
         str | None,
         typer.Argument(
-            help="A run directory, or a model name for analytic mode; default: the most recent run."
+            help="A run directory, or a model name for analytic mode.",
+            show_default="the most recent run under runs/",
         ),
     ] = None,
     scheme: Annotated[
-        str | None, typer.Option(help="Scheme for analytic mode (default pa).")
+        str | None,
+        typer.Option(
+            help="Scheme for analytic mode (any case).", show_default="pa", callback=lower_choice
+        ),
     ] = None,
-    m: Annotated[int | None, typer.Option("-M", help="Weight bases (analytic mode).")] = None,
+    m: Annotated[
+        int | None,
+        typer.Option("-M", help="Weight bases (analytic mode).", show_default="the scheme's"),
+    ] = None,
     n: Annotated[
-        int | None, typer.Option("-N", help="Activation bases; 0 = full precision (analytic mode).")
+        int | None,
+        typer.Option(
+            "-N",
+            help="Activation bases; 0 = full precision (analytic mode).",
+            show_default="the scheme's",
+        ),
     ] = None,
     input_size: Annotated[
         int | None,
         typer.Option(
-            help="Input resolution (analytic mode; for a run, profiles at this size instead of the run's)."
+            help="Input resolution (analytic mode; for a run, profiles at this size "
+            "instead of the run's).",
+            show_default="the model's; a run's own",
         ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     compare: Annotated[
         list[Path] | None,
-        typer.Option(help="Run directories to compare in one table (repeatable)."),
+        typer.Option(
+            help="Run directories to compare in one table (repeatable).", show_default="none"
+        ),
     ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
-            help="Write PNG figures of the run into this directory: weight and activation histograms against their approximations, accuracy against memory."
+            help="Write PNG figures of the run into this directory: weight and activation "
+            "histograms against their approximations, accuracy against memory.",
+            show_default="no figures",
         ),
     ] = None,
     paper: Annotated[
@@ -106,7 +124,7 @@ def report(
         _show(
             json_out,
             lambda: {"paper": [r.to_dict() for r in paper_rows]},
-            lambda: render.paper_table(paper_rows),
+            lambda: render.paper_table(paper_rows, console.width),
             None,
         )
     elif compare:
@@ -120,12 +138,12 @@ def report(
         _show(
             json_out,
             lambda: {"runs": [r.to_dict() for r in rows]},
-            lambda: render.compare_table(rows),
+            lambda: render.compare_table(rows, console.width),
             figures,
         )
     else:
         rep, figures = _single_report(target, scheme, m, n, input_size, plot)
-        _show(json_out, rep.to_dict, lambda: render.render_report(rep), figures)
+        _show(json_out, rep.to_dict, lambda: render.render_report(rep, console.width), figures)
 
 
 def _single_report(

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from binarize_cli.commands._common import console
+from binarize_cli.commands._common import console, data_spec, lower_choice
 
 
 def run(
@@ -16,14 +16,21 @@ def run(
         Path,
         typer.Argument(help="A packed .safetensors file from `binarize export --target packed`."),
     ],
-    data: Annotated[str, typer.Option(help="Data spec to evaluate on.")] = "digits",
+    data: Annotated[
+        str, typer.Option(help="Data spec to evaluate on.", callback=data_spec)
+    ] = "digits",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per runtime call.")] = 64,
     samples: Annotated[
-        int | None, typer.Option(help="Evaluate only the first N validation images.")
+        int | None,
+        typer.Option(help="Evaluate only the first N validation images.", show_default="all"),
     ] = None,
     kernel: Annotated[
-        str, typer.Option(help="Bitwise kernel: auto (C if it builds), c or numpy.")
+        str,
+        typer.Option(
+            help="Bitwise kernel: auto (C if it builds), c or numpy; any case.",
+            callback=lower_choice,
+        ),
     ] = "auto",
 ) -> None:
     """Evaluate a packed model with the bitwise runtime alone (no torch in the model path)."""

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from binarize_cli.commands._common import console
+from binarize_cli.commands._common import console, data_spec
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -17,9 +17,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def verify(
     run_dir: Annotated[
-        Path | None, typer.Argument(help="Run directory; default: the most recent run.")
+        Path | None,
+        typer.Argument(help="Run directory.", show_default="the most recent run under runs/"),
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Data spec; default: the run's data.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Data spec.", show_default="the run's data", callback=data_spec),
+    ] = None,
     samples: Annotated[int, typer.Option(help="Images to compare.")] = 100,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     onnx: Annotated[

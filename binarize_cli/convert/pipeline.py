@@ -62,7 +62,12 @@ from binarize_cli.core.errors import (
 )
 from binarize_cli.core.files import check_writable_dir
 from binarize_cli.core.metadata import RunAccuracy, RunMetadata, RunTimings, StageAccuracy
-from binarize_cli.core.rundir import DEFAULT_RUNS_ROOT, is_run_dir, write_run
+from binarize_cli.core.rundir import (
+    DEFAULT_RUNS_ROOT,
+    is_run_dir,
+    recover_moved_aside,
+    write_run,
+)
 from binarize_cli.core.settings import ConvertSettings
 
 if TYPE_CHECKING:
@@ -151,7 +156,13 @@ def work_dir_for(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.partial"
 
 
-def _check_output_dir(run_dir: Path) -> None:
+def _check_output_dir(run_dir: Path, overwrite: bool = False) -> None:
+    recover_moved_aside(run_dir)  # a run a killed replace left in .NAME.*.old is still a run
+    if is_run_dir(run_dir) and not overwrite:
+        raise RunDirError(
+            f"run directory {run_dir} already exists; pass --overwrite to replace it "
+            "or choose another -o"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise BadInputError(f"output {run_dir} exists and is not a directory; choose another -o")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
@@ -363,16 +374,21 @@ class Calibration:
 
 
 def prepare(
-    settings: ConvertSettings, *, out_dir: Path | None = None, resume: bool = False
+    settings: ConvertSettings,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> ConvertPlan:
     """Validate everything that needs no model or data, silently, before writing anything:
-    the settings, the output location and (with ``resume``) the checkpoint to continue."""
+    the settings, the output location (an existing run there is a RunDirError unless
+    ``overwrite``) and (with ``resume``) the checkpoint to continue."""
     from binarize_cli.convert.finetune import load_checkpoint
 
     scheme, m, n = validate_settings(settings)
     assert settings.model is not None
     run_dir = out_dir or default_run_dir(settings.model, scheme.name, m, n)
-    _check_output_dir(run_dir)
+    _check_output_dir(run_dir, overwrite)
     work_dir = work_dir_for(run_dir)
     fingerprint = resume_fingerprint(settings, scheme.name, m, n)
     saved = load_checkpoint(work_dir) if resume else None
@@ -726,11 +742,13 @@ def run_convert(
     *,
     out_dir: Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     reporter: Reporter | None = None,
     progress_console: Any = None,
 ) -> ConvertResult:
     """Run the whole conversion (the stages above, in order); returns the run directory and
-    its metadata.
+    its metadata. An existing run at the output is replaced (atomically, at the end) only
+    with ``overwrite``; without it, it is a RunDirError before any work.
 
     Raises BadInputError subclasses (before any output or directory) for bad input,
     TrainingDivergedError, ConvertInterrupted, or other BinarizeErrors for failures.
@@ -741,7 +759,7 @@ def run_convert(
     from binarize_cli.load.data import describe
 
     rep: Reporter = reporter or _Silent()
-    plan = prepare(settings, out_dir=out_dir, resume=resume)
+    plan = prepare(settings, out_dir=out_dir, resume=resume, overwrite=overwrite)
     ctx = distributed.setup()
     torch.manual_seed(settings.seed)
     # oneDNN's CPU convolution backward may reduce over threads in a run-dependent order

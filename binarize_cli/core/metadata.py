@@ -33,6 +33,7 @@ changes no byte. Torch-free.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,21 @@ REQUIRED_KEYS = (
 ACCURACY_STAGES = ("fp", "calibrated", "binarized")
 
 Check = Callable[[Any], bool]
+
+#: The one definition of "gap", as every table, JSON key and doc states it.
+GAP_DEFINITION = (
+    "gap = full-precision accuracy - this model's accuracy, in percentage points "
+    "(positive: accuracy lost)"
+)
+
+
+def accuracy_gap(fp: float | None, value: float | None) -> float | None:
+    """The gap (:data:`GAP_DEFINITION`): ``fp - value`` in percentage points, positive when
+    the model lost accuracy against its full-precision baseline; ``None`` when either is
+    missing or not a number."""
+    if fp is None or value is None or math.isnan(fp) or math.isnan(value):
+        return None
+    return float(fp) - float(value)
 
 
 def _is_int(v: Any) -> bool:

@@ -14,18 +14,20 @@ with a ``binarize.json`` is always complete (:func:`write_run`). Every file goes
 
 from __future__ import annotations
 
+import datetime
 import glob
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from binarize_cli.core.errors import RunDirError
+from binarize_cli.core.errors import BinarizeError, RunDirError
 from binarize_cli.core.files import atomic_write_bytes, fsync_dir, location_error, umask
-from binarize_cli.core.metadata import META_FILE, RUN_FORMAT, RunMetadata
+from binarize_cli.core.metadata import ACCURACY_STAGES, META_FILE, RUN_FORMAT, RunMetadata
 
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_RUNS_ROOT = Path("runs")
@@ -69,6 +71,68 @@ def resolve_run(path: str | Path | None) -> Path:
     if not (p / WEIGHTS_FILE).is_file():
         raise RunDirError(f"{p} is an incomplete run (no {WEIGHTS_FILE}); rerun `binarize convert`")
     return p
+
+
+@dataclass
+class RunEntry:
+    """One directory under a runs root, as ``binarize runs`` lists it: its metadata, or the
+    one-line error that kept it from being read (``meta`` is then ``None``)."""
+
+    path: Path
+    meta: RunMetadata | None
+    error: str | None
+    mtime: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The listing's JSON row: path, the run's identity and top-1s, ``created``; or the
+        path and its ``error``."""
+        d: dict[str, Any] = {"run_dir": str(self.path)}
+        if self.meta is None:
+            d["error"] = self.error
+            return d
+        m = self.meta
+        d.update(model=m.model, scheme=m.scheme, M=m.M, N=m.N, data=m.data)
+        for stage in ACCURACY_STAGES:
+            acc = m.accuracy.stage(stage)
+            d[f"{stage}_top1"] = None if acc is None else acc.top1
+        d["created"] = m.created
+        return d
+
+
+def list_runs(root: Path = DEFAULT_RUNS_ROOT) -> list[RunEntry]:
+    """Every directory directly under ``root`` (hidden work areas excepted), newest first:
+    by ``created`` in ``binarize.json`` (ISO 8601), else by modification time. A directory
+    that is not a complete, readable run is listed with its error instead of raising. A
+    missing ``root`` has no runs; a ``root`` that is not a directory is a RunDirError."""
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise RunDirError(f"{root} is not a directory; pass --root DIR holding run directories")
+    entries: list[RunEntry] = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        mtime = 0.0
+        try:
+            mtime = path.stat().st_mtime
+            resolve_run(path)
+            meta = RunMetadata.load(path)
+            mtime = (path / META_FILE).stat().st_mtime
+        except (BinarizeError, OSError) as exc:
+            entries.append(RunEntry(path, None, " ".join(str(exc).split()), mtime))
+            continue
+        entries.append(RunEntry(path, meta, None, mtime))
+    return sorted(entries, key=_when, reverse=True)
+
+
+def _when(entry: RunEntry) -> float:
+    """The sort key of :func:`list_runs`: ``created`` as a timestamp, else the mtime."""
+    if entry.meta is not None and entry.meta.created:
+        try:
+            return datetime.datetime.fromisoformat(entry.meta.created).timestamp()
+        except ValueError:
+            pass
+    return entry.mtime
 
 
 def save_state_dict_atomic(

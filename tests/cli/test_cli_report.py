@@ -175,3 +175,91 @@ def test_error_is_one_line_exit_2(tmp_path, binarize_process):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("binarize: error: --plot")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- width and gap
+
+
+@pytest.fixture(scope="module")
+def wide_and_narrow(tmp_path_factory, make_run_dir):
+    """One run's report at 80 columns, at 200 columns, and as JSON."""
+    run_dir = make_run_dir(tmp_path_factory.mktemp("width") / "run")
+    out = {}
+    for columns in (80, 200):
+        result = runner.invoke(app, ["report", str(run_dir)], env={"COLUMNS": str(columns)})
+        assert result.exit_code == 0, (result.output, result.exception)
+        out[columns] = result.stdout
+    out["json"] = _json(["report", str(run_dir), "--json"])
+    return out
+
+
+def _layer_lines(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("layer "))
+    end = next(i for i, line in enumerate(lines) if line.strip().startswith("total"))
+    return [line for line in lines[start:end] if line.strip()]
+
+
+def test_report_at_80_columns_cuts_no_cell(wide_and_narrow):
+    text, d = wide_and_narrow[80], wide_and_narrow["json"]
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = {line.split()[0]: line.split() for line in _layer_lines(text)[1:]}
+    for layer in d["layers"]:
+        if layer["binarized"] or layer["macs"]:
+            cells = rows[layer["name"]]  # every compute layer's row, its name whole
+            if layer["weight_error"] is not None:
+                assert f"{layer['weight_error']:.3f}" in cells
+            o = layer["output_shape"]
+            assert any(c.endswith("x".join(map(str, o[1:]))) for c in cells) or len(o) < 2
+    flat = " ".join(text.split())
+    assert "not shown at this width: FLOPs, MACs, kind, why" in flat and "see --json" in flat
+
+
+def test_report_on_a_wide_terminal_shows_every_column(wide_and_narrow):
+    header = _layer_lines(wide_and_narrow[200])[0].split()
+    for column in ("kind", "why", "params", "Mbit", "MACs", "BOPs", "FLOPs", "W", "A"):
+        assert column in header
+    assert "not shown at this width" not in wide_and_narrow[200]
+    assert "…" not in wide_and_narrow[200]
+
+
+def test_report_gap_is_fp_minus_model(wide_and_narrow):
+    """fp 90/99, calibrated 40/70, fine-tuned 85/97 (conftest): gaps 50/29 and 5/2, positive."""
+    text = wide_and_narrow[200]
+    fine_tuned = next(line for line in text.splitlines() if "fine-tuned" in line)
+    assert [c.strip() for c in fine_tuned.split("│")][1:6] == [
+        "fine-tuned",
+        "85.00",
+        "97.00",
+        "5.00",
+        "2.00",
+    ]
+    assert "-5.00" not in text
+    assert "gap = full-precision accuracy - this model's accuracy" in " ".join(text.split())
+
+
+def test_paper_and_compare_tables_fit_80_columns(tmp_path, make_run_dir, monkeypatch):
+    import binarize_cli.analyze.report as lib
+
+    monkeypatch.setattr(lib, "paper_comparison", partial(lib.paper_comparison, ("resnet18",)))
+    a = make_run_dir(tmp_path / "a", top1=85.0)
+    b = make_run_dir(tmp_path / "b", scheme="bireal", m=1, n=1, top1=70.0)
+    for args, whole in (
+        (["report", "--paper", "--input-size", "32"], ("PA ResNet18", "61.6")),
+        (["report", str(a), "--compare", str(b)], ("full precision", "20.00", "bireal")),
+    ):
+        narrow = runner.invoke(app, args, env={"COLUMNS": "80"})
+        wide = runner.invoke(app, args, env={"COLUMNS": "250"})
+        assert narrow.exit_code == 0 and wide.exit_code == 0, (narrow.output, wide.output)
+        for text, width in ((narrow.stdout, 80), (wide.stdout, 250)):
+            assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+            assert all(cell in text for cell in whole)
+        assert "not shown at this width" in " ".join(narrow.stdout.split())
+        assert "not shown at this width" not in wide.stdout
+    # --paper's notes move below the table at 80 columns, whole
+    narrow = runner.invoke(app, ["report", "--paper", "--input-size", "32"], env={"COLUMNS": "80"})
+    rows = lib.paper_comparison(input_size=32)
+    for r in rows:
+        if r.note and len(f"{r.label}: {r.note}") <= 80:
+            assert f"{r.label}: {r.note}" in narrow.stdout

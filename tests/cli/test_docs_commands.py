@@ -90,6 +90,7 @@ CHEAP: dict[str, Cheap] = {
         setup="packed", stdout=("top-1", "360 images of digits")
     ),
     "python -m binarize_cli": Cheap(stdout=("Usage", "convert", "report")),
+    "binarize runs": Cheap(setup="run", stdout=("Runs (newest first)", RUN)),
 }
 
 # Regular expression (matched at the start of the command) -> why it is not run.
