@@ -279,14 +279,17 @@ def totals_table(profile: ModelProfile) -> Table:
     return table
 
 
-def accuracy_table(accuracy: dict[str, dict[str, float] | None]) -> Table:
-    """Top-1/top-5 of the full-precision baseline, the calibrated and the fine-tuned model,
-    and their gaps (:func:`~binarize_cli.core.metadata.accuracy_gap`)."""
+def accuracy_table(
+    accuracy: dict[str, dict[str, float] | None], *, fine_tuned: bool = True
+) -> Table:
+    """Top-1/top-5 of the full-precision baseline, the calibrated and the fine-tuned model
+    (not shown when the run did not fine-tune: ``--epochs 0``), and their gaps
+    (:func:`~binarize_cli.core.metadata.accuracy_gap`)."""
     table = Table(title="Accuracy", header_style="bold", caption=GAP_DEFINITION)
     for col in ("model", "top-1 %", "top-5 %", "top-1 gap", "top-5 gap"):
         table.add_column(col, justify="left" if col == "model" else "right")
     fp = accuracy.get("fp")
-    for stage in ACCURACY_STAGES:
+    for stage in ACCURACY_STAGES if fine_tuned else ACCURACY_STAGES[:2]:
         acc = accuracy.get(stage)
         if acc is None:
             table.add_row(STAGE_NAMES[stage], "-", "-", "-", "-")
@@ -314,7 +317,7 @@ def render_report(report: Report, width: int | None = None) -> RenderableType:
         totals_table(p),
     ]
     if report.accuracy is not None:
-        parts.append(accuracy_table(report.accuracy))
+        parts.append(accuracy_table(report.accuracy, fine_tuned=report.fine_tuned))
     for w in list(p.warnings) + list(report.warnings):
         parts.append(Text(f"warning: {w}", style="yellow"))
     return Group(*parts)

@@ -68,6 +68,9 @@ class Report:
     data: str | None = None
     accuracy: dict[str, dict[str, float] | None] | None = None
     warnings: list[str] = field(default_factory=list)
+    #: False for a run converted with ``--epochs 0``: its ``binarized`` accuracy is the
+    #: calibrated model's, so tables show no fine-tuned row (the JSON keeps the key).
+    fine_tuned: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"mode": self.mode}
@@ -335,6 +338,7 @@ def report_for_run(
         data=meta.data,
         accuracy=_accuracy(meta),
         warnings=warnings,
+        fine_tuned=meta.fine_tuned,
     )
 
 

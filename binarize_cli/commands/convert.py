@@ -184,7 +184,8 @@ _Arch = Annotated[
     str | None,
     typer.Option(
         help="Your own model class as MODULE:CLASS (imported from the current directory or "
-        "PYTHONPATH; see docs/api.md), instead of MODEL; weights from --checkpoint."
+        "PYTHONPATH; see docs/api.md), instead of MODEL; weights from --checkpoint.",
+        show_default="none",
     ),
 ]
 

@@ -3,6 +3,8 @@ flags, 80-column wrapping, case-insensitive choices."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import typer.main
 from typer.testing import CliRunner
@@ -56,14 +58,21 @@ def test_every_option_shows_its_default(command):
     cmd = CLI.commands[command]  # type: ignore[attr-defined]
     text = " ".join(_help(command, columns=10_000).split())
     ctx = cmd.make_context(command, ["--help"], resilient_parsing=True)
-    for param in cmd.get_params(ctx):
+    params = cmd.get_params(ctx)
+    starts = sorted(
+        re.search(rf"(?<=\s){re.escape(p.opts[0])}(?=[\s,])", text).start()  # type: ignore[union-attr]
+        for p in params
+        if p.param_type_name == "option"
+    )
+    for param in params:
         if "--help" in param.opts or getattr(param, "required", False):
             continue
         if getattr(param, "is_flag", False) and not param.secondary_opts:
             continue
         name = param.opts[-1]
         start = text.index(name) if param.param_type_name == "option" else text.index("Arguments")
-        entry = text[start : start + 400]
+        end = min([s for s in starts if s > start] + [len(text)])
+        entry = text[start:end]  # this option's own entry, up to the next option
         assert "[default:" in entry, (command, name, entry)
 
 

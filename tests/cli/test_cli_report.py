@@ -263,3 +263,17 @@ def test_paper_and_compare_tables_fit_80_columns(tmp_path, make_run_dir, monkeyp
     for r in rows:
         if r.note and len(f"{r.label}: {r.note}") <= 80:
             assert f"{r.label}: {r.note}" in narrow.stdout
+
+
+def test_report_of_a_run_without_fine_tuning_has_no_fine_tuned_row(tmp_path, make_run_dir):
+    """A run converted with --epochs 0 keeps `accuracy.binarized` (the calibrated model's) in
+    binarize.json and --json, but its accuracy table shows no fine-tuned row."""
+    run = make_run_dir(tmp_path / "run", recipe={"epochs": 0})
+    text = runner.invoke(app, ["report", str(run)], env={"COLUMNS": "200"}).output
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert any("calibrated" in line for line in rows)
+    assert not any("fine-tuned" in line for line in rows), text
+    assert _json(["report", str(run), "--json"])["accuracy"]["binarized"]["top1"] == 85.0
+    tuned = make_run_dir(tmp_path / "tuned", recipe={"epochs": 0.5})
+    text = runner.invoke(app, ["report", str(tuned)], env={"COLUMNS": "200"}).output
+    assert any("fine-tuned" in line for line in text.splitlines() if line.startswith("│"))
