@@ -418,20 +418,15 @@ def export(
     path: str | Path,
     *,
     target: str = "packed",
-    example_input: torch.Tensor | None = None,
-    input_size: int | Sequence[int] | None = None,
-    num_classes: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    name: str | None = None,
-    data: str | None = None,
+    **metadata: Any,
 ) -> Path:
     """Write a binarized model as a packed file (``target="packed"``, the bitwise runtime's
     format, docs/format.md) or ONNX (``"onnx"``: packed bit-planes unpacked in the graph;
     ``"onnx-float"``: plain dequantized weights); atomically, nothing left on error.
 
-    The metadata a run directory would give the exporters is derived where it can be
-    (:func:`export_metadata`):
+    ``metadata``: the keyword arguments of :func:`export_metadata` (``example_input``,
+    ``input_size``, ``num_classes``, ``mean``, ``std``, ``name``, ``data``). The metadata a run
+    directory would give the exporters is derived where it can be:
 
     * ``input_size`` (C, H, W): ``example_input.shape[1:]`` (a ``[B, C, H, W]`` batch), else
       the ``input_size`` argument (``32``, ``(H, W)`` or ``(C, H, W)``);
@@ -450,16 +445,7 @@ def export(
         raise BadInputError(
             f"unknown export target {target!r}; choose one of: {', '.join(EXPORT_TARGETS)}"
         )
-    meta = export_metadata(
-        model,
-        example_input=example_input,
-        input_size=input_size,
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        name=name,
-        data=data,
-    )
+    meta = export_metadata(model, **metadata)
     cpu_model = model if _device_of(model).type == "cpu" else copy.deepcopy(model).cpu()
     if wanted == "packed":
         from binarize_cli.export.packed import export_packed_model

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console, ConsoleDimensions
 
 #: The width of piped or redirected output (logs, docs, CI) when ``COLUMNS`` is not set.
@@ -48,3 +51,21 @@ def data_spec(value: str | None) -> str | None:
         return None
     name, sep, rest = value.strip().partition(":")
     return name.lower() + sep + rest
+
+
+#: The optional RUN_DIR argument of ``export`` and ``verify`` (default: the latest run).
+RunDirArgument = Annotated[
+    Path | None,
+    typer.Argument(help="Run directory.", show_default="the most recent run under runs/"),
+]
+
+
+def option(*flags: str, help: str, default: str, **kwargs: Any) -> Any:
+    """A ``typer.Option`` whose ``--help`` shows ``default`` as its default: the value an
+    unset option becomes (options default to None so recipes are not overridden)."""
+    return typer.Option(*flags, help=help, show_default=default, **kwargs)
+
+
+def choice_option(help: str) -> Any:
+    """A case-insensitive choice option (:func:`lower_choice`); ``help`` lists the choices."""
+    return typer.Option(help=help, callback=lower_choice)

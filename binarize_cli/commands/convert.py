@@ -7,18 +7,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from binarize_cli.commands._common import console, data_spec, err_console, lower_choice
+from binarize_cli.commands._common import (
+    console,
+    data_spec,
+    err_console,
+    lower_choice,
+    option,
+)
 from binarize_cli.core.errors import BadInputError
 from binarize_cli.core.metadata import GAP_DEFINITION, RunMetadata, accuracy_gap
 from binarize_cli.core.settings import ConvertSettings
@@ -42,15 +41,10 @@ class RichReporter:
         if not self.enabled:
             return
         self._close()
-        self.progress = Progress(
-            TextColumn(f"fine-tune epoch {epoch + 1}/{num_epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=False,
+        from binarize_cli.convert.training import progress_bar
+
+        self.progress = progress_bar(
+            f"fine-tune epoch {epoch + 1}/{num_epochs}", err_console, transient=False
         )
         self.progress.start()
         self.task = self.progress.add_task("finetune", total=steps, info="")
@@ -182,63 +176,57 @@ _Model = Annotated[
 
 _Arch = Annotated[
     str | None,
-    typer.Option(
+    option(
         help="Your own model class as MODULE:CLASS (imported from the current directory or "
         "PYTHONPATH; see docs/api.md), instead of MODEL; weights from --checkpoint.",
-        show_default="none",
+        default="none",
     ),
 ]
 
 _Scheme = Annotated[
     str | None,
-    typer.Option(
+    option(
         help=" | ".join(SCHEME_DEFAULTS) + " (any case).",
-        show_default=_DEFAULTS.scheme,
+        default=_DEFAULTS.scheme,
         callback=lower_choice,
     ),
 ]
 
 _M = Annotated[
     int | None,
-    typer.Option(
-        "-M",
-        help="Weight bases (PA: even number of endpoints).",
-        show_default=_per_scheme(0),
-    ),
+    option("-M", help="Weight bases (PA: even number of endpoints).", default=_per_scheme(0)),
 ]
 
 _N = Annotated[
     int | None,
-    typer.Option(
-        "-N",
-        help="Activation bases; 0 keeps activations full precision.",
-        show_default=_per_scheme(1),
+    option(
+        "-N", help="Activation bases; 0 keeps activations full precision.", default=_per_scheme(1)
     ),
 ]
 
 _Checkpoint = Annotated[
     Path | None,
-    typer.Option(
+    option(
         help="Local weights: .safetensors, or .pt/.pth (loaded with weights_only=True).",
-        show_default="none: random init",
+        default="none: random init",
     ),
 ]
 
 _Pretrained = Annotated[
     bool | None,
-    typer.Option(
+    option(
         "--pretrained/--no-pretrained",
         help="Pretrained hub weights: read from the local Hugging Face / torch hub caches, "
         "downloaded only when not cached (the run records the file and its sha256).",
-        show_default="--pretrained" if _DEFAULTS.pretrained else "--no-pretrained",
+        default="--pretrained" if _DEFAULTS.pretrained else "--no-pretrained",
     ),
 ]
 
 _Data = Annotated[
     str | None,
-    typer.Option(
+    option(
         help="digits | fashion-mnist[:PATH] | cifar10:PATH | imagefolder:PATH | fake",
-        show_default=_DEFAULTS.data,
+        default=_DEFAULTS.data,
         callback=data_spec,
     ),
 ]
@@ -250,25 +238,25 @@ _InputSize = Annotated[
 
 _Epochs = Annotated[
     float | None,
-    typer.Option(
+    option(
         help="Fine-tune epochs (fractional allowed; 0 = calibrate only).",
-        show_default=f"{_DEFAULTS.epochs:g}",
+        default=f"{_DEFAULTS.epochs:g}",
     ),
 ]
 
 _BaselineEpochs = Annotated[
     int | None,
-    typer.Option(
+    option(
         help="Epochs to adapt the full-precision baseline when needed.",
-        show_default=str(_DEFAULTS.baseline_epochs),
+        default=str(_DEFAULTS.baseline_epochs),
     ),
 ]
 
 _BaselineLr = Annotated[
     float | None,
-    typer.Option(
+    option(
         help="Learning rate for adapting the baseline (Adam).",
-        show_default=f"{_DEFAULTS.baseline_lr:g}",
+        default=f"{_DEFAULTS.baseline_lr:g}",
     ),
 ]
 
@@ -296,26 +284,26 @@ _Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=str
 
 _Keep = Annotated[
     list[str] | None,
-    typer.Option(
+    option(
         help="Regex of layer names to keep full precision (repeatable; 'first'/'last' aliases).",
-        show_default="none: the policy keeps the first conv and the classifier",
+        default="none: the policy keeps the first conv and the classifier",
     ),
 ]
 
 _WeightEndpoints = Annotated[
     str | None,
-    typer.Option(
+    option(
         help="PA weight endpoints in std units, comma separated (overrides the rule).",
-        show_default="the scheme's rule",
+        default="the scheme's rule",
     ),
 ]
 
 _Distill = Annotated[
     bool | None,
-    typer.Option(
+    option(
         "--distill/--no-distill",
         help="Distil from the full-precision model during fine-tuning.",
-        show_default="--distill" if _DEFAULTS.distill else "--no-distill",
+        default="--distill" if _DEFAULTS.distill else "--no-distill",
     ),
 ]
 
@@ -336,9 +324,7 @@ _Overwrite = Annotated[
 
 _Output = Annotated[
     Path | None,
-    typer.Option(
-        "-o", "--output", help="Run directory.", show_default="runs/<model>-<scheme>-M<M>N<N>"
-    ),
+    option("-o", "--output", help="Run directory.", default="runs/<model>-<scheme>-M<M>N<N>"),
 ]
 
 

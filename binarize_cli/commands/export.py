@@ -5,32 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from binarize_cli.commands._common import console, lower_choice
+from binarize_cli.commands._common import RunDirArgument, choice_option, console, option
 from binarize_cli.core.errors import BadInputError
 
 TARGETS = ("onnx", "onnx-float", "packed")
 
 
 def export(
-    run_dir: Annotated[
-        Path | None,
-        typer.Argument(help="Run directory.", show_default="the most recent run under runs/"),
-    ] = None,
+    run_dir: RunDirArgument = None,
     target: Annotated[
         str,
-        typer.Option(
-            help="onnx (packed bit-planes unpacked in-graph) | onnx-float (plain dequantized "
-            "graph) | packed (safetensors for the bitwise runtime); any case.",
-            callback=lower_choice,
+        choice_option(
+            "onnx (packed bit-planes unpacked in-graph) | onnx-float (plain dequantized "
+            "graph) | packed (safetensors for the bitwise runtime); any case."
         ),
     ] = "onnx",
     output: Annotated[
         Path | None,
-        typer.Option(
-            "-o", "--output", help="Output file.", show_default="inside the run directory"
-        ),
+        option("-o", "--output", help="Output file.", default="inside the run directory"),
     ] = None,
 ) -> None:
     """Export a converted run as packed bit-planes (safetensors) or ONNX."""

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
-from binarize_cli.commands._common import console, err_console, lower_choice
+from binarize_cli.commands._common import console, err_console, lower_choice, option
 from binarize_cli.core.errors import BadInputError
 
 
@@ -63,43 +63,38 @@ def report(
     ] = None,
     scheme: Annotated[
         str | None,
-        typer.Option(
-            help="Scheme for analytic mode (any case).", show_default="pa", callback=lower_choice
-        ),
+        option(help="Scheme for analytic mode (any case).", default="pa", callback=lower_choice),
     ] = None,
     m: Annotated[
-        int | None,
-        typer.Option("-M", help="Weight bases (analytic mode).", show_default="the scheme's"),
+        int | None, option("-M", help="Weight bases (analytic mode).", default="the scheme's")
     ] = None,
     n: Annotated[
         int | None,
-        typer.Option(
+        option(
             "-N",
             help="Activation bases; 0 = full precision (analytic mode).",
-            show_default="the scheme's",
+            default="the scheme's",
         ),
     ] = None,
     input_size: Annotated[
         int | None,
-        typer.Option(
+        option(
             help="Input resolution (analytic mode; for a run, profiles at this size "
             "instead of the run's).",
-            show_default="the model's; a run's own",
+            default="the model's; a run's own",
         ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     compare: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="Run directories to compare in one table (repeatable).", show_default="none"
-        ),
+        option(help="Run directories to compare in one table (repeatable).", default="none"),
     ] = None,
     plot: Annotated[
         Path | None,
-        typer.Option(
+        option(
             help="Write PNG figures of the run into this directory: weight and activation "
             "histograms against their approximations, accuracy against memory.",
-            show_default="no figures",
+            default="no figures",
         ),
     ] = None,
     paper: Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from binarize_cli.commands._common import console, data_spec, lower_choice
+from binarize_cli.commands._common import choice_option, console, data_spec, option
 
 
 def run(
@@ -23,14 +23,10 @@ def run(
     batch_size: Annotated[int, typer.Option(help="Images per runtime call.")] = 64,
     samples: Annotated[
         int | None,
-        typer.Option(help="Evaluate only the first N validation images.", show_default="all"),
+        option(help="Evaluate only the first N validation images.", default="all"),
     ] = None,
     kernel: Annotated[
-        str,
-        typer.Option(
-            help="Bitwise kernel: auto (C if it builds), c or numpy; any case.",
-            callback=lower_choice,
-        ),
+        str, choice_option("Bitwise kernel: auto (C if it builds), c or numpy; any case.")
     ] = "auto",
 ) -> None:
     """Evaluate a packed model with the bitwise runtime alone (no torch in the model path)."""

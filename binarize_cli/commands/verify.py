@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from binarize_cli.commands._common import console, data_spec
+from binarize_cli.commands._common import RunDirArgument, console, data_spec, option
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -16,13 +15,10 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def verify(
-    run_dir: Annotated[
-        Path | None,
-        typer.Argument(help="Run directory.", show_default="the most recent run under runs/"),
-    ] = None,
+    run_dir: RunDirArgument = None,
     data: Annotated[
         str | None,
-        typer.Option(help="Data spec.", show_default="the run's data", callback=data_spec),
+        option(help="Data spec.", default="the run's data", callback=data_spec),
     ] = None,
     samples: Annotated[int, typer.Option(help="Images to compare.")] = 100,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize_cli.convert.training import Accuracy, evaluate, train_one_epoch
+from binarize_cli.convert.training import Accuracy, evaluate, progress_bar, train_one_epoch
 from binarize_cli.core.errors import TrainingDivergedError
 from binarize_cli.core.files import atomic_write_bytes, atomic_write_json
 from binarize_cli.load.data import DataBundle, make_loader
@@ -161,33 +161,20 @@ def _read_entry(directory: Path, key: str, train: bool) -> dict[str, Any] | None
     return meta
 
 
+def _step_info(loss: float, acc: float, ips: float) -> str:
+    """The baseline bar's info text: running loss, accuracy and images/s."""
+    return f"loss {loss:.3f}  acc {acc:5.1f}%  {ips:.0f} img/s"
+
+
 def _make_progress(progress: Any) -> tuple[Any, bool]:
     """A rich Progress from a Console (ours to start/stop) or a Progress (the caller's)."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import Progress
 
     if isinstance(progress, Progress):
         return progress, False
     console = progress if isinstance(progress, Console) else None
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "loss {task.fields[loss]:.3f}  acc {task.fields[acc]:5.1f}%  {task.fields[ips]:.0f} img/s"
-        ),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    return bar, True
+    return progress_bar("[bold]{task.description}", console), True
 
 
 @dataclass(frozen=True)
@@ -238,9 +225,7 @@ def _train(
                 task = bar.add_task(
                     f"baseline {loaded.arch} epoch {epoch + 1}/{epochs}",
                     total=len(loader),
-                    loss=0.0,
-                    acc=0.0,
-                    ips=0.0,
+                    info=_step_info(0.0, 0.0, 0.0),
                 )
 
                 def on_step(
@@ -251,7 +236,7 @@ def _train(
                     ips: float,
                     task: Any = task,
                 ) -> None:
-                    bar.update(task, completed=step, loss=loss, acc=acc, ips=ips)
+                    bar.update(task, completed=step, info=_step_info(loss, acc, ips))
 
             try:
                 stats = train_one_epoch(

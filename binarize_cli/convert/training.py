@@ -219,3 +219,29 @@ def train_one_epoch(
         steps=steps,
         samples=seen,
     )
+
+
+def progress_bar(title: str, console: Any = None, **kwargs: Any) -> Any:
+    """The rich progress bar of a training loop (the baseline's and the fine-tune's):
+    ``title`` (a rich column template such as ``"[bold]{task.description}"``), the bar, steps
+    done of total, the task's ``info`` field (loss, accuracy, speed), elapsed and remaining
+    time. ``kwargs`` go to :class:`rich.progress.Progress`."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(title),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        **kwargs,
+    )

@@ -48,13 +48,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize_cli.core.errors import BinarizeError, SchemeError
+from binarize_cli.core.errors import SchemeError
 from binarize_cli.quant.base import (
     ActivationQuantizer,
     BitPlanes,
     Domain,
     Scheme,
     WeightQuantizer,
+    calibration_samples,
     mean_std,
     needs_autograd,
     register_scheme,
@@ -654,7 +655,7 @@ def calibrate_activation(
     the levels there are ``+-i * s`` (``s`` = std of the samples, or 1).
 
     Returns float64 tensors ``(v, beta)`` of shape ``[N]`` on the CPU.  Raises
-    :class:`BinarizeError` for an empty or non-finite sample.
+    :class:`~binarize_cli.core.errors.BadInputError` for an empty or non-finite sample.
     """
     _check_n(n)
     if not 0 <= zero_piece <= n:
@@ -693,15 +694,9 @@ def calibrate_signed_activation(
 
 
 def _sorted_samples(samples: torch.Tensor) -> torch.Tensor:
-    s = samples.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-    if s.numel() == 0:
-        raise BinarizeError(
-            "no activation samples to calibrate PA endpoints from; feed at least one batch"
-        )
-    if not bool(torch.isfinite(s).all()):
-        raise BinarizeError(
-            "activation samples for PA calibration contain NaN or inf; check the model's full-precision outputs"
-        )
+    """The calibration samples (checked by :func:`calibration_samples`, as for every scheme),
+    sorted, in float64 on the CPU."""
+    s = calibration_samples(samples).to(device="cpu", dtype=torch.float64)
     return torch.sort(s).values
 
 

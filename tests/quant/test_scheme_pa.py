@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from binarize_cli.core.errors import BinarizeError, SchemeError
+from binarize_cli.core.errors import BadInputError, SchemeError
 from binarize_cli.quant import pa
 from binarize_cli.quant.base import Domain, FullPrecisionActivation, get_scheme
 from binarize_cli.quant.layers import BinarizedConv2d
@@ -465,9 +465,10 @@ def test_quantizer_calibrate_sets_parameters_and_rejects_bad_samples():
     q.calibrate(x)
     v, beta = pa.calibrate_activation(x, 3)
     assert torch.allclose(q.v, v.float()) and torch.allclose(q.beta, beta.float())
-    with pytest.raises(BinarizeError, match="no activation samples"):
+    # the same one-line bad-input errors (exit 2) as every other scheme's calibration
+    with pytest.raises(BadInputError, match="got no samples"):
         q.calibrate(torch.empty(0))
-    with pytest.raises(BinarizeError, match="NaN"):
+    with pytest.raises(BadInputError, match="NaN"):
         q.calibrate(torch.tensor([1.0, float("nan")]))
     # all samples <= 0: still valid, strictly increasing, maps everything to 0
     v, beta = pa.calibrate_activation(-torch.rand(100), 3)
