@@ -737,6 +737,20 @@ def write_result(
     return written
 
 
+def _load_and_say(settings: ConvertSettings, plan: ConvertPlan, rep: Reporter) -> ConvertInputs:
+    """:func:`load_inputs`, then its progress lines: what was loaded, the notes (classifier
+    reset, upscaling hint, ...) and what ``--resume`` found."""
+    from binarize_cli.load.data import describe
+
+    inputs = load_inputs(settings)
+    loaded = inputs.loaded
+    rep.stage(f"loaded {loaded.spec} ({loaded.weights} weights); data {describe(inputs.data)}")
+    for note in inputs.notes:
+        rep.stage(f"note: {note}")
+    _report_resume(plan, rep)
+    return inputs
+
+
 def run_convert(
     settings: ConvertSettings,
     *,
@@ -756,7 +770,6 @@ def run_convert(
     from binarize_cli.convert import distributed
     from binarize_cli.convert.finetune import CHECKPOINT_FILE
     from binarize_cli.convert.training import evaluate
-    from binarize_cli.load.data import describe
 
     rep: Reporter = reporter or _Silent()
     plan = prepare(settings, out_dir=out_dir, resume=resume, overwrite=overwrite)
@@ -768,12 +781,7 @@ def run_convert(
     torch.backends.mkldnn.deterministic = True
     created: list[Path] = []
     try:
-        inputs = load_inputs(settings)
-        loaded = inputs.loaded
-        rep.stage(f"loaded {loaded.spec} ({loaded.weights} weights); data {describe(inputs.data)}")
-        for note in inputs.notes:
-            rep.stage(f"note: {note}")
-        _report_resume(plan, rep)
+        inputs = _load_and_say(settings, plan, rep)
         rep.stage("full-precision baseline")
         reference = build_reference(settings, inputs, ctx, progress=progress_console)
         rep.stage(f"graph surgery: {plan.scheme.name} M={plan.m} N={plan.n}")
