@@ -9,7 +9,7 @@ function is ``binarize_cli.api.export``.
 
 from typing import Any
 
-__version__ = "0.1.0"
+from binarize_cli.core.version import __version__
 
 #: The API names served from :mod:`binarize_cli.api` on first access.
 API_NAMES = ("Binarized", "Summary", "binarize", "evaluate", "finetune", "summary")

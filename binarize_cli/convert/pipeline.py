@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from binarize_cli import __version__
 from binarize_cli.core.errors import (
     BadInputError,
     BinarizeError,
@@ -69,6 +68,7 @@ from binarize_cli.core.rundir import (
     write_run,
 )
 from binarize_cli.core.settings import ConvertSettings
+from binarize_cli.core.version import __version__
 
 if TYPE_CHECKING:
     from binarize_cli.convert.baseline import Baseline

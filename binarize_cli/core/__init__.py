@@ -2,7 +2,7 @@
 
 Owns the error family (:mod:`.errors`), convert settings and recipes (:mod:`.settings`), the
 typed run metadata ``binarize.json`` (:mod:`.metadata`), run directories (:mod:`.rundir`),
-atomic file writes (:mod:`.files`), and the one way to look at a model in eval mode under
+atomic file writes (:mod:`.files`), the package version (:mod:`.version`), and the one way to look at a model in eval mode under
 no_grad (:mod:`.modes`).
 
 May import: nothing else of the package; the standard library, NumPy, safetensors, and torch

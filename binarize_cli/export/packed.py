@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from binarize_cli import __version__
 from binarize_cli.core.errors import BadInputError, BinarizeError
 from binarize_cli.core.modes import evaluating
+from binarize_cli.core.version import __version__
 from binarize_cli.export.steps import (
     LOWEST,
     TooManyPieces,
