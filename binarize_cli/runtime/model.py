@@ -255,12 +255,17 @@ def _mean(src: _Source) -> Fn:
     return lambda xs: xs[0].mean(axis=dims, keepdims=keep)
 
 
-@_builds("add", "mul")
-def _add_mul(src: _Source) -> Fn:
+_ELEMENTWISE = {"add": np.add, "mul": np.multiply, "sub": np.subtract, "div": np.divide}
+
+
+@_builds(*_ELEMENTWISE)
+def _elementwise(src: _Source) -> Fn:
     scalar = src.attrs.get("scalar")
-    ufunc = np.add if src.node["op"] == "add" else np.multiply
+    ufunc = _ELEMENTWISE[src.node["op"]]
     if scalar is None:
         return lambda xs: ufunc(xs[0], xs[1])
+    if src.attrs.get("reverse", False):
+        return lambda xs: ufunc(xs[0].dtype.type(scalar), xs[0])
     return lambda xs: ufunc(xs[0], xs[0].dtype.type(scalar))
 
 
@@ -268,6 +273,53 @@ def _add_mul(src: _Source) -> Fn:
 def _cat(src: _Source) -> Fn:
     dim = int(src.attrs["dim"])
     return lambda xs: np.concatenate(xs, axis=dim)
+
+
+@_builds("gelu")
+def _gelu(src: _Source) -> Fn:
+    approximate = str(src.attrs["approximate"])
+    return lambda xs: ops.gelu(xs[0], approximate)
+
+
+@_builds("prelu")
+def _prelu(src: _Source) -> Fn:
+    weight = src.tensor("weight")
+    return lambda xs: ops.prelu(xs[0], weight)  # type: ignore[arg-type]
+
+
+@_builds("slice")
+def _slice(src: _Source) -> Fn:
+    a = src.attrs
+    dims, starts, stops, steps = a["dims"], a["starts"], a["stops"], a["steps"]
+    return lambda xs: ops.slice_dims(xs[0], dims, starts, stops, steps)
+
+
+@_builds("reshape")
+def _reshape(src: _Source) -> Fn:
+    shape = tuple(int(d) for d in src.attrs["shape"])
+    return lambda xs: xs[0].reshape((xs[0].shape[0], *shape))
+
+
+@_builds("transpose")
+def _transpose(src: _Source) -> Fn:
+    perm = tuple(int(d) for d in src.attrs["perm"])
+    return lambda xs: np.ascontiguousarray(xs[0].transpose(perm))
+
+
+@_builds("pad")
+def _pad(src: _Source) -> Fn:
+    pads, value = [int(p) for p in src.attrs["pads"]], float(src.attrs["value"])
+    return lambda xs: ops.pad(xs[0], pads, value)
+
+
+@_builds("resize")
+def _resize(src: _Source) -> Fn:
+    a = src.attrs
+    size, mode, corners = a["size"], str(a["mode"]), bool(a["align_corners"])
+    factor = a.get("scale_factor")
+    if mode not in ("nearest", "bilinear"):
+        raise FormatError(f"node {src.node['name']!r}: resize mode {mode!r} is not supported")
+    return lambda xs: ops.resize(xs[0], size, mode, corners, factor)
 
 
 @_builds("constant")
