@@ -16,7 +16,11 @@
   the running statistics are buffers it does not count);
 * metadata (str -> str): format name and version, bit order, scheme, M, N, the source
   model, classes, input size, normalisation, and ``graph``: the network as a JSON op list
-  (traced with ``torch.fx``), so a reader needs neither torch nor timm.
+  (traced with ``torch.fx``), so a reader needs neither torch nor timm. Shapes are static:
+  the traced model is run at batch 2 and 3 (:mod:`binarize_cli.export.record`), sizes that
+  fx recorded as ``x.size()`` arithmetic become constants, and the batch stays dimension 0
+  (``docs/format.md``, "Static shapes"). Anything the op table cannot express is refused
+  with one line naming the op, the layer and the model.
 
 Size: the file holds M bits per binarized weight (each plane padded to a whole byte),
 32 bits per real parameter the report counts, and small per-layer extras (the ``L - 1``

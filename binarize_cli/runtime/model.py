@@ -214,10 +214,18 @@ def _clip(src: _Source) -> Fn:
     return lambda xs: ops.clip(xs[0], lo, hi)
 
 
-@_builds("leaky_relu")
-def _leaky_relu(src: _Source) -> Fn:
-    slope = float(src.attrs["negative_slope"])
-    return lambda xs: ops.leaky_relu(xs[0], slope)
+#: Element-wise ops of one attribute: ``fn(x, parse(attrs[name]))``.
+_ONE_ATTR: dict[str, tuple[Callable[[np.ndarray, Any], np.ndarray], str, Callable[[Any], Any]]] = {
+    "leaky_relu": (ops.leaky_relu, "negative_slope", float),
+    "gelu": (ops.gelu, "approximate", str),
+}
+
+
+@_builds(*_ONE_ATTR)
+def _one_attr(src: _Source) -> Fn:
+    f, name, parse = _ONE_ATTR[src.node["op"]]
+    value = parse(src.attrs[name])
+    return lambda xs: f(xs[0], value)
 
 
 @_builds("maxpool2d")
@@ -273,12 +281,6 @@ def _elementwise(src: _Source) -> Fn:
 def _cat(src: _Source) -> Fn:
     dim = int(src.attrs["dim"])
     return lambda xs: np.concatenate(xs, axis=dim)
-
-
-@_builds("gelu")
-def _gelu(src: _Source) -> Fn:
-    approximate = str(src.attrs["approximate"])
-    return lambda xs: ops.gelu(xs[0], approximate)
 
 
 @_builds("prelu")
