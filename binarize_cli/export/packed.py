@@ -727,12 +727,31 @@ class _Writer:
             attrs["scale_factor"] = _floats2(factor)
         return self._emit(base, "resize", [x], attrs)
 
-    def _mean(self, base: str, x: str, dims: Any, keep: Any, node: fx.Node, where: str) -> str:
+    def _reduce(
+        self, base: str, op: str, x: str, dims: Any, keep: Any, node: fx.Node, where: str
+    ) -> str:
+        """``mean``/``sum`` over ``dims`` (never the batch)."""
         if dims is None:
-            raise BadInputError(f"{where}: mean over all dimensions is not supported")
+            raise BadInputError(f"{where}: {op} over all dimensions is not supported")
         rank = len(self._info(node.all_input_nodes[0]).shape)
         dl = [self._dim(d, rank, where) for d in ([dims] if isinstance(dims, int) else dims)]
-        return self._emit(base, "mean", [x], {"dims": dl, "keepdim": bool(keep)})
+        return self._emit(base, op, [x], {"dims": dl, "keepdim": bool(keep)})
+
+    def _softmax(self, base: str, x: str, b: dict[str, Any], node: fx.Node, where: str) -> str:
+        if b.get("dtype") is not None:
+            raise BadInputError(f"{where}: softmax with a dtype is not supported")
+        rank = len(self._info(node).shape)
+        return self._emit(base, "softmax", [x], {"dim": self._dim(b["dim"], rank, where)})
+
+    def _stack(self, base: str, ins: list[str], dim: Any, node: fx.Node, where: str) -> str:
+        """``torch.stack``: each input reshaped with a 1 at ``dim``, then ``cat``."""
+        shape = list(self._info(node).shape)
+        d = self._dim(dim, len(shape), where)
+        part = [*shape[1:d], 1, *shape[d + 1 :]]
+        parts = [
+            self._emit(f"{base}_{i}", "reshape", [x], {"shape": part}) for i, x in enumerate(ins)
+        ]
+        return self._emit(base, "cat", parts, {"dim": d})
 
     def _binary(self, base: str, op: str, a: Any, b: Any, where: str) -> str:
         if isinstance(a, fx.Node) and isinstance(b, fx.Node):
@@ -821,6 +840,10 @@ class _Writer:
             ins = self._ins(args[0] if args else kwargs["tensors"], where)
             rank = len(self._info(node).shape)
             return self._emit(base, "cat", ins, {"dim": self._dim(b["dim"], rank, where)})
+        if f is torch.stack:
+            b = _bind(args, kwargs, ("dim",), dim=0)
+            ins = self._ins(args[0] if args else kwargs["tensors"], where)
+            return self._stack(base, ins, b["dim"], node, where)
         if f in (torch.chunk, torch.split):
             b = _bind(args, kwargs, ("_", "dim"), dim=0)
             return self._parts(base, self._in(args[0], where), node, b["dim"], where)
@@ -887,9 +910,12 @@ class _Writer:
                 raise BadInputError(f"{where}: return_indices is not supported")
             op = "adaptive_avgpool2d" if f is F.adaptive_avg_pool2d else "adaptive_maxpool2d"
             return self._emit(base, op, [x], {"output_size": _size2(b["output_size"])})
-        if f is torch.mean:
+        if f in (torch.mean, torch.sum):
             b = _bind(args, kwargs, ("dim", "keepdim"), dim=None, keepdim=False)
-            return self._mean(base, x, b["dim"], b["keepdim"], node, where)
+            op = "mean" if f is torch.mean else "sum"
+            return self._reduce(base, op, x, b["dim"], b["keepdim"], node, where)
+        if f in (F.softmax, torch.softmax):
+            return self._softmax(base, x, _bind(args, kwargs, ("dim",), dtype=None), node, where)
         if f is F.pad:
             b = _bind(args, kwargs, ("pad", "mode", "value"), mode="constant", value=None)
             if b["mode"] != "constant":
@@ -973,9 +999,11 @@ class _Writer:
             return self._clamp(
                 base, x, _bind(args, kwargs, ("min", "max"), min=None, max=None), where
             )
-        if name == "mean":
+        if name in ("mean", "sum"):
             b = _bind(args, kwargs, ("dim", "keepdim"), dim=None, keepdim=False)
-            return self._mean(base, x, b["dim"], b["keepdim"], node, where)
+            return self._reduce(base, name, x, b["dim"], b["keepdim"], node, where)
+        if name == "softmax":
+            return self._softmax(base, x, _bind(args, kwargs, ("dim",), dtype=None), node, where)
         raise BadInputError(f"{where} is not supported by the packed format")
 
     def _fold_channel_scales(self, nodes: list[dict[str, Any]], outputs: list[str]) -> None:

@@ -218,6 +218,7 @@ def _clip(src: _Source) -> Fn:
 _ONE_ATTR: dict[str, tuple[Callable[[np.ndarray, Any], np.ndarray], str, Callable[[Any], Any]]] = {
     "leaky_relu": (ops.leaky_relu, "negative_slope", float),
     "gelu": (ops.gelu, "approximate", str),
+    "softmax": (ops.softmax, "dim", int),
 }
 
 
@@ -257,10 +258,11 @@ def _flatten(src: _Source) -> Fn:
     return lambda xs: ops.flatten(xs[0], s0, e0)
 
 
-@_builds("mean")
-def _mean(src: _Source) -> Fn:
+@_builds("mean", "sum")
+def _reduce(src: _Source) -> Fn:
     dims, keep = tuple(src.attrs["dims"]), bool(src.attrs["keepdim"])
-    return lambda xs: xs[0].mean(axis=dims, keepdims=keep)
+    reduce = np.mean if src.node["op"] == "mean" else np.sum
+    return lambda xs: reduce(xs[0], axis=dims, keepdims=keep)
 
 
 _ELEMENTWISE = {"add": np.add, "mul": np.multiply, "sub": np.subtract, "div": np.divide}

@@ -348,3 +348,9 @@ def resize(
     one = x.dtype.type(1)
     rows = (one - lh) * x[:, :, h0] + lh * x[:, :, h1]
     return np.ascontiguousarray((one - lw) * rows[:, :, :, w0] + lw * rows[:, :, :, w1])
+
+
+def softmax(x: np.ndarray, dim: int) -> np.ndarray:
+    """``F.softmax`` along ``dim`` (the maximum subtracted first)."""
+    e = np.exp(x - x.max(axis=dim, keepdims=True))
+    return e / e.sum(axis=dim, keepdims=True)

@@ -62,6 +62,7 @@ _RESIZE = (
     "`align_corners` false), `r = 1 / scale_factor` if given else `in / out`; bilinear with "
     "`align_corners`: `i * (in - 1) / (out - 1)`"
 )
+_REDUCE = (("dims", "list of int"), ("keepdim", "boolean"))
 _OUTPUT_SIZE = (("output_size", "[h or null, w or null]"),)
 _BCONV_ATTRS = (
     *_CONV,
@@ -131,7 +132,10 @@ OPS: dict[str, OpSpec] = {
         _op("adaptive_avgpool2d", f"`F.adaptive_avg_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
         _op("adaptive_maxpool2d", f"`F.adaptive_max_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
         _op("flatten", "`torch.flatten`", attrs=(("start_dim", "int"), ("end_dim", "int"))),
-        _op("mean", "mean over `dims`", attrs=(("dims", "list of int"), ("keepdim", "boolean"))),
+        _op("mean", "mean over `dims`", attrs=_REDUCE),
+        _op("sum", "sum over `dims`", attrs=_REDUCE, since=2),
+        _op("softmax", "`exp(x - max) / sum(exp(x - max))` along `dim`",
+            attrs=(("dim", "int"),), since=2),
         _op("add", "`a + b`, NumPy broadcasting; one input: `a + scalar`", (1, 2),
             optional_attrs=_SCALAR),
         _op("mul", "`a * b`, NumPy broadcasting; one input: `a * scalar`", (1, 2),

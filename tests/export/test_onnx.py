@@ -742,7 +742,8 @@ class ShapeOps(nn.Module):
     ``x.size()``, ``nn.ChannelShuffle``, ``permute``, ``unsqueeze``, constant and cropping
     ``pad``, nearest/bilinear resizing (sizes, a scale factor, both ``align_corners``),
     ``sub``/``div`` with reversed scalars and ``neg``, ``gelu`` (both forms), ``prelu``,
-    ``clamp``, functional pools, a ``reshape`` from ``x.size(0)``, a Linear subclass."""
+    ``clamp``, functional pools, ``stack`` + ``softmax`` + ``sum`` (selective-kernel
+    attention), a ``reshape`` from ``x.size(0)``, a Linear subclass."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -781,6 +782,8 @@ class ShapeOps(nn.Module):
         z = F.relu6(self.bn_c(self.conv_c(y)))
         z = F.max_pool2d(z, 3, 2, 1) + F.avg_pool2d(z, 3, 2, 1, count_include_pad=False)
         z = z + F.adaptive_max_pool2d(z, 1) * F.adaptive_avg_pool2d(z, 1)
+        attention = F.softmax(torch.stack([z, z.sigmoid()], dim=1), dim=1)  # SK-Net's
+        z = (attention * torch.stack([z, -z], 1)).sum(1) + torch.sum(z, (2, 3), keepdim=True)
         z = z * z.mean((2, 3)).unsqueeze(-1).unsqueeze(-1)
         z = F.dropout(z[:, :, 1:, :-1], 0.2, self.training)
         return self.fc(z.reshape(z.size(0), -1))

@@ -326,6 +326,12 @@ def test_gelu_and_prelu() -> None:
         np.testing.assert_array_equal(ops.prelu(x, w), F.prelu(t, _t(w)).numpy())
 
 
+def test_softmax() -> None:
+    x = RNG.standard_normal((2, 4, 3, 5)) * 30
+    for dim in (1, 2, 3):
+        np.testing.assert_allclose(ops.softmax(x, dim), F.softmax(_t(x), dim).numpy(), rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("mode", "corners"), [("nearest", None), ("bilinear", False), ("bilinear", True)]
