@@ -40,6 +40,7 @@ against the quantizer on the thresholds, their float neighbours and random point
 from __future__ import annotations
 
 import json
+import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -261,16 +262,48 @@ def _floats2(v: Any) -> list[float]:
     return [float(x) for x in v]
 
 
+def _tf_same_pads(m: nn.Conv2d, in_shape: tuple[int, ...]) -> list[int]:
+    """TensorFlow's "same" padding for input ``in_shape`` (``F.pad`` order: left, right,
+    top, bottom): total ``max((ceil(i / s) - 1) s + (k - 1) d + 1 - i, 0)``, the odd one after."""
+    totals = [
+        max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        for i, k, s, d in zip(in_shape[2:], m.kernel_size, m.stride, m.dilation, strict=True)
+    ]
+    (th, tw) = totals
+    return [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+
+
+def _conv_pads(m: nn.Conv2d, in_shape: tuple[int, ...]) -> list[int] | None:
+    """The explicit padding before ``m``'s zero-padded convolution: none (``[0, 0, 0, 0]``)
+    for ``nn.Conv2d`` itself, or, for a subclass, whichever of none and TensorFlow's "same"
+    padding its forward computes (checked on a random input of ``in_shape``); ``None`` when
+    it computes neither."""
+    if m.padding_mode != "zeros":
+        return None
+    if _same_forward(m, nn.Conv2d):
+        return [0, 0, 0, 0]
+    x = torch.randn(in_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = m(x)
+        for pads in ([0, 0, 0, 0], _tf_same_pads(m, in_shape)):
+            want = m._conv_forward(F.pad(x, pads), m.weight, m.bias)
+            if isinstance(got, torch.Tensor) and got.shape == want.shape and _close(got, want):
+                return pads
+    return None
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    scale = float(want.abs().max()) or 1.0
+    return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6 * scale))
+
+
 def _linear_map(m: nn.Linear, in_shape: tuple[int, ...]) -> bool:
     """Whether ``m``'s forward computes ``F.linear(x, m.weight, m.bias)`` (checked on a random
     input of the shape it is called with)."""
     x = torch.randn(in_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = m(x), F.linear(x, m.weight, m.bias)
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        return False
-    scale = float(want.abs().max()) or 1.0
-    return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6 * scale))
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and _close(got, want)
 
 
 class _Writer:
@@ -498,10 +531,13 @@ class _Writer:
         if isinstance(m, BinarizedConv2d):
             return self._bconv(base, target, m, x)
         if isinstance(m, nn.Conv2d):
-            if not _same_forward(m, nn.Conv2d) or m.padding_mode != "zeros":
+            pads = _conv_pads(m, self._info(args[0]).shape)
+            if pads is None:
                 raise BadInputError(
                     f"layer {target} ({type(m).__name__}) computes something other than nn.Conv2d; the packed format cannot store it"
                 )
+            if any(pads):  # TensorFlow's "same" padding, as timm's Conv2dSame computes it
+                x = self._pad(f"{base}_pad", x, pads, 0.0)
             t = {"weight": self._f32(f"{target}.weight", m.weight)}
             if m.bias is not None:
                 t["bias"] = self._f32(f"{target}.bias", m.bias)

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
 from torch import nn
 
 from binarize_cli.core.errors import BadInputError, SchemeError
@@ -743,13 +744,15 @@ class ShapeOps(nn.Module):
     ``pad``, nearest/bilinear resizing (sizes, a scale factor, both ``align_corners``),
     ``sub``/``div`` with reversed scalars and ``neg``, ``gelu`` (both forms), ``prelu``,
     ``clamp``, functional pools, ``stack`` + ``softmax`` + ``sum`` (selective-kernel
-    attention), a ``reshape`` from ``x.size(0)``, a Linear subclass."""
+    attention), a ``reshape`` from ``x.size(0)``, Conv2d and Linear subclasses (timm's
+    ``Conv2dSame``, ``Linear``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 10, 3, padding=1)
         self.bn = nn.BatchNorm2d(10)
         self.prelu = nn.PReLU(10)
+        self.same = Conv2dSame(10, 10, 4, groups=10)  # TensorFlow "same" padding, even kernel
         self.conv_a = nn.Conv2d(5, 6, 3, padding=1, bias=False)
         self.conv_b = nn.Conv2d(11, 12, 1, bias=False)
         self.bn_b = nn.BatchNorm2d(12)
@@ -763,6 +766,7 @@ class ShapeOps(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn(self.stem(x)))
+        x = x + self.same(x)
         a, b = x.chunk(2, dim=1)
         a = self.conv_a(a)
         b1, b2 = torch.split(b, [2, 3], dim=1)

@@ -299,3 +299,25 @@ def test_linear_subclass_is_judged_by_what_it_computes(tmp_path) -> None:
     path = export_packed_model(_Wrap(torch.relu, Plain).eval(), meta, tmp_path / "p.safetensors")
     with safe_open(str(path), framework="numpy") as fh:
         assert "fc.weight" in set(fh.keys())
+
+
+def test_conv_subclass_with_tensorflow_same_padding_is_pad_then_conv(tmp_path) -> None:
+    from timm.layers import Conv2dSame
+
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = _Wrap(torch.relu)
+    model.conv = Conv2dSame(3, 4, 4, stride=2)  # 8 -> 4: total padding 2 per side pair
+    model.fc = nn.Linear(4 * 4 * 4, 10)
+    meta = {**meta_for("pa", 2, 2), "input_size": [3, 8, 8]}
+    path = export_packed_model(model.eval(), meta, tmp_path / "same.safetensors")
+    with safe_open(str(path), framework="numpy") as fh:
+        nodes = json.loads(fh.metadata()["graph"])["nodes"]
+    assert [n["op"] for n in nodes[:2]] == ["pad", "conv2d"]
+    assert nodes[0]["attrs"]["pads"] == [1, 1, 1, 1] and nodes[1]["attrs"]["padding"] == [0, 0]
+    model.conv = Doubled(3, 4, 3, padding=1)
+    model.fc = nn.Linear(4 * 8 * 8, 10)
+    (tmp_path / "x").mkdir()
+    assert "computes something other than nn.Conv2d" in _export_error(model, tmp_path / "x")
