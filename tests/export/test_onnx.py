@@ -844,7 +844,10 @@ def test_every_table_op_replays_exactly_in_float64(net, all_ops_models) -> None:
     reference): the same function, to rounding."""
     from binarize_cli.export.verify import verify_model
 
-    x = np.random.default_rng(3).standard_normal((3, 3, *TINY_SIZE)).astype(np.float32)
-    result = verify_model(all_ops_models[net], TINY_META, x, onnx=False, backend="numpy")
-    assert result.top1_agreement.runtime == 100.0
-    assert result.max_rel_logit_diff.runtime < 1e-9
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, *TINY_SIZE))
+        result = verify_model(
+            all_ops_models[net], TINY_META, x.astype(np.float32), onnx=False, backend="numpy"
+        )
+        assert result.samples == batch and result.top1_agreement.runtime == 100.0
+        assert result.max_rel_logit_diff.runtime < 1e-9
