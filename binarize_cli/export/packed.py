@@ -422,8 +422,9 @@ class _Writer:
         return a
 
     def _check(self, node: fx.Node, where: str) -> None:
-        """The node keeps the batch as dim 0 at both recorded batch sizes, computes float32,
-        and reads batch-dependent static values only as a reshape's leading dimension."""
+        """The node keeps the batch as dim 0 and the other dims fixed at both recorded batch
+        sizes, computes float32, and reads batch-dependent static values only as a reshape's
+        leading dimension."""
         for value, batch in (
             (self.rec.values[node.name], BATCHES[0]),
             (self.rec.other[node.name], BATCHES[1]),
@@ -440,6 +441,13 @@ class _Writer:
                         f"{where} changes the batch dimension (shape {list(info.shape)} at batch "
                         f"{batch}); the packed format keeps the batch as dimension 0"
                     )
+        first, second = self.rec.values[node.name], self.rec.other[node.name]
+        shapes = [i.shape[1:] for i in (first if isinstance(first, list) else [first])]
+        if shapes != [i.shape[1:] for i in (second if isinstance(second, list) else [second])]:
+            raise BadInputError(
+                f"{where}: the dimensions after the batch change with the batch size; the "
+                "packed format resolves shapes statically"
+            )
         reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
             node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
         )

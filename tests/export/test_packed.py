@@ -267,6 +267,13 @@ def test_static_shape_that_follows_the_batch_is_refused_outside_a_reshape(tmp_pa
     export_packed_model(model.eval(), meta, tmp_path / "ok.safetensors")
 
 
+def _batch_squared(x: torch.Tensor) -> torch.Tensor:
+    """12 values per sample viewed as ``[n, n, 12 / n]``: a shape that follows the batch."""
+    n, flat = x.size(0), x.flatten(1)
+    odd = flat[:, :12].reshape(n, n, -1).reshape(n, -1)
+    return torch.cat([odd, flat[:, 12:]], 1).view(n, 4, 8, 8)
+
+
 @pytest.mark.parametrize(
     ("op", "expected"),
     [
@@ -278,6 +285,7 @@ def test_static_shape_that_follows_the_batch_is_refused_outside_a_reshape(tmp_pa
         (lambda x: x.permute(1, 0, 2, 3).permute(1, 0, 2, 3), "changes the batch dimension"),
         (lambda x: x[:1], "changes the batch dimension"),
         (lambda x: torch.cat([x], 0), "works along dimension 0, the batch"),
+        (_batch_squared, "the dimensions after the batch change with the batch size"),
     ],
 )
 def test_ops_across_the_batch_are_refused(tmp_path, op, expected) -> None:
