@@ -403,10 +403,10 @@ def convert(
         reporter.close()
     if not is_main:
         return
-    for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(_decisions_table(result.decisions, console.width))
     console.print(_accuracy_table(result.meta))
+    for warning in result.warnings:  # after the tables they are about, so they stay in view
+        err_console.print(f"[yellow]warning:[/] {warning}")
     t = result.meta.timings
     if t.baseline_epoch_s and t.finetune_epoch_s:
         ratio = (sum(t.finetune_epoch_s) / len(t.finetune_epoch_s)) / (

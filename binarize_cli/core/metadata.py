@@ -13,6 +13,9 @@ the bytes ``convert`` always wrote: 2-space indented JSON and a final newline):
   ``finetune_epochs``, ``num_classes``, ``keep``, ``scheme_options``, ``first_conv``,
   ``classifier``, ``policy``, ``input_size``, ``mean``, ``std``; and ``world_size``,
   ``created``, ``binarize_version``;
+* ``finetune_kept_epoch`` (optional, absent from older files): the 1-based fine-tune epoch
+  whose weights the run holds (the best by the selection score, see
+  :mod:`binarize_cli.convert.finetune`); null when nothing was fine-tuned;
 * provenance added later (optional, absent from older files): ``weights_file`` and
   ``weights_sha256`` (the checkpoint or cached hub file the weights were read from, and its
   SHA-256; null for random weights), ``notes`` (what ``convert`` changed on its own and
@@ -197,6 +200,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "data": (_is_str, "a string"),
     "recipe": (_or_null(_is_object), "an object or null"),
     "finetune_epochs": (_list_of(_is_object), "a list of objects"),
+    "finetune_kept_epoch": (_or_null(_is_int), "an integer or null"),
     "num_classes": (_is_int, "an integer"),
     "keep": (_list_of(_is_str), "a list of strings"),
     "scheme_options": (_is_object, "an object"),
@@ -288,6 +292,7 @@ class RunMetadata:
     accuracy: RunAccuracy
     timings: RunTimings
     finetune_epochs: list[dict[str, Any]] = field(default_factory=list)
+    finetune_kept_epoch: int | None = None
     num_classes: int
     keep: list[str] = field(default_factory=list)
     scheme_options: dict[str, Any] = field(default_factory=dict)

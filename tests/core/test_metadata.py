@@ -44,6 +44,7 @@ def convert_record() -> dict[str, Any]:
         "finetune_epochs": [
             {"loss": 0.5, "top1": 88.0, "images_per_s": 410.0, "seconds": 30.125, "steps": 45}
         ],
+        "finetune_kept_epoch": 1,
         "num_classes": 10,
         "keep": ["layer4.*"],
         "scheme_options": {"weight_endpoints": [-1.0, -0.5, 0.5, 1.0]},
