@@ -74,7 +74,7 @@ class FinetuneState:
     """What survives an interruption: epochs done, their wall-clock times and per-epoch records.
 
     ``epoch_stats[i]`` holds epoch ``i + 1``'s ``loss``, running training ``top1``,
-    ``images_per_s``, ``seconds`` and ``lr`` (the learning rate of its first step), plus
+    ``images_per_s``, ``seconds``, ``steps`` and ``lr`` (the learning rate of its first step), plus
     ``val_top1``/``val_top5`` when a validation callback ran and ``select_top1`` when a
     selection callback ran. ``kept_epoch`` is the (1-based) epoch whose weights the model
     holds at the end: the best ``select_top1`` (ties: the later epoch), else the last epoch;
@@ -85,6 +85,14 @@ class FinetuneState:
     epoch_seconds: list[float] = field(default_factory=list)
     epoch_stats: list[dict[str, float]] = field(default_factory=list)
     kept_epoch: int | None = None
+    #: Seconds per full-precision training step, timed in this process (the pipeline sets it).
+    fp_step_s: float | None = None
+
+    @property
+    def step_s(self) -> float | None:
+        """Mean seconds per fine-tune step over the epochs of this process's record."""
+        steps = sum(int(row.get("steps", 0)) for row in self.epoch_stats)
+        return sum(self.epoch_seconds) / steps if steps else None
 
 
 @dataclass
@@ -365,7 +373,12 @@ def finetune(
             ) from None
         state.epochs_done = epoch + 1
         state.epoch_seconds.append(float(stats.seconds))
-        row: dict[str, float] = {**stats.summary(), "seconds": float(stats.seconds), "lr": first_lr}
+        row: dict[str, float] = {
+            **stats.summary(),
+            "seconds": float(stats.seconds),
+            "steps": int(stats.steps),
+            "lr": first_lr,
+        }
         if validate is not None:
             row.update(validate(model))
         if select is not None:

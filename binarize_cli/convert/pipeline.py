@@ -105,6 +105,10 @@ RESUME_KEYS = (
 )
 
 
+#: Full-precision training steps timed (after 2 untimed) as the step-time ratio's reference.
+REFERENCE_STEPS = 8
+
+
 class ConvertInterrupted(BinarizeError):
     """Ctrl-C or SIGTERM during `convert`; the message says what was kept (exit 130)."""
 
@@ -617,17 +621,21 @@ def finetune_student(
     checkpoint_extra: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
     val_loader: Any = None,
+    fp_model: nn.Module | None = None,
 ) -> FinetuneState:
     """Fine-tune ``student`` in place for ``settings.epochs`` (loaders seeded ``seed + epoch``).
 
     After each epoch the student is scored on a fixed subset of the training split (the
     selection score: the run ends on the best epoch, see :mod:`binarize_cli.convert.finetune`)
-    and, with ``val_loader``, on the validation split (recorded in ``metrics.csv``).
+    and, with ``val_loader``, on the validation split (recorded in ``metrics.csv``). With
+    ``fp_model`` (the full-precision model), :data:`REFERENCE_STEPS` training steps of a copy
+    of it are timed first, in this process, with the same loss and data: the reference of the
+    recorded step-time ratio (``FinetuneState.fp_step_s``).
     With ``work_dir`` (and ``epochs > 0``) a checkpoint is written there after each epoch;
     Ctrl-C becomes :class:`ConvertInterrupted`, saying whether one was kept.
     """
-    from binarize_cli.convert.finetune import CHECKPOINT_FILE, SELECT_IMAGES, finetune
-    from binarize_cli.convert.training import evaluate
+    from binarize_cli.convert.finetune import CHECKPOINT_FILE, SELECT_IMAGES, _Limited, finetune
+    from binarize_cli.convert.training import evaluate, time_training_steps
     from binarize_cli.load.data import make_loader
 
     rep: Reporter = reporter or _Silent()
@@ -660,8 +668,20 @@ def finetune_student(
     def select(model: nn.Module) -> float:
         return float(evaluate(model, select_loader, device=ctx.device).top1)
 
+    fp_step_s = None
+    if settings.epochs > 0 and ctx.is_main and fp_model is not None:
+        rep.stage("timing full-precision training steps (the reference of the step-time ratio)")
+        fp_step_s = time_training_steps(
+            fp_model,
+            _Limited(make_train_loader(0), REFERENCE_STEPS + 2),
+            lr=settings.lr,
+            teacher=teacher,
+            distill_weight=settings.distill_weight,
+            temperature=settings.temperature,
+            device=ctx.device,
+        )
     try:
-        return finetune(
+        state = finetune(
             student,
             make_train_loader=make_train_loader,
             epochs=settings.epochs,
@@ -682,6 +702,8 @@ def finetune_student(
             validate=validate if val_loader is not None else None,
             select=select,
         )
+        state.fp_step_s = fp_step_s
+        return state
     except KeyboardInterrupt:
         if work_dir is not None and (work_dir / CHECKPOINT_FILE).is_file():
             raise ConvertInterrupted(
@@ -724,6 +746,8 @@ def run_metadata(
             baseline_epoch_s=[float(t) for t in baseline.epoch_times],
             baseline_cached=bool(baseline.cache_hit),
             finetune_epoch_s=state.epoch_seconds,
+            finetune_step_s=state.step_s,
+            fp_step_s=state.fp_step_s,
             calibrate_s=calibration.seconds,
         ),
         finetune_epochs=state.epoch_stats,
@@ -867,6 +891,7 @@ def run_convert(
             },
             reporter=rep,
             val_loader=reference.val_loader,
+            fp_model=reference.model,
         )
         if state.kept_epoch is not None and state.kept_epoch != state.epochs_done:
             rep.stage(

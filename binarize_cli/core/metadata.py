@@ -187,6 +187,8 @@ _TIMING_CHECKS: dict[str, tuple[Check, str]] = {
     "baseline_cached": (_or_null(_is_bool), "true/false or null"),
     "finetune_epoch_s": (_list_of(_is_number), "a list of numbers"),
     "calibrate_s": (_or_null(_is_number), "a number or null"),
+    "finetune_step_s": (_or_null(_is_number), "a number or null"),
+    "fp_step_s": (_or_null(_is_number), "a number or null"),
 }
 #: Top-level keys other than ``accuracy``/``timings``: (check, what the message asks for).
 _CHECKS: dict[str, tuple[Check, str]] = {
@@ -262,12 +264,24 @@ class RunAccuracy:
 @dataclass
 class RunTimings:
     """Wall times in seconds: baseline epochs (``baseline_cached``: the baseline came from the
-    cache, so those are the cached run's), fine-tune epochs and calibration."""
+    cache, so those are the cached run's), fine-tune epochs and calibration; and (optional,
+    absent from older files) the mean fine-tune step and a full-precision reference step timed
+    in the same process with the same loss and data (:attr:`step_ratio`)."""
 
     baseline_epoch_s: list[float] = field(default_factory=list)
     baseline_cached: bool | None = None
     finetune_epoch_s: list[float] = field(default_factory=list)
     calibrate_s: float | None = None
+    finetune_step_s: float | None = None
+    fp_step_s: float | None = None
+
+    @property
+    def step_ratio(self) -> float | None:
+        """Fine-tune step time over the full-precision step time, both timed in the run's own
+        process (``None`` when either is missing: older runs, ``--epochs 0``)."""
+        if not self.finetune_step_s or not self.fp_step_s:
+            return None
+        return self.finetune_step_s / self.fp_step_s
 
     @classmethod
     def from_dict(cls, value: Any, source: str | os.PathLike[str] = META_FILE) -> RunTimings:

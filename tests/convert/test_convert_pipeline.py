@@ -51,6 +51,10 @@ def test_convert_writes_the_contract(tmp_path, top1_recount):
     timings = meta["timings"]
     assert len(timings["finetune_epoch_s"]) == 1 and timings["finetune_epoch_s"][0] > 0
     assert len(timings["baseline_epoch_s"]) == 1 and timings["calibrate_s"] > 0
+    # the step-time ratio's two sides, both timed in this process
+    assert timings["fp_step_s"] > 0 and timings["finetune_step_s"] > 0
+    steps = meta["finetune_epochs"][0]["steps"]
+    assert timings["finetune_step_s"] == pytest.approx(timings["finetune_epoch_s"][0] / steps)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["binarize.json", "metrics.csv", "model.safetensors"]
     assert not work_dir_for(out).exists()

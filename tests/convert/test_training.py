@@ -16,6 +16,7 @@ from binarize_cli.convert.training import (
     Accuracy,
     distillation_loss,
     evaluate,
+    time_training_steps,
     topk_correct,
     train_one_epoch,
 )
@@ -213,3 +214,20 @@ def test_ddp_wrapped_model(tmp_path: Path) -> None:
         assert reduced.samples == 128 and reduced.top1 == pytest.approx(plain.top1)
     finally:
         dist.destroy_process_group()
+
+
+def test_time_training_steps_leaves_the_model_and_the_rng_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 3))  # dropout draws RNG
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 2, 2, generator=g), torch.randint(0, 3, (4,), generator=g))] * 6
+    rng = torch.get_rng_state()
+    seconds = time_training_steps(model, batches, lr=0.1, warmup=2)
+    assert seconds is not None and seconds > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # nothing left to time after the warm-up
+    assert time_training_steps(model, batches[:2], lr=0.1, warmup=2) is None
+    assert time_training_steps(model, batches[:1], lr=0.1, warmup=0) is not None

@@ -40,6 +40,8 @@ def convert_record() -> dict[str, Any]:
             "baseline_cached": False,
             "finetune_epoch_s": [30.125],
             "calibrate_s": 0.75,
+            "finetune_step_s": 0.5,
+            "fp_step_s": 0.25,
         },
         "finetune_epochs": [
             {"loss": 0.5, "top1": 88.0, "images_per_s": 410.0, "seconds": 30.125, "steps": 45}
@@ -93,6 +95,7 @@ def test_typed_access() -> None:
     with pytest.raises(KeyError):
         meta.accuracy.stage("final")
     assert meta.timings.finetune_epoch_s == [30.125] and meta.timings.calibrate_s == 0.75
+    assert meta.timings.step_ratio == 2.0 and meta.finetune_kept_epoch == 1
     assert meta.data_kwargs() == {
         "input_size": (3, 32, 32),
         "mean": (0.485, 0.456, 0.406),
@@ -114,6 +117,7 @@ def test_an_old_file_without_the_schema_keys_still_loads(tmp_path) -> None:
     assert meta.data_kwargs() == {}
     assert meta.world_size == 1
     assert meta.weights_file is None and meta.weights_sha256 is None and meta.notes == []
+    assert meta.timings.step_ratio is None and meta.finetune_kept_epoch is None
 
 
 def test_another_schema_version_is_refused(tmp_path) -> None:
