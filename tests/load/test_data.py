@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from binarize_cli.core.errors import DataError
+from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.load.data import (
     DATA_LOADERS,
     DATA_SPECS,
@@ -24,6 +25,9 @@ from binarize_cli.load.data import (
     read_idx,
     upscale_hint,
 )
+
+#: One channel, values as stored: the items are the stored images themselves.
+PLAIN1 = Preprocessing(channels=1, pixel_scale=1.0, mean=(0.0,), std=(1.0,))
 
 # --------------------------------------------------------------------------- digits
 
@@ -60,8 +64,10 @@ def test_digits_upsampling_is_bilinear_from_8x8() -> None:
     from sklearn.datasets import load_digits
 
     small = load_data("digits", input_size=8)
-    raw = torch.from_numpy(load_digits().data.reshape(-1, 8, 8).astype(np.float32) / 16)
-    # at 8x8 the stored images are the raw ones, exactly; the set is a permutation of them
+    raw = torch.from_numpy(load_digits().data.reshape(-1, 8, 8).astype(np.float32))
+    # at 8x8 the stored images are the raw 0..16 ones, exactly (a permutation of them); the
+    # items divide them by the record's pixel scale
+    assert small.preprocessing.pixel_scale == 16
     stored = small.train.images[:, 0]
     hits = (stored[:20, None] == raw[None]).flatten(2).all(-1).any(-1)
     assert bool(hits.all())
@@ -351,9 +357,7 @@ def _order(loader) -> list[int]:
 
 
 def test_make_loader_is_deterministic_under_seed() -> None:
-    ds = TensorImageDataset(
-        torch.zeros(50, 1, 2, 2), torch.arange(50), mean=(0.0,), std=(1.0,), channels=1
-    )
+    ds = TensorImageDataset(torch.zeros(50, 1, 2, 2), torch.arange(50), PLAIN1)
     first = _order(make_loader(ds, batch_size=8, shuffle=True, seed=3))
     assert first == _order(make_loader(ds, batch_size=8, shuffle=True, seed=3))
     assert first != _order(make_loader(ds, batch_size=8, shuffle=True, seed=4))
@@ -368,9 +372,7 @@ def test_make_loader_is_deterministic_under_seed() -> None:
 
 
 def test_make_loader_distributed_shards() -> None:
-    ds = TensorImageDataset(
-        torch.zeros(10, 1, 1, 1), torch.arange(10), mean=(0.0,), std=(1.0,), channels=1
-    )
+    ds = TensorImageDataset(torch.zeros(10, 1, 1, 1), torch.arange(10), PLAIN1)
     seen = []
     for rank in range(2):
         loader = make_loader(
@@ -397,14 +399,10 @@ def test_make_loader_distributed_shards() -> None:
 
 
 def test_make_loader_rejects_empty_and_bad_batch() -> None:
-    empty = TensorImageDataset(
-        torch.zeros(0, 1, 2, 2), torch.zeros(0), mean=(0.0,), std=(1.0,), channels=1
-    )
+    empty = TensorImageDataset(torch.zeros(0, 1, 2, 2), torch.zeros(0), PLAIN1)
     with pytest.raises(DataError, match="empty"):
         make_loader(empty, batch_size=4, shuffle=False, seed=0)
-    ds = TensorImageDataset(
-        torch.zeros(3, 1, 2, 2), torch.zeros(3), mean=(0.0,), std=(1.0,), channels=1
-    )
+    ds = TensorImageDataset(torch.zeros(3, 1, 2, 2), torch.zeros(3), PLAIN1)
     with pytest.raises(DataError, match="batch size"):
         make_loader(ds, batch_size=0, shuffle=False, seed=0)
 
