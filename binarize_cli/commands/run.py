@@ -68,7 +68,10 @@ def run(
     console.print(
         f"{result.file}: top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%  "
         f"on {acc.samples} images of {result.data}  "
-        f"({acc.images_per_s:.1f} images/s, kernel {result.backend})"
+        f"({acc.images_per_s:.1f} images/s, kernel {result.backend})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
     if result.logits_file:
-        console.print(f"wrote logits to {result.logits_file}")
+        console.print(f"wrote logits to {result.logits_file}", markup=False, soft_wrap=True)

@@ -62,8 +62,10 @@ def _ints(value: Any, name: str, lengths: tuple[int, ...]) -> tuple[int, ...]:
     ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) in lengths
     if ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
         return tuple(int(v) for v in value)
-    shape = " or ".join(f"{n} positive integers" for n in lengths)
-    raise PreprocessingError(f"preprocessing.{name} must be {shape}, got {value!r}")
+    shape = " or ".join({1: "[S]", 2: "[H, W]"}[n] for n in lengths)
+    raise PreprocessingError(
+        f"preprocessing.{name} must be {shape} (positive integers), got {value!r}"
+    )
 
 
 def _is_number(v: Any) -> bool:
