@@ -43,6 +43,16 @@ size for every set. Items are ``(float tensor [C, H, W], int label)``. Small ima
 model's input size enlarges a lot (32x32 CIFAR or ImageFolder images at 224x224) train slowly:
 :func:`upscale_hint` words the hint ``convert`` prints (the rule is in its docstring).
 
+The preprocessing record
+------------------------
+Each loader first builds its :class:`~binarize_cli.core.preprocess.Preprocessing` (pixel
+scale, resize, interpolation, crop, mean/std, classes) from the values above, then makes its
+items from that record and nothing else: in-memory sets through :class:`TensorImageDataset`
+(small sets resized once up front with the same :func:`resize_stored`), imagefolder through
+a torchvision transform built from it. The record is ``DataBundle.preprocessing``; ``convert``
+stores it in ``binarize.json`` and the exports. ``load_data(spec, preprocessing=record)``
+makes a set's items with a recorded record's model side (what ``run`` and ``verify`` do).
+
 Errors: an unknown spec, a missing/empty path or a wrong layout raise
 :class:`~binarize_cli.core.errors.DataError` with a one-line message.
 """

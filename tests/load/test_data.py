@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from binarize_cli.load.data import (
     make_loader,
     parse_input_size,
     read_idx,
+    resize_stored,
     upscale_hint,
 )
 
@@ -599,3 +601,19 @@ def test_a_recorded_preprocessing_is_applied_to_any_set(tmp_path: Path) -> None:
     _write_cifar(tmp_path / "cifar")
     with pytest.raises(DataError, match="3 channels but the preprocessing makes 1-channel"):
         load_data(f"cifar10:{tmp_path / 'cifar'}", preprocessing=grey)
+
+
+def test_resize_stored_follows_the_filter_and_rounding() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4) * 17  # 0..255
+    near = Preprocessing(
+        channels=1, pixel_scale=255.0, mean=(0.0,), std=(1.0,), interpolation="nearest"
+    )
+    assert torch.equal(resize_stored(x, near, (8, 8)), F.interpolate(x, (8, 8), mode="nearest"))
+    assert resize_stored(x, near, (4, 4)) is x  # already that size: untouched
+    rounded = replace(near, interpolation="bilinear", round_resized=True)
+    y = resize_stored(x, rounded, (6, 6))
+    raw = F.interpolate(x, (6, 6), mode="bilinear", align_corners=False)
+    assert torch.equal(y, raw.round().clamp(0, 255)) and not torch.equal(y, raw)
+    cubic = replace(near, interpolation="bicubic", antialias=True)
+    expected = F.interpolate(x, (2, 3), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.equal(resize_stored(x, cubic, (2, 3)), expected)
