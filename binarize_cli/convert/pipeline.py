@@ -761,6 +761,7 @@ def run_metadata(
         input_size=list(data.input_size),
         mean=list(data.mean),
         std=list(data.std),
+        preprocessing=data.preprocessing.to_dict(),
         world_size=world_size,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         binarize_version=__version__,

@@ -21,7 +21,11 @@ from binarize_cli.convert.training import (
     train_one_epoch,
 )
 from binarize_cli.core.errors import TrainingDivergedError
+from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.load.data import TensorImageDataset, load_data, make_loader
+
+#: One channel, values as stored: the items are the stored images themselves.
+PLAIN1 = Preprocessing(channels=1, pixel_scale=1.0, mean=(0.0,), std=(1.0,))
 
 
 class Fixed(nn.Module):
@@ -39,7 +43,7 @@ class Fixed(nn.Module):
 def _index_set(labels: list[int]) -> TensorImageDataset:
     n = len(labels)
     images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
-    return TensorImageDataset(images, torch.tensor(labels), mean=(0.0,), std=(1.0,), channels=1)
+    return TensorImageDataset(images, torch.tensor(labels), PLAIN1)
 
 
 def _small_net(classes: int = 10) -> nn.Module:
@@ -183,9 +187,7 @@ def test_non_finite_loss_raises_before_the_step() -> None:
     ds = TensorImageDataset(
         torch.full((4, 3, 4, 4), float("nan")),
         torch.zeros(4),
-        mean=(0.0,) * 3,
-        std=(1.0,) * 3,
-        channels=3,
+        Preprocessing(channels=3, pixel_scale=1.0, mean=(0.0,) * 3, std=(1.0,) * 3),
     )
     before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
