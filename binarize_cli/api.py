@@ -47,6 +47,7 @@ from binarize_cli.convert.surgery import LayerDecision, SurgeryResult
 from binarize_cli.convert.training import Accuracy
 from binarize_cli.core.errors import BadInputError
 from binarize_cli.core.modes import evaluating
+from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.core.settings import ConvertSettings
 from binarize_cli.quant.layers import BinarizedConv2d
 
@@ -378,10 +379,14 @@ def export_metadata(
     std: Sequence[float] | None = None,
     name: str | None = None,
     data: str | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> dict[str, Any]:
     """The metadata :func:`export` hands the writers (a run's ``binarize.json`` keys), derived
     from the model where it can be (see :func:`export`); also what
     :func:`binarize_cli.export.verify.verify_model` takes as ``meta``."""
+    if preprocessing is not None:
+        mean = preprocessing.mean if mean is None else mean
+        std = preprocessing.std if std is None else std
     if example_input is not None:
         if example_input.dim() != 4:
             raise BadInputError(
@@ -410,6 +415,7 @@ def export_metadata(
         "input_size": list(size),
         "mean": None if mean is None else [float(v) for v in mean],
         "std": None if std is None else [float(v) for v in std],
+        "preprocessing": None if preprocessing is None else preprocessing.to_dict(),
     }
 
 
@@ -425,7 +431,8 @@ def export(
     ``"onnx-float"``: plain dequantized weights); atomically, nothing left on error.
 
     ``metadata``: the keyword arguments of :func:`export_metadata` (``example_input``,
-    ``input_size``, ``num_classes``, ``mean``, ``std``, ``name``, ``data``). The metadata a run
+    ``input_size``, ``num_classes``, ``mean``, ``std``, ``name``, ``data``,
+    ``preprocessing``). The metadata a run
     directory would give the exporters is derived where it can be:
 
     * ``input_size`` (C, H, W): ``example_input.shape[1:]`` (a ``[B, C, H, W]`` batch), else
@@ -435,9 +442,12 @@ def export(
     * ``scheme``, ``M``, ``N``: from the model's binarized layers (one scheme and M, N);
     * ``name`` (the file's ``source_model``): default ``MODULE:CLASS`` of the model's class.
 
-    ``mean``/``std`` (per channel) record the normalisation the inputs must already have, and
-    ``data`` the data spec, so that ``binarize run FILE --data SPEC`` preprocesses the same way;
-    they cannot be derived from the model (default: not recorded). A model on an accelerator
+    ``mean``/``std`` (per channel) record the normalisation the inputs must already have,
+    ``data`` the data spec and ``preprocessing`` the whole record of how an image becomes the
+    input (a :class:`~binarize_cli.core.preprocess.Preprocessing`, e.g. ``load_data(spec)
+    .preprocessing``; its mean/std stand in for missing ``mean``/``std``), so that ``binarize
+    run FILE`` makes its images the same way; they cannot be derived from the model (default:
+    not recorded). A model on an accelerator
     is exported from a CPU copy. Returns ``path``.
     """
     wanted = target.lower()

@@ -222,6 +222,16 @@ def test_export_derives_and_checks_its_metadata(tmp_path: Path) -> None:
     assert packed.num_classes == 7 and tuple(packed.input_size) == (3, 24, 24)
     assert list(packed.mean) == [0.5] * 3 and packed.source_model == "my-net"
     assert packed.scheme == "xnor"
+    assert packed.preprocessing is None  # not given: not recorded
+    from binarize_cli.load.data import load_data
+
+    digits = load_data("digits", input_size=24).preprocessing
+    recorded = api.export(
+        model, tmp_path / "r.safetensors", input_size=24, data="digits", preprocessing=digits
+    )
+    packed = load_packed(recorded)
+    assert packed.preprocessing == digits.to_dict() and packed.data == "digits"
+    assert list(packed.mean) == list(digits.mean)  # the record's normalisation
     with pytest.raises(BadInputError, match="no binarized layers"):
         api.export(TinyNet(), tmp_path / "fp.safetensors", input_size=16)
     with pytest.raises(BadInputError, match="unknown export target"):

@@ -14,9 +14,10 @@ Each returns a :class:`matplotlib.figure.Figure` (tests inspect its artists);
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -156,6 +157,36 @@ def accuracy_memory(points: Sequence[AccuracyPoint], *, title: str = "") -> Figu
     return fig
 
 
+def training_curve(epochs: Sequence[Mapping[str, Any]], *, kept: int | None = None) -> Figure:
+    """The fine-tune's per-epoch record (``binarize.json``'s ``finetune_epochs``, the rows
+    of ``metrics.csv``): loss on the left; training (running), selection-subset and
+    validation top-1 on the right; the kept epoch marked by a dashed line."""
+    fig = Figure(figsize=(9.0, 3.8), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    x = list(range(1, len(epochs) + 1))
+    loss_ax.plot(x, [e.get("loss", np.nan) for e in epochs], marker="o", color=FP_COLOR)
+    loss_ax.set_ylabel("training loss")
+    series = (
+        ("top1", "train (running)"),
+        ("select_top1", "selection subset"),
+        ("val_top1", "validation"),
+    )
+    for key, label in series:
+        values = [e.get(key) for e in epochs]
+        if any(v is not None for v in values):
+            acc_ax.plot(x, [np.nan if v is None else v for v in values], marker="o", label=label)
+    acc_ax.set_ylabel("top-1 accuracy (%)")
+    acc_ax.legend()
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("fine-tune epoch")
+        ax.set_xticks(x)
+        ax.grid(True, alpha=0.3)
+        if kept is not None:
+            ax.axvline(kept, color=APPROX_COLOR, linestyle="--", alpha=0.7, label="kept")
+    fig.suptitle(f"Fine-tuning ({len(epochs)} epochs" + (f", epoch {kept} kept)" if kept else ")"))
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG at ``path``, atomically (:class:`~binarize_cli.core.files.StagedFile`)."""
     path = Path(path)
@@ -172,7 +203,8 @@ def write_figures(data: object, out_dir: str | Path) -> list[Path]:
     """Draw and save a :class:`binarize_cli.analyze.report.PlotData`; returns the files written.
 
     Files: ``weights_<layer>.png``, ``activations_<layer>.png`` (when a data batch was
-    available) and ``accuracy_memory.png`` (when accuracies are known).
+    available), ``accuracy_memory.png`` (when accuracies are known) and
+    ``training_curve.png`` (when the run fine-tuned).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -191,4 +223,8 @@ def write_figures(data: object, out_dir: str | Path) -> list[Path]:
     points = list(getattr(data, "points", None) or [])
     if points:
         figures.append((accuracy_memory(points), out / "accuracy_memory.png"))
+    epochs = list(getattr(data, "epochs", None) or [])
+    if epochs:
+        kept = getattr(data, "kept_epoch", None)
+        figures.append((training_curve(epochs, kept=kept), out / "training_curve.png"))
     return [save_figure(fig, path) for fig, path in figures]

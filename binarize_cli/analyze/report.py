@@ -597,11 +597,14 @@ class LayerSamples:
 
 @dataclass
 class PlotData:
-    """What ``--plot`` draws: weight and activation samples, accuracy-memory points."""
+    """What ``--plot`` draws: weight and activation samples, accuracy-memory points, the
+    fine-tune's per-epoch record and its kept epoch."""
 
     weights: LayerSamples | None
     activations: LayerSamples | None
     points: list[Any]  # plots.AccuracyPoint
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    kept_epoch: int | None = None
 
 
 def default_plot_layers(model: nn.Module) -> tuple[str, str]:
@@ -707,4 +710,10 @@ def plot_data(
     w, a = layer_samples(
         run.model, batch, weight_layer=weight_layer, activation_layer=activation_layer
     )
-    return PlotData(weights=w, activations=a, points=accuracy_points(reports))
+    return PlotData(
+        weights=w,
+        activations=a,
+        points=accuracy_points(reports),
+        epochs=list(run.meta.finetune_epochs),
+        kept_epoch=run.meta.finetune_kept_epoch,
+    )

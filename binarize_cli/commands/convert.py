@@ -403,16 +403,16 @@ def convert(
         reporter.close()
     if not is_main:
         return
-    for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(_decisions_table(result.decisions, console.width))
     console.print(_accuracy_table(result.meta))
-    t = result.meta.timings
-    if t.baseline_epoch_s and t.finetune_epoch_s:
-        ratio = (sum(t.finetune_epoch_s) / len(t.finetune_epoch_s)) / (
-            sum(t.baseline_epoch_s) / len(t.baseline_epoch_s)
+    for warning in result.warnings:  # after the tables they are about, so they stay in view
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    ratio = result.meta.timings.step_ratio
+    if ratio is not None:
+        console.print(
+            f"fine-tune step time / full-precision step time: {ratio:.2f}x "
+            "(same process, loss and data; benchmarks/bench_step_time.py for the controlled figure)"
         )
-        console.print(f"fine-tune epoch time / full-precision epoch time: {ratio:.2f}x")
     console.print(
         f"run written to [bold]{result.run_dir}[/]  (next: binarize report; binarize export --target onnx)"
     )

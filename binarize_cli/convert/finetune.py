@@ -11,6 +11,15 @@ work directory (model, optimizer, scheduler, epoch, timings). ``--resume`` reloa
 at most the epoch in progress. Each epoch's shuffling is seeded by ``seed + epoch`` so a
 resumed run sees the same batches as an uninterrupted one.
 
+Which weights are kept. After every epoch the model is scored on a fixed selection subset of
+the *training* split (:data:`SELECT_IMAGES` images, eval mode; the pipeline passes it as
+``select``) and on the validation split (``validate``, recorded only). The run ends on the epoch
+with the best selection score, not necessarily the last, and says which
+(``FinetuneState.kept_epoch``). Selecting on training images keeps the validation accuracy
+that ``convert`` reports free of selection bias; what it catches is a fine-tune that made the
+model worse (a too-high learning rate, a collapse), which shows on training images as well.
+Every epoch's numbers go to the run's ``metrics.csv`` (:func:`metrics_csv`).
+
 Failure handling:
 
 * A checkpoint is written only after the epoch's parameters and buffers were checked finite,
@@ -41,15 +50,85 @@ from binarize_cli.core.errors import CheckpointError, TrainingDivergedError
 from binarize_cli.core.files import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: Training images the selection score is measured on (a fixed seeded subset).
+SELECT_IMAGES = 1024
+
+
+#: The columns of a run's ``metrics.csv``, one row per fine-tune epoch (:func:`metrics_csv`).
+METRICS_COLUMNS = (
+    "epoch",
+    "loss",
+    "train_top1",
+    "val_top1",
+    "val_top5",
+    "select_top1",
+    "lr",
+    "images_per_s",
+    "seconds",
+    "kept",
+)
 
 
 @dataclass
 class FinetuneState:
-    """What survives an interruption: epochs done and their wall-clock times."""
+    """What survives an interruption: epochs done, their wall-clock times and per-epoch records.
+
+    ``epoch_stats[i]`` holds epoch ``i + 1``'s ``loss``, running training ``top1``,
+    ``images_per_s``, ``seconds``, ``steps`` and ``lr`` (the learning rate of its first step), plus
+    ``val_top1``/``val_top5`` when a validation callback ran and ``select_top1`` when a
+    selection callback ran. ``kept_epoch`` is the (1-based) epoch whose weights the model
+    holds at the end: the best ``select_top1`` (ties: the later epoch), else the last epoch;
+    ``None`` when no epoch ran.
+    """
 
     epochs_done: int = 0
     epoch_seconds: list[float] = field(default_factory=list)
     epoch_stats: list[dict[str, float]] = field(default_factory=list)
+    kept_epoch: int | None = None
+    #: Seconds per full-precision training step, timed in this process (the pipeline sets it).
+    fp_step_s: float | None = None
+
+    @property
+    def step_s(self) -> float | None:
+        """Mean seconds per fine-tune step over the epochs of this process's record."""
+        steps = sum(int(row.get("steps", 0)) for row in self.epoch_stats)
+        return sum(self.epoch_seconds) / steps if steps else None
+
+
+@dataclass
+class _Best:
+    """The best epoch so far by the selection score, with a CPU copy of its weights."""
+
+    epoch: int
+    score: float
+    weights: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, epoch: int, score: float) -> _Best:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return cls(epoch, score, weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "score": self.score, "model": self.weights}
+
+
+def metrics_csv(state: FinetuneState) -> str:
+    """``metrics.csv`` of a run: a header of :data:`METRICS_COLUMNS` and one row per epoch
+    (an empty cell where a value was not measured; ``kept`` is 1 on the kept epoch)."""
+    lines = [",".join(METRICS_COLUMNS)]
+    for i, row in enumerate(state.epoch_stats, start=1):
+        values = {
+            **row,
+            "epoch": i,
+            "train_top1": row.get("top1"),
+            "kept": int(i == state.kept_epoch),
+        }
+        cells = []
+        for column in METRICS_COLUMNS:
+            v = values.get(column)
+            cells.append("" if v is None else (str(v) if isinstance(v, int) else f"{float(v):.6g}"))
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
 
 
 def epoch_plan(epochs: float, steps_per_epoch: int) -> list[int]:
@@ -79,11 +158,13 @@ def save_checkpoint(
     scheduler: Any,
     state: FinetuneState,
     extra: dict[str, Any],
+    best: _Best | None = None,
 ) -> None:
-    """Atomically write the training state after an epoch."""
+    """Atomically write the training state after an epoch (and the best epoch's weights)."""
     buf = io.BytesIO()
     torch.save(
         {
+            "best": None if best is None else best.to_dict(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -199,6 +280,13 @@ def _restore(
     )
 
 
+def _saved_best(saved: dict[str, Any] | None) -> _Best | None:
+    best = saved.get("best") if saved is not None else None
+    if not isinstance(best, dict):
+        return None
+    return _Best(int(best["epoch"]), float(best["score"]), dict(best["model"]))
+
+
 def finetune(
     model: nn.Module,
     *,
@@ -218,8 +306,16 @@ def finetune(
     on_step: Callable[..., None] | None = None,
     train_module: nn.Module | None = None,
     resume_state: dict[str, Any] | None = None,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
+    select: Callable[[nn.Module], float] | None = None,
 ) -> FinetuneState:
-    """Fine-tune ``model`` in place.
+    """Fine-tune ``model`` in place; with ``select``, end on the best epoch's weights.
+
+    After every epoch ``validate(model)`` (``{"val_top1", "val_top5"}``, recorded only) and
+    ``select(model)`` (a score, higher is better) are called when given. With ``select`` the
+    model ends holding the weights of the epoch with the best score (ties: the later epoch),
+    which ``FinetuneState.kept_epoch`` names; the best weights are kept in memory and in the
+    checkpoint, so a resumed run selects over all its epochs.
 
     Args:
         make_train_loader: ``epoch -> DataLoader`` (seeded per epoch for reproducible resume).
@@ -247,6 +343,7 @@ def finetune(
     if saved is None and resume and work_dir is not None:
         saved = load_checkpoint(work_dir)
     state = FinetuneState()
+    best = _saved_best(saved)
     if saved is not None:
         state = _restore(saved, model, optimizer, scheduler, lr, total_steps, work_dir)
 
@@ -255,6 +352,7 @@ def finetune(
         steps = plan[epoch]
         if on_epoch_start is not None:
             on_epoch_start(epoch, len(plan), steps)
+        first_lr = float(optimizer.param_groups[0]["lr"])
         net.train()
         try:
             stats = train_one_epoch(
@@ -275,9 +373,28 @@ def finetune(
             ) from None
         state.epochs_done = epoch + 1
         state.epoch_seconds.append(float(stats.seconds))
-        state.epoch_stats.append(stats.summary())
+        row: dict[str, float] = {
+            **stats.summary(),
+            "seconds": float(stats.seconds),
+            "steps": int(stats.steps),
+            "lr": first_lr,
+        }
+        if validate is not None:
+            row.update(validate(model))
+        if select is not None:
+            row["select_top1"] = score = float(select(model))
+            if best is None or score >= best.score:
+                best = _Best.of(model, epoch + 1, score)
+        state.epoch_stats.append(row)
         if work_dir is not None and is_main:
-            save_checkpoint(work_dir, model, optimizer, scheduler, state, checkpoint_extra or {})
+            save_checkpoint(
+                work_dir, model, optimizer, scheduler, state, checkpoint_extra or {}, best
+            )
+    if state.epochs_done:
+        state.kept_epoch = state.epochs_done
+        if best is not None and best.epoch != state.epochs_done:
+            model.load_state_dict(best.weights)
+            state.kept_epoch = best.epoch
     return state
 
 

@@ -63,6 +63,7 @@ from binarize_cli.core.files import check_writable_dir
 from binarize_cli.core.metadata import RunAccuracy, RunMetadata, RunTimings, StageAccuracy
 from binarize_cli.core.rundir import (
     DEFAULT_RUNS_ROOT,
+    METRICS_FILE,
     is_run_dir,
     recover_moved_aside,
     write_run,
@@ -102,6 +103,10 @@ RESUME_KEYS = (
     "distill_weight",
     "temperature",
 )
+
+
+#: Full-precision training steps timed (after 2 untimed) as the step-time ratio's reference.
+REFERENCE_STEPS = 8
 
 
 class ConvertInterrupted(BinarizeError):
@@ -615,13 +620,22 @@ def finetune_student(
     resume_state: dict[str, Any] | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
+    val_loader: Any = None,
+    fp_model: nn.Module | None = None,
 ) -> FinetuneState:
     """Fine-tune ``student`` in place for ``settings.epochs`` (loaders seeded ``seed + epoch``).
 
+    After each epoch the student is scored on a fixed subset of the training split (the
+    selection score: the run ends on the best epoch, see :mod:`binarize_cli.convert.finetune`)
+    and, with ``val_loader``, on the validation split (recorded in ``metrics.csv``). With
+    ``fp_model`` (the full-precision model), :data:`REFERENCE_STEPS` training steps of a copy
+    of it are timed first, in this process, with the same loss and data: the reference of the
+    recorded step-time ratio (``FinetuneState.fp_step_s``).
     With ``work_dir`` (and ``epochs > 0``) a checkpoint is written there after each epoch;
     Ctrl-C becomes :class:`ConvertInterrupted`, saying whether one was kept.
     """
-    from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune
+    from binarize_cli.convert.finetune import CHECKPOINT_FILE, SELECT_IMAGES, _Limited, finetune
+    from binarize_cli.convert.training import evaluate, time_training_steps
     from binarize_cli.load.data import make_loader
 
     rep: Reporter = reporter or _Silent()
@@ -639,8 +653,35 @@ def finetune_student(
             distributed=ctx.enabled,
         )
 
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(settings.seed))
+    select_loader = make_loader(
+        torch.utils.data.Subset(data.train, pick[:SELECT_IMAGES].tolist()),
+        batch_size=max(settings.batch_size, 128),
+        shuffle=False,
+        seed=settings.seed,
+    )
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        acc = evaluate(model, val_loader, device=ctx.device)
+        return {"val_top1": float(acc.top1), "val_top5": float(acc.top5)}
+
+    def select(model: nn.Module) -> float:
+        return float(evaluate(model, select_loader, device=ctx.device).top1)
+
+    fp_step_s = None
+    if settings.epochs > 0 and ctx.is_main and fp_model is not None:
+        rep.stage("timing full-precision training steps (the reference of the step-time ratio)")
+        fp_step_s = time_training_steps(
+            fp_model,
+            _Limited(make_train_loader(0), REFERENCE_STEPS + 2),
+            lr=settings.lr,
+            teacher=teacher,
+            distill_weight=settings.distill_weight,
+            temperature=settings.temperature,
+            device=ctx.device,
+        )
     try:
-        return finetune(
+        state = finetune(
             student,
             make_train_loader=make_train_loader,
             epochs=settings.epochs,
@@ -658,7 +699,11 @@ def finetune_student(
             on_step=rep.step,
             train_module=train_module,
             resume_state=resume_state,
+            validate=validate if val_loader is not None else None,
+            select=select,
         )
+        state.fp_step_s = fp_step_s
+        return state
     except KeyboardInterrupt:
         if work_dir is not None and (work_dir / CHECKPOINT_FILE).is_file():
             raise ConvertInterrupted(
@@ -701,9 +746,12 @@ def run_metadata(
             baseline_epoch_s=[float(t) for t in baseline.epoch_times],
             baseline_cached=bool(baseline.cache_hit),
             finetune_epoch_s=state.epoch_seconds,
+            finetune_step_s=state.step_s,
+            fp_step_s=state.fp_step_s,
             calibrate_s=calibration.seconds,
         ),
         finetune_epochs=state.epoch_stats,
+        finetune_kept_epoch=state.kept_epoch,
         num_classes=data.num_classes,
         keep=list(settings.keep),
         scheme_options=dict(settings.scheme_options),
@@ -713,6 +761,7 @@ def run_metadata(
         input_size=list(data.input_size),
         mean=list(data.mean),
         std=list(data.std),
+        preprocessing=data.preprocessing.to_dict(),
         world_size=world_size,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         binarize_version=__version__,
@@ -722,15 +771,53 @@ def run_metadata(
     )
 
 
+def accuracy_warnings(
+    fp_top1: float, calibrated_top1: float, finetuned_top1: float | None, num_classes: int
+) -> list[str]:
+    """What the three accuracies say about the run, one line each: a full-precision baseline
+    near chance (below twice chance, ``200 / num_classes`` %) or below the calibrated model
+    (under-trained), and a fine-tuned model worse than the calibrated one."""
+    out: list[str] = []
+    chance = 100.0 / max(num_classes, 1)
+    if fp_top1 < 2 * chance:
+        out.append(
+            f"the full-precision baseline scores {fp_top1:.2f}% top-1, near chance "
+            f"({chance:.2f}% for {num_classes} classes): the accuracies of this run say little; "
+            "train it longer (--baseline-epochs) or load trained weights (--checkpoint)"
+        )
+    elif fp_top1 < calibrated_top1:
+        out.append(
+            f"the full-precision baseline ({fp_top1:.2f}% top-1) scores below the calibrated "
+            f"binarized model ({calibrated_top1:.2f}%): the baseline is under-trained; raise "
+            "--baseline-epochs or load trained weights"
+        )
+    if finetuned_top1 is not None and finetuned_top1 < calibrated_top1:
+        out.append(
+            f"fine-tuning lowered top-1 from {calibrated_top1:.2f}% (calibrated) to "
+            f"{finetuned_top1:.2f}%: try a lower --lr, or --epochs 0 to keep the calibrated model"
+        )
+    return out
+
+
 def write_result(
-    plan: ConvertPlan, student: nn.Module, meta: RunMetadata, ctx: DistContext
+    plan: ConvertPlan,
+    student: nn.Module,
+    meta: RunMetadata,
+    ctx: DistContext,
+    state: FinetuneState | None = None,
 ) -> Path | None:
-    """Rank 0 writes the run directory atomically and removes the work directory; returns
-    the run directory (None on other ranks)."""
+    """Rank 0 writes the run directory atomically (weights, ``binarize.json`` and the
+    per-epoch ``metrics.csv``) and removes the work directory; returns the run directory
+    (None on other ranks)."""
+    from binarize_cli.convert.finetune import FinetuneState, metrics_csv
+
     written: Path | None = None
     if ctx.is_main:
         written = write_run(
-            plan.run_dir, {k: v.cpu() for k, v in student.state_dict().items()}, meta
+            plan.run_dir,
+            {k: v.cpu() for k, v in student.state_dict().items()},
+            meta,
+            extra_files={METRICS_FILE: metrics_csv(state or FinetuneState()).encode()},
         )
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     ctx.barrier()
@@ -804,17 +891,31 @@ def run_convert(
                 "settings": plan.fingerprint,
             },
             reporter=rep,
+            val_loader=reference.val_loader,
+            fp_model=reference.model,
         )
+        if state.kept_epoch is not None and state.kept_epoch != state.epochs_done:
+            rep.stage(
+                f"kept epoch {state.kept_epoch} of {state.epochs_done}: the best top-1 on "
+                "the training-subset selection score"
+            )
         rep.stage("evaluating the fine-tuned model")
         final_acc = evaluate(student, reference.val_loader, device=ctx.device).to_dict()
+        warnings = accuracy_warnings(
+            reference.baseline.accuracy.top1,
+            calibration.accuracy["top1"],
+            final_acc["top1"] if state.epochs_done else None,
+            inputs.data.num_classes,
+        )
+        inputs.notes.extend(warnings)
         meta = run_metadata(
             plan, inputs, reference, surgery, calibration, state, final_acc, ctx.world_size
         )
         return ConvertResult(
-            run_dir=write_result(plan, student, meta, ctx),
+            run_dir=write_result(plan, student, meta, ctx, state),
             meta=meta,
             decisions=list(surgery.decisions),
-            warnings=list(surgery.warnings),
+            warnings=[*surgery.warnings, *warnings],
             resumed_from_epoch=calibration.resumed_from_epoch,
         )
     except BaseException:

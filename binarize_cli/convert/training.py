@@ -2,6 +2,8 @@
 
 * :func:`evaluate` -> :class:`Accuracy`: top-1 and top-5 in percent (top-k with
   ``k = min(5, num_classes)`` so that sets with fewer than five classes still report).
+* :func:`time_training_steps`: seconds per step of that same step on a copy of a model (the
+  same-process full-precision reference of the fine-tune's step time).
 * :func:`train_one_epoch` -> :class:`EpochStats`: one pass of cross-entropy training,
   optionally with knowledge distillation (Hinton et al.) from a teacher's logits::
 
@@ -37,6 +39,7 @@ __all__ = [
     "EpochStats",
     "distillation_loss",
     "evaluate",
+    "time_training_steps",
     "topk_correct",
     "train_one_epoch",
 ]
@@ -219,6 +222,57 @@ def train_one_epoch(
         steps=steps,
         samples=seen,
     )
+
+
+def time_training_steps(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    lr: float,
+    warmup: int = 2,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.0,
+    temperature: float = 1.0,
+    device: str | torch.device = "cpu",
+) -> float | None:
+    """Seconds per training step of a copy of ``model``: :func:`train_one_epoch`'s step (the
+    same loss, distillation and Adam update) over ``loader``, the first ``warmup`` steps
+    untimed. ``None`` when ``loader`` has no step after the warm-up.
+
+    This is the full-precision reference the fine-tune's step time is divided by: the same
+    code, data and process, only without binarization. ``model`` itself is not touched and
+    the global RNG state is restored, so measuring changes nothing in the run.
+    """
+    import copy
+
+    rng = torch.get_rng_state()
+    marks: list[float] = []
+
+    def on_step(step: int, *_: Any) -> None:
+        if step == warmup:
+            marks.append(time.perf_counter())
+
+    work = copy.deepcopy(model).to(device)
+    try:
+        optimizer = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=lr)
+        stats = train_one_epoch(
+            work,
+            loader,
+            optimizer,
+            teacher=teacher,
+            distill_weight=distill_weight if teacher is not None else 0.0,
+            temperature=temperature,
+            device=device,
+            on_step=on_step if warmup > 0 else None,
+        )
+        end = time.perf_counter()
+    finally:
+        torch.set_rng_state(rng)
+    timed = stats.steps - warmup
+    if timed <= 0:
+        return None
+    start = marks[0] if marks else end - stats.seconds
+    return (end - start) / timed
 
 
 def progress_bar(title: str, console: Any = None, **kwargs: Any) -> Any:

@@ -48,6 +48,10 @@ class RunMetadataError(RunDirError):
     """A ``binarize.json`` that is not JSON, lacks a key or holds a value of the wrong type."""
 
 
+class PreprocessingError(BadInputError):
+    """A preprocessing record (``core.preprocess``) with a missing, unknown or invalid field."""
+
+
 class FormatError(BadInputError):
     """A packed file of another format or format version."""
 

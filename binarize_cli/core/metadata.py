@@ -13,10 +13,17 @@ the bytes ``convert`` always wrote: 2-space indented JSON and a final newline):
   ``finetune_epochs``, ``num_classes``, ``keep``, ``scheme_options``, ``first_conv``,
   ``classifier``, ``policy``, ``input_size``, ``mean``, ``std``; and ``world_size``,
   ``created``, ``binarize_version``;
+* ``finetune_kept_epoch`` (optional, absent from older files): the 1-based fine-tune epoch
+  whose weights the run holds (the best by the selection score, see
+  :mod:`binarize_cli.convert.finetune`); null when nothing was fine-tuned;
 * provenance added later (optional, absent from older files): ``weights_file`` and
   ``weights_sha256`` (the checkpoint or cached hub file the weights were read from, and its
   SHA-256; null for random weights), ``notes`` (what ``convert`` changed on its own and
-  said while running, such as a classifier reset for another number of classes).
+  said while running, such as a classifier reset for another number of classes);
+* ``preprocessing`` (optional, after ``std``): the record that turned the data's stored
+  images into the model's input (:class:`~binarize_cli.core.preprocess.Preprocessing`'s
+  JSON form, checked on reading). A file without it is written back without it, so an
+  older file's round trip changes no byte either.
 
 Schema version. The file has carried ``format_version`` since the first release; it *is* the
 schema version (:data:`SCHEMA_VERSION`, 1), so no second key is added. A file without it (or
@@ -40,8 +47,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from binarize_cli.core.errors import RunMetadataError
+from binarize_cli.core.errors import PreprocessingError, RunMetadataError
 from binarize_cli.core.files import atomic_write_json
+from binarize_cli.core.preprocess import Preprocessing
 
 META_FILE = "binarize.json"
 RUN_FORMAT = "binarize-run"
@@ -184,6 +192,8 @@ _TIMING_CHECKS: dict[str, tuple[Check, str]] = {
     "baseline_cached": (_or_null(_is_bool), "true/false or null"),
     "finetune_epoch_s": (_list_of(_is_number), "a list of numbers"),
     "calibrate_s": (_or_null(_is_number), "a number or null"),
+    "finetune_step_s": (_or_null(_is_number), "a number or null"),
+    "fp_step_s": (_or_null(_is_number), "a number or null"),
 }
 #: Top-level keys other than ``accuracy``/``timings``: (check, what the message asks for).
 _CHECKS: dict[str, tuple[Check, str]] = {
@@ -197,6 +207,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "data": (_is_str, "a string"),
     "recipe": (_or_null(_is_object), "an object or null"),
     "finetune_epochs": (_list_of(_is_object), "a list of objects"),
+    "finetune_kept_epoch": (_or_null(_is_int), "an integer or null"),
     "num_classes": (_is_int, "an integer"),
     "keep": (_list_of(_is_str), "a list of strings"),
     "scheme_options": (_is_object, "an object"),
@@ -206,6 +217,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "input_size": (_or_null(_size), "[C, H, W] or null"),
     "mean": (_or_null(_list_of(_is_number)), "a list of numbers or null"),
     "std": (_or_null(_list_of(_is_number)), "a list of numbers or null"),
+    "preprocessing": (_or_null(_is_object), "an object or null"),
     "world_size": (_is_int, "an integer"),
     "created": (_or_null(_is_str), "a string or null"),
     "binarize_version": (_or_null(_is_str), "a string or null"),
@@ -258,12 +270,24 @@ class RunAccuracy:
 @dataclass
 class RunTimings:
     """Wall times in seconds: baseline epochs (``baseline_cached``: the baseline came from the
-    cache, so those are the cached run's), fine-tune epochs and calibration."""
+    cache, so those are the cached run's), fine-tune epochs and calibration; and (optional,
+    absent from older files) the mean fine-tune step and a full-precision reference step timed
+    in the same process with the same loss and data (:attr:`step_ratio`)."""
 
     baseline_epoch_s: list[float] = field(default_factory=list)
     baseline_cached: bool | None = None
     finetune_epoch_s: list[float] = field(default_factory=list)
     calibrate_s: float | None = None
+    finetune_step_s: float | None = None
+    fp_step_s: float | None = None
+
+    @property
+    def step_ratio(self) -> float | None:
+        """Fine-tune step time over the full-precision step time, both timed in the run's own
+        process (``None`` when either is missing: older runs, ``--epochs 0``)."""
+        if not self.finetune_step_s or not self.fp_step_s:
+            return None
+        return self.finetune_step_s / self.fp_step_s
 
     @classmethod
     def from_dict(cls, value: Any, source: str | os.PathLike[str] = META_FILE) -> RunTimings:
@@ -288,6 +312,7 @@ class RunMetadata:
     accuracy: RunAccuracy
     timings: RunTimings
     finetune_epochs: list[dict[str, Any]] = field(default_factory=list)
+    finetune_kept_epoch: int | None = None
     num_classes: int
     keep: list[str] = field(default_factory=list)
     scheme_options: dict[str, Any] = field(default_factory=dict)
@@ -297,6 +322,7 @@ class RunMetadata:
     input_size: int | list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    preprocessing: dict[str, Any] | None = None
     world_size: int = 1
     created: str | None = None
     binarize_version: str | None = None
@@ -312,8 +338,17 @@ class RunMetadata:
         return not (_is_number(epochs) and epochs == 0)
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``binarize.json`` mapping (a deep copy), keys in file order."""
-        return asdict(self)
+        """The ``binarize.json`` mapping (a deep copy), keys in file order; ``preprocessing``
+        only when recorded (older files have no such key)."""
+        out = asdict(self)
+        if out["preprocessing"] is None:
+            del out["preprocessing"]
+        return out
+
+    def preprocessing_record(self) -> Preprocessing | None:
+        """The recorded :class:`~binarize_cli.core.preprocess.Preprocessing`, or None for a
+        run written before it was recorded."""
+        return None if self.preprocessing is None else Preprocessing.from_dict(self.preprocessing)
 
     @classmethod
     def from_dict(cls, data: Any, source: str | os.PathLike[str] = META_FILE) -> RunMetadata:
@@ -330,11 +365,16 @@ class RunMetadata:
             raise RunMetadataError(
                 f"{source} has run format version {version}; this binarize reads version {SCHEMA_VERSION}"
             )
-        return cls(
+        meta = cls(
             **_checked(data, _CHECKS, source),
             accuracy=RunAccuracy.from_dict(data["accuracy"], source),
             timings=RunTimings.from_dict(data["timings"], source),
         )
+        try:
+            meta.preprocessing_record()
+        except PreprocessingError as exc:
+            raise RunMetadataError(f"{source}: {exc}; rerun `binarize convert`") from None
+        return meta
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RunMetadata:
@@ -356,7 +396,11 @@ class RunMetadata:
 
     def data_kwargs(self) -> dict[str, Any]:
         """``load_data`` keyword arguments that reproduce the run's preprocessing: the recorded
-        ``input_size``, ``mean`` and ``std`` (those not recorded are left to the data spec)."""
+        ``preprocessing`` when there is one, else (older runs) the recorded ``input_size``,
+        ``mean`` and ``std`` (those not recorded are left to the data spec)."""
+        record = self.preprocessing_record()
+        if record is not None:
+            return {"preprocessing": record}
         kwargs: dict[str, Any] = {}
         for key in ("input_size", "mean", "std"):
             value = getattr(self, key)

@@ -1,13 +1,16 @@
 """Run directories: where `convert` leaves its result and `report`/`export`/`verify` find it.
 
-A run directory holds exactly two files:
+A run directory holds:
 
 * ``model.safetensors``: the converted model's state dict (latent weights, quantizer
   endpoints/levels, batch-norm statistics);
 * ``binarize.json``: what was run and what it measured, a
-  :class:`~binarize_cli.core.metadata.RunMetadata` (keys and schema version there).
+  :class:`~binarize_cli.core.metadata.RunMetadata` (keys and schema version there);
+* ``metrics.csv`` (absent from runs of older releases): one row per fine-tune epoch, columns in
+  :data:`binarize_cli.convert.finetune.METRICS_COLUMNS`; a header alone when nothing was
+  fine-tuned.
 
-Both files are written into a staging directory that is renamed into place, so a directory
+The files are written into a staging directory that is renamed into place, so a directory
 with a ``binarize.json`` is always complete (:func:`write_run`). Every file goes through
 :mod:`binarize_cli.core.files` (whole or not at all).
 """
@@ -30,6 +33,7 @@ from binarize_cli.core.files import atomic_write_bytes, fsync_dir, location_erro
 from binarize_cli.core.metadata import ACCURACY_STAGES, META_FILE, RUN_FORMAT, RunMetadata
 
 WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.csv"
 DEFAULT_RUNS_ROOT = Path("runs")
 
 
@@ -192,10 +196,17 @@ def remove_stale_staging(path: Path, *, older_than_s: float = STALE_STAGING_S) -
     return removed
 
 
-def write_run(path: Path, state: Mapping[str, Any], meta: RunMetadata) -> Path:
-    """Write a complete run directory atomically.
+def write_run(
+    path: Path,
+    state: Mapping[str, Any],
+    meta: RunMetadata,
+    *,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write a complete run directory atomically (the weights, ``binarize.json`` and
+    ``extra_files``, name -> content, such as ``metrics.csv``).
 
-    Both files are written into a fresh sibling directory which is then renamed into place;
+    All files are written into a fresh sibling directory which is then renamed into place;
     an existing run at ``path`` is moved aside first and removed only after the new one is in
     place, so ``path`` is never a half-written run: it is the old complete run, the new one,
     or (for a process killed between the two renames) missing, with the old run in
@@ -214,6 +225,8 @@ def write_run(path: Path, state: Mapping[str, Any], meta: RunMetadata) -> Path:
     os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700; a run dir gets normal permissions
     try:
         save_state_dict_atomic(staging / WEIGHTS_FILE, state, metadata={"format": RUN_FORMAT})
+        for name, content in (extra_files or {}).items():
+            atomic_write_bytes(staging / name, content)
         meta.save(staging / META_FILE)
         old = None
         if path.exists():

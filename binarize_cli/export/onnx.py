@@ -39,7 +39,9 @@ exporter's optimiser may then fold batch norm into them).
 Model metadata (``metadata_props``): ``binarize.format`` (``ONNX_FORMAT``),
 ``binarize.weights`` (``packed``/``float``), ``binarize.model``, ``binarize.scheme``,
 ``binarize.M``, ``binarize.N``, ``binarize.num_classes``, ``binarize.input_size``,
-``binarize.mean``, ``binarize.std`` (JSON values).
+``binarize.mean``, ``binarize.std`` (JSON values), ``binarize.data`` (the data spec) and
+``binarize.preprocessing`` (JSON: the run's preprocessing record, docs/format.md
+"Preprocessing"); a key the run does not have is left out.
 """
 
 from __future__ import annotations
@@ -478,8 +480,9 @@ def _metadata(meta: Mapping[str, Any], float_weights: bool) -> dict[str, str]:
         "binarize.format": ONNX_FORMAT,
         "binarize.weights": "float" if float_weights else "packed",
     }
-    for key in ("model", "scheme", "M", "N", "num_classes", "input_size", "mean", "std"):
-        if key in meta and meta[key] is not None:
+    keys = ("model", "scheme", "M", "N", "num_classes", "input_size", "mean", "std")
+    for key in (*keys, "data", "preprocessing"):
+        if key in meta and meta[key] is not None and meta[key] != "":
             value = meta[key]
             props[f"binarize.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return props

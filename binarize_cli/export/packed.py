@@ -15,10 +15,12 @@
   scale`` (2 values per channel: exactly the two affine parameters the memory report counts;
   the running statistics are buffers it does not count);
 * metadata (str -> str): format name and version, bit order, scheme, M, N, the source
-  model, classes, input size, normalisation, and ``graph``: the network as a JSON op list
-  (traced with ``torch.fx``), so a reader needs neither torch nor timm. Shapes are static:
-  the traced model is run at batch 2 and 3 (:mod:`binarize_cli.export.record`), sizes that
-  fx recorded as ``x.size()`` arithmetic become constants, and the batch stays dimension 0
+  model, input size, normalisation, the data spec, ``preprocessing`` (the run's
+  :class:`~binarize_cli.core.preprocess.Preprocessing` as JSON, class names included; ``null``
+  when the run has none) and ``graph``: the network as a JSON op list (traced with
+  ``torch.fx``), so a reader needs neither torch nor timm. Shapes are static: the traced
+  model is run at batch 2 and 3 (:mod:`binarize_cli.export.record`), sizes that fx recorded
+  as ``x.size()`` arithmetic become constants, and the batch stays dimension 0
   (``docs/format.md``, "Static shapes"). Anything the op table cannot express is refused
   with one line naming the op, the layer and the model.
 
@@ -43,7 +45,7 @@ import json
 import math
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from binarize_cli.core.errors import BadInputError, BinarizeError
+from binarize_cli.core.errors import (
+    BadInputError,
+    BinarizeError,
+    DataError,
+    FormatError,
+    PreprocessingError,
+)
 from binarize_cli.core.modes import evaluating
+from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.core.version import __version__
 from binarize_cli.export.record import BATCHES, Recording, TensorInfo, record_graph
 from binarize_cli.export.steps import (
@@ -68,6 +77,7 @@ from binarize_cli.quant.layers import BinarizedConv2d
 from binarize_cli.runtime.bits import BIT_ORDER, pack_bits, pack_planes
 from binarize_cli.runtime.evaluate import Accuracy
 from binarize_cli.runtime.format import FORMAT_NAME, FORMAT_VERSION
+from binarize_cli.runtime.model import PackedModel
 from binarize_cli.runtime.optable import node_problem
 from binarize_cli.runtime.staircase import Staircase
 
@@ -1167,10 +1177,11 @@ def build_packed(
         "N": str(int(meta.get("N", 0))),
         "source_model": str(meta.get("model", "")),
         "num_classes": str(int(meta.get("num_classes", 0))),
-        "input_size": _json(list(input_size) if input_size is not None else None),
+        "input_size": _json(list(input_size)),
         "mean": _json(meta.get("mean")),
         "std": _json(meta.get("std")),
         "data": str(meta.get("data", "")),
+        "preprocessing": _json(meta.get("preprocessing")),
         "graph": _json(graph),
     }
     return writer.tensors, metadata
@@ -1180,7 +1191,7 @@ def export_packed_model(model: nn.Module, meta: Mapping[str, Any], path: str | P
     """Write ``model`` (``BinarizedConv2d`` layers in place) as a packed safetensors file.
 
     ``meta`` is the run's ``binarize.json`` content (``scheme``, ``M``, ``N``, ``model``,
-    ``num_classes``, ``input_size``, ``mean``, ``std``). Written atomically (a temporary file
+    ``num_classes``, ``input_size``, ``mean``, ``std``, ``data``, ``preprocessing``). Written atomically (a temporary file
     in the same directory, then ``os.replace``): on any error nothing is left behind.
     """
     from safetensors.numpy import save
@@ -1208,35 +1219,134 @@ def export_packed(run_dir: str | Path | None, output: str | Path | None = None) 
 
 @dataclass
 class RunResult:
-    """What ``binarize run`` measured on a packed file; :meth:`to_dict` is its ``--json``
-    output: ``file``, ``data``, the accuracy's ``top1``, ``top5``, ``samples``, ``seconds``,
-    ``images_per_s``, then ``backend`` and ``precision``."""
+    """What ``binarize run`` measured on a packed file. :meth:`to_dict` is its ``--json``
+    output, in this order:
+
+    * ``file``: the packed file;
+    * ``data``: the canonical data spec evaluated on; ``data_from``: where that spec came from,
+      ``"file"`` (the file's recorded data), ``"--data"`` (the option) or ``"default"``
+      (``digits``: a file that records no data);
+    * ``preprocessing``: the :class:`~binarize_cli.core.preprocess.Preprocessing` the images
+      were made with, as JSON (docs/format.md, "Preprocessing"): the file's record applied to
+      the data (its model side: channels, resize, interpolation, crop, crop_pct, mean, std;
+      the data's side: decoding, pixel scale, resampler, classes); for a file without a record,
+      what the data set made at the file's input size, mean and std;
+    * ``recorded_preprocessing``: whether the file records its preprocessing (false: files
+      exported before it was recorded; ``notes`` then says what was assumed);
+    * the accuracy over the first ``samples`` validation images, in the data's order:
+      ``top1``, ``top5`` (percent), ``samples``, ``seconds`` (runtime time), ``images_per_s``;
+    * ``backend`` (the bitwise kernel) and ``precision`` (``float32``);
+    * ``logits_file``: where ``--save-logits`` wrote the logits (float32 ``[samples,
+      classes]``, in the validation order), or null;
+    * ``notes``: one-line remarks (a list, usually empty).
+    """
 
     file: str
     data: str
+    data_from: str
+    preprocessing: Preprocessing
+    recorded_preprocessing: bool
     accuracy: Accuracy
     backend: str
     precision: str
+    logits_file: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        head = {"file": self.file, "data": self.data}
-        tail = {"backend": self.backend, "precision": self.precision}
+        head = {
+            "file": self.file,
+            "data": self.data,
+            "data_from": self.data_from,
+            "preprocessing": self.preprocessing.to_dict(),
+            "recorded_preprocessing": self.recorded_preprocessing,
+        }
+        tail = {
+            "backend": self.backend,
+            "precision": self.precision,
+            "logits_file": self.logits_file,
+            "notes": list(self.notes),
+        }
         return {**head, **self.accuracy.to_dict(), **tail}
+
+    def input_line(self) -> str:
+        """One line: the data evaluated on and how its images were made."""
+        origin = {"file": "recorded in the file", "--data": "--data", "default": "default"}
+        return (
+            f"data {self.data} ({origin.get(self.data_from, self.data_from)}): "
+            f"{self.preprocessing.describe()}"
+        )
+
+
+#: The note for a file without a preprocessing record (version-1 files).
+NO_RECORD_NOTE = (
+    "{file} records no preprocessing (exported before binarize recorded it): the images are "
+    "made the data set's default way at the file's input size, mean and std; re-export the "
+    "run to record it"
+)
+
+
+def _run_data(model: PackedModel, data: str | None) -> tuple[str, str]:
+    """The data spec ``run`` evaluates on and where it came from (see :class:`RunResult`);
+    a recorded spec whose path is gone is a one-line DataError naming ``--data``."""
+    if data:
+        return data, "--data"
+    recorded = str(model.metadata.get("data", "") or "")
+    if not recorded:
+        return "digits", "default"
+    name, _, path = recorded.partition(":")
+    if path and not Path(path).exists():
+        raise DataError(
+            f"{model.path} was converted on {recorded}, but {path} no longer exists; "
+            f"pass --data {name}:PATH to evaluate it on that data where it is now"
+        )
+    return recorded, "file"
+
+
+def _file_record(model: PackedModel) -> Preprocessing | None:
+    """The file's preprocessing record (None when it has none); a malformed one is a
+    one-line FormatError."""
+    raw = model.preprocessing
+    if raw is None:
+        return None
+    try:
+        return Preprocessing.from_dict(raw)
+    except PreprocessingError as exc:
+        raise FormatError(f"{model.path}: {exc}; re-export it") from None
+
+
+def save_logits(path: str | Path, logits: np.ndarray) -> Path:
+    """Write ``logits`` as float32 ``.npy`` to ``path``, atomically (an existing file is
+    replaced only once the new one is whole, as ``export -o`` does)."""
+    import io
+
+    from binarize_cli.core.files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(logits, dtype=np.float32))
+    atomic_write_bytes(path, buf.getvalue(), flag="--save-logits")
+    return Path(path)
 
 
 def evaluate_packed_file(
     path: str | Path,
-    data: str = "digits",
+    data: str | None = None,
     *,
     batch_size: int = 64,
     samples: int | None = None,
     backend: str | None = None,
+    logits_file: str | Path | None = None,
 ) -> RunResult:
-    """``binarize run FILE --data SPEC``: top-1/top-5 of a packed file, computed by the runtime.
+    """``binarize run FILE [--data SPEC]``: top-1/top-5 of a packed file, computed by the
+    runtime (the images are handed to it as NumPy arrays: the model runs without torch).
 
-    The data spec is loaded with the file's input size and normalisation (its metadata); the
-    images are handed to the runtime as NumPy arrays, so the model itself runs without torch.
+    ``data`` None evaluates on the data the file records (``digits`` when it records none).
+    The images are made with the file's preprocessing record applied to that data (so the
+    file's own data gives exactly the images ``convert`` evaluated); a file without one (older
+    files) is evaluated as before, at its input size, mean and std, with a note.
+    ``logits_file``: also write the logits there (:func:`save_logits`; the location is
+    checked before evaluating). See :class:`RunResult` for what is returned.
     """
+    from binarize_cli.core.files import check_writable_file
     from binarize_cli.load.data import load_data, make_loader
     from binarize_cli.runtime import evaluate_packed, load_packed
 
@@ -1244,28 +1354,48 @@ def evaluate_packed_file(
         raise BadInputError(f"--batch-size must be >= 1 (got {batch_size})")
     if samples is not None and samples < 1:
         raise BadInputError(f"--samples must be >= 1 (got {samples})")
+    if logits_file is not None:
+        check_writable_file(logits_file, "--save-logits")
     model = load_packed(path, backend=None if backend in (None, "auto") else backend)
+    spec, data_from = _run_data(model, data)
+    record = _file_record(model)
     kwargs: dict[str, Any] = {}
-    if model.input_size:
-        kwargs["input_size"] = tuple(model.input_size)
-    if model.mean is not None and model.std is not None:
-        kwargs["mean"], kwargs["std"] = tuple(model.mean), tuple(model.std)
-    bundle = load_data(data, **kwargs)
+    notes: list[str] = []
+    if record is not None:
+        kwargs["preprocessing"] = record
+    else:
+        notes.append(NO_RECORD_NOTE.format(file=path))
+        if model.input_size:
+            kwargs["input_size"] = tuple(model.input_size)
+        if model.mean is not None and model.std is not None:
+            kwargs["mean"], kwargs["std"] = tuple(model.mean), tuple(model.std)
+    bundle = load_data(spec, **kwargs)
     if model.num_classes and bundle.num_classes > model.num_classes:
         raise BadInputError(
-            f"{data} has {bundle.num_classes} classes but the packed model predicts {model.num_classes}; "
+            f"{spec} has {bundle.num_classes} classes but the packed model predicts {model.num_classes}; "
             "evaluate it on the data it was converted with"
         )
     loader = make_loader(bundle.val, batch_size=batch_size, shuffle=False, seed=0)
     batches = ((x.numpy(), y.numpy()) for x, y in loader)
-    acc = evaluate_packed(model, batches, max_samples=samples)
+    kept: list[np.ndarray] | None = [] if logits_file is not None else None
+    acc = evaluate_packed(model, batches, max_samples=samples, logits=kept)
+    written = None
+    if kept is not None and logits_file is not None:
+        classes = int(model.num_classes or 0)
+        stacked = np.concatenate(kept) if kept else np.zeros((0, classes), np.float32)
+        written = str(save_logits(logits_file, stacked))
     be = model.backend
     return RunResult(
         file=str(path),
         data=bundle.spec,
+        data_from=data_from,
+        preprocessing=bundle.preprocessing,
+        recorded_preprocessing=record is not None,
         accuracy=acc,
         backend=be.name if be.name == "numpy" else f"{be.name} ({be.simd})",
         precision=model.precision,
+        logits_file=written,
+        notes=notes,
     )
 
 
@@ -1291,6 +1421,7 @@ __all__ = [
     "export_packed",
     "export_packed_model",
     "header_bytes",
+    "save_logits",
     "payload_bits",
     "trace_for_export",
 ]

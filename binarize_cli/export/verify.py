@@ -349,7 +349,8 @@ def verify_run(
     """``binarize verify [RUN_DIR] [--data SPEC] [--samples N]``: see :func:`verify_model`.
 
     The images are the first ``samples`` validation images of ``data`` (default: the run's
-    data), preprocessed with the run's input size and normalisation.
+    data), made with the run's preprocessing record (``RunMetadata.data_kwargs``: for runs
+    recorded before it, the run's input size and normalisation).
     """
     from binarize_cli.convert.rebuild import load_run
 

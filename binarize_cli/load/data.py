@@ -43,6 +43,16 @@ size for every set. Items are ``(float tensor [C, H, W], int label)``. Small ima
 model's input size enlarges a lot (32x32 CIFAR or ImageFolder images at 224x224) train slowly:
 :func:`upscale_hint` words the hint ``convert`` prints (the rule is in its docstring).
 
+The preprocessing record
+------------------------
+Each loader first builds its :class:`~binarize_cli.core.preprocess.Preprocessing` (pixel
+scale, resize, interpolation, crop, mean/std, classes) from the values above, then makes its
+items from that record and nothing else: in-memory sets through :class:`TensorImageDataset`
+(small sets resized once up front with the same :func:`resize_stored`), imagefolder through
+a torchvision transform built from it. The record is ``DataBundle.preprocessing``; ``convert``
+stores it in ``binarize.json`` and the exports. ``load_data(spec, preprocessing=record)``
+makes a set's items with a recorded record's model side (what ``run`` and ``verify`` do).
+
 Errors: an unknown spec, a missing/empty path or a wrong layout raise
 :class:`~binarize_cli.core.errors.DataError` with a one-line message.
 """
@@ -54,7 +64,7 @@ import os
 import pickle
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +74,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from binarize_cli.core.errors import DataError
+from binarize_cli.core.preprocess import Preprocessing
 
 __all__ = [
     "DATA_LOADERS",
@@ -72,6 +83,7 @@ __all__ = [
     "DataBundle",
     "DataRequest",
     "describe",
+    "resize_stored",
     "TensorImageDataset",
     "load_data",
     "make_loader",
@@ -110,13 +122,15 @@ _FASHION_FILES = {
 
 @dataclass
 class DataBundle:
-    """A dataset pair plus the preprocessing facts the rest of the tool records.
+    """A dataset pair plus the preprocessing the rest of the tool records.
 
     ``spec`` is canonical (``digits``, ``fashion-mnist``, ``fashion-mnist:/abs/dir``,
     ``cifar10:/abs/dir``, ``imagefolder:/abs/dir``, ``fake``); ``source`` is where the files
-    were found. ``input_size`` is (C, H, W) of the items; ``native_size`` is (H, W) of the
-    stored images before resizing (imagefolder: the first training image's), or None when the
-    set has no native size (``fake`` is generated at the input size).
+    were found. ``preprocessing`` is the record the items are made with (the loader builds its
+    transform from it; ``mean``, ``std``, ``channels`` and ``classes`` read it). ``input_size``
+    is (C, H, W) of the items; ``native_size`` is (H, W) of the stored images before resizing
+    (imagefolder: the first training image's), or None when the set has no native size
+    (``fake`` is generated at the input size).
     """
 
     spec: str
@@ -125,59 +139,83 @@ class DataBundle:
     val: Dataset
     num_classes: int
     input_size: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channels: int
-    classes: list[str] = field(default_factory=list)
+    preprocessing: Preprocessing
     source: str | None = None
     native_size: tuple[int, int] | None = None
 
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
+
+    @property
+    def channels(self) -> int:
+        return self.preprocessing.channels
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.preprocessing.classes)
+
+
+def resize_stored(x: torch.Tensor, prep: Preprocessing, size: tuple[int, int]) -> torch.Tensor:
+    """Step 2 of :mod:`binarize_cli.core.preprocess` with the torch resampler: float32 stored
+    values ``[N, C, H, W]`` resized to ``size`` (``prep.interpolation``, ``align_corners=False``,
+    ``prep.antialias``), rounded half to even and clamped to 0..255 when
+    ``prep.round_resized``; unchanged when the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if prep.interpolation == "nearest":
+        y = F.interpolate(x, size=size, mode="nearest")
+    else:
+        y = F.interpolate(
+            x, size=size, mode=prep.interpolation, align_corners=False, antialias=prep.antialias
+        )
+    return y.round_().clamp_(0, 255) if prep.round_resized else y
+
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as ``[N, C0, H0, W0]`` (uint8 or float), labels ``[N]``.
-
-    An item is ``((resize(x * scale) expanded to `channels`) - mean) / std``: stored single
-    channel images are replicated to ``channels``; ``size`` (H, W) other than the stored one
-    resizes bilinearly per item (used to feed 32x32 CIFAR to a 224x224 model without holding
-    the upsampled set).
+    """Images held in memory as stored values ``[N, C0, H0, W0]`` (uint8 or float), labels
+    ``[N]``; an item is its image through ``preprocessing`` (torch resampler): resized
+    (:func:`resize_stored`), center cropped, divided by ``pixel_scale``, a single channel
+    replicated to ``channels``, normalised. Images stored at the resized size are not resized
+    again (the loaders resize small sets once, up front, with the same function).
     """
 
     def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        mean: Sequence[float],
-        std: Sequence[float],
-        channels: int = 3,
-        scale: float = 1.0,
-        size: tuple[int, int] | None = None,
+        self, images: torch.Tensor, labels: torch.Tensor, preprocessing: Preprocessing
     ) -> None:
         if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"images [N,C,H,W] and labels [N] expected, got {tuple(images.shape)}, {tuple(labels.shape)}"
             )
+        if preprocessing.resampler != "torch":
+            raise ValueError("TensorImageDataset resizes with torch; the record asks for PIL")
+        if images.shape[1] not in (1, preprocessing.channels):
+            raise DataError(
+                f"the images have {images.shape[1]} channels but the preprocessing makes "
+                f"{preprocessing.channels}-channel inputs"
+            )
         self.images = images
         self.labels = labels.long()
-        self.channels = channels
-        self.scale = float(scale)
-        self.size = tuple(size) if size is not None else tuple(images.shape[-2:])
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.preprocessing = preprocessing
+        self.resized = preprocessing.resized_size(*images.shape[-2:])
+        self.box = preprocessing.crop_box(*self.resized)
+        self._mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(preprocessing.std, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.images[index].float()
-        if self.scale != 1.0:
-            x = x * self.scale
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(
-                x.unsqueeze(0), size=self.size, mode="bilinear", align_corners=False
-            ).squeeze(0)
-        if x.shape[0] != self.channels:
-            x = x.expand(self.channels, -1, -1)
+        p = self.preprocessing
+        x = resize_stored(self.images[index : index + 1].float(), p, self.resized)[0]
+        top, left, h, w = self.box
+        x = x[:, top : top + h, left : left + w] / p.pixel_scale
+        if x.shape[0] != p.channels:
+            x = x.expand(p.channels, -1, -1)
         return (x - self._mean) / self._std, int(self.labels[index])
 
 
@@ -205,22 +243,21 @@ def parse_input_size(
     return dims  # type: ignore[return-value]
 
 
-def _resize_u8(images: np.ndarray, size: tuple[int, int], chunk: int = 8192) -> torch.Tensor:
-    """Bilinear resize of uint8 [N, C, H, W] in chunks, rounded back to uint8."""
+def _resize_u8(images: np.ndarray, prep: Preprocessing, chunk: int = 8192) -> torch.Tensor:
+    """Uint8 [N, C, H, W] through step 2 (:func:`resize_stored`; ``prep`` rounds) in chunks,
+    kept as uint8: the whole set resized once instead of per item."""
     t = torch.from_numpy(np.ascontiguousarray(images))
+    size = prep.resized_size(*t.shape[-2:])
     if tuple(t.shape[-2:]) == size:
         return t.clone()
     out = torch.empty((t.shape[0], t.shape[1], *size), dtype=torch.uint8)
     for i in range(0, t.shape[0], chunk):
-        part = F.interpolate(
-            t[i : i + chunk].float(), size=size, mode="bilinear", align_corners=False
-        )
-        out[i : i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+        out[i : i + chunk] = resize_stored(t[i : i + chunk].float(), prep, size).to(torch.uint8)
     return out
 
 
-def _gray_stats(images: torch.Tensor, scale: float) -> tuple[float, float]:
-    x = images.float() * scale
+def _gray_stats(images: torch.Tensor, pixel_scale: float) -> tuple[float, float]:
+    x = images.float() / pixel_scale
     return float(x.mean()), float(x.std())
 
 
@@ -260,6 +297,12 @@ class DataRequest:
     std: Sequence[float] | None = None
     model_input_size: tuple[int, ...] | None = None
     crop_pct: float = 0.875
+    preprocessing: Preprocessing | None = None
+
+    def adopt(self, own: Preprocessing) -> Preprocessing:
+        """The set's ``own`` record, with the model's side of :attr:`preprocessing` when one
+        was given (:meth:`~binarize_cli.core.preprocess.Preprocessing.with_model_side`)."""
+        return own if self.preprocessing is None else own.with_model_side(self.preprocessing)
 
     def rgb_size(self, default: tuple[int, int, int]) -> tuple[int, ...]:
         """``--input-size``, else the model's (3, H, W), else ``default``."""
@@ -295,36 +338,22 @@ def _tensor_bundle(
     name: str,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
+    prep: Preprocessing,
     *,
-    size: tuple[int, ...],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    classes: list[str],
     source: str,
-    scale: float = 1.0,
     native_size: tuple[int, int] | None = None,
 ) -> DataBundle:
-    """Two in-memory ``(images, labels)`` splits as a bundle of :class:`TensorImageDataset`
-    with items of ``size`` (C, H, W): ``(resize(x * scale) - mean) / std``."""
-    c = size[0]
-    kw: dict[str, Any] = {
-        "mean": mean,
-        "std": std,
-        "channels": c,
-        "scale": scale,
-        "size": tuple(size[-2:]),
-    }
+    """Two in-memory ``(images, labels)`` splits of stored values as a bundle of
+    :class:`TensorImageDataset` made with ``prep``."""
+    train_set = TensorImageDataset(*train, prep)
     return DataBundle(
         spec=spec,
         name=name,
-        train=TensorImageDataset(*train, **kw),
-        val=TensorImageDataset(*val, **kw),
-        num_classes=len(classes),
-        input_size=tuple(size),  # type: ignore[arg-type]
-        mean=mean,
-        std=std,
-        channels=c,
-        classes=classes,
+        train=train_set,
+        val=TensorImageDataset(*val, prep),
+        num_classes=len(prep.classes),
+        input_size=prep.output_size(*train[0].shape[-2:]),
+        preprocessing=prep,
         source=source,
         native_size=native_size,
     )
@@ -357,27 +386,36 @@ def _load_digits(req: DataRequest) -> DataBundle:
 
     c, h, w = parse_input_size(req.input_size, 3) or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
     digits = load_digits()
-    x = np.asarray(digits.data, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0
+    x = np.asarray(digits.data, dtype=np.float32).reshape(-1, 1, 8, 8)  # values 0..16
     y = np.asarray(digits.target, dtype=np.int64)
     idx_train, idx_val = train_test_split(
         np.arange(len(y)), test_size=0.2, stratify=y, random_state=0, shuffle=True
     )
+    # the set's own statistics are measured on the resized training images: unit ones first
+    prep = req.adopt(
+        Preprocessing(
+            channels=c,
+            pixel_scale=16.0,
+            mean=(0.0,) * c,
+            std=(1.0,) * c,
+            resize=(h, w),
+            classes=tuple(str(i) for i in range(10)),
+        )
+    )
     images = torch.from_numpy(x)
-    if (h, w) != (8, 8):
-        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    images = resize_stored(images, prep, prep.resized_size(8, 8))  # once, for the whole set
     labels = torch.from_numpy(y)
     tr = torch.from_numpy(np.sort(idx_train))
     va = torch.from_numpy(np.sort(idx_val))
-    mu, sd = _gray_stats(images[tr], 1.0)
+    if req.preprocessing is None:
+        mu, sd = _gray_stats(images[tr], prep.pixel_scale)
+        prep = replace(prep, mean=(mu,) * c, std=(sd,) * c)
     return _tensor_bundle(
         "digits",
         "digits",
         (images[tr].contiguous(), labels[tr]),
         (images[va].contiguous(), labels[va]),
-        size=(c, h, w),
-        mean=(mu,) * c,
-        std=(sd,) * c,
-        classes=[str(i) for i in range(10)],
+        prep,
         source="sklearn.datasets.load_digits",
         native_size=(8, 8),
     )
@@ -516,20 +554,29 @@ def _load_fashion(req: DataRequest) -> DataBundle:
     arrays = {k: read_idx(p) for k, p in files.items()}
     _check_fashion_arrays(arrays)
     c, h, w = input_size or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
-    tr_images = _resize_u8(arrays["train_images"][:, None], (h, w))
-    va_images = _resize_u8(arrays["val_images"][:, None], (h, w))
-    mu, sd = _gray_stats(tr_images, 1 / 255)
+    prep = req.adopt(
+        Preprocessing(
+            channels=c,
+            pixel_scale=255.0,
+            mean=(0.0,) * c,
+            std=(1.0,) * c,
+            resize=(h, w),
+            round_resized=True,
+            classes=tuple(_FASHION_CLASSES),
+        )
+    )
+    tr_images = _resize_u8(arrays["train_images"][:, None], prep)  # once, kept as uint8
+    va_images = _resize_u8(arrays["val_images"][:, None], prep)
+    if req.preprocessing is None:
+        mu, sd = _gray_stats(tr_images, prep.pixel_scale)
+        prep = replace(prep, mean=(mu,) * c, std=(sd,) * c)
     return _tensor_bundle(
         spec,
         "fashion-mnist",
         (tr_images, torch.from_numpy(arrays["train_labels"].astype(np.int64))),
         (va_images, torch.from_numpy(arrays["val_labels"].astype(np.int64))),
-        size=(c, h, w),
-        mean=(mu,) * c,
-        std=(sd,) * c,
-        classes=list(_FASHION_CLASSES),
+        prep,
         source=str(files["train_images"].parent),
-        scale=1 / 255,
         native_size=(28, 28),
     )
 
@@ -608,22 +655,28 @@ def _load_cifar10(req: DataRequest) -> DataBundle:
     va_x, va_y = _read_cifar_batch(test_file)
     if tr_y.size and (tr_y.min() < 0 or tr_y.max() > 9 or va_y.min() < 0 or va_y.max() > 9):
         raise DataError("cifar10: labels outside 0..9")
-    classes = _cifar_classes(base)
     size = req.rgb_size((3, 32, 32))
     if size[0] != 3:
         raise DataError(f"cifar10 is RGB; input size needs 3 channels, got {size}")
     m, s = _pick_norm(req.mean, req.std, _CIFAR_MEAN, _CIFAR_STD, 3)
+    prep = req.adopt(
+        Preprocessing(
+            channels=3,
+            pixel_scale=255.0,
+            mean=m,
+            std=s,
+            resize=(size[1], size[2]),
+            round_resized=True,
+            classes=tuple(_cifar_classes(base)),
+        )
+    )
     return _tensor_bundle(
         f"cifar10:{d.resolve()}",
         "cifar10",
         (torch.from_numpy(tr_x), torch.from_numpy(tr_y)),
         (torch.from_numpy(va_x), torch.from_numpy(va_y)),
-        size=size,
-        mean=m,
-        std=s,
-        classes=classes,
+        prep,  # resized per item: a 224x224 CIFAR would not fit in memory
         source=str(base),
-        scale=1 / 255,
         native_size=(32, 32),
     )
 
@@ -660,7 +713,7 @@ def _first_image_size(samples: list[tuple[str, int]]) -> tuple[int, int] | None:
 
 @register_data("imagefolder:PATH")
 def _load_imagefolder(req: DataRequest) -> DataBundle:
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     d = _required_dir(req, "imagefolder", "with train/ and val/ class folders")
     for split in ("train", "val"):
@@ -677,37 +730,59 @@ def _load_imagefolder(req: DataRequest) -> DataBundle:
     if not 0 < crop_pct <= 1:
         raise DataError(f"crop_pct must be in (0, 1]; got {crop_pct}")
     # timm/torchvision evaluation: shorter side to size / crop_pct (aspect kept), center crop
-    resize: int | tuple[int, int] = (
-        int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
+    prep = req.adopt(
+        Preprocessing(
+            channels=3,
+            pixel_scale=255.0,
+            mean=m,
+            std=s,
+            resize=(int(h / crop_pct),) if h == w else (int(h / crop_pct), int(w / crop_pct)),
+            antialias=True,
+            round_resized=True,
+            resampler="pil",
+            crop=(h, w),
+            crop_pct=crop_pct,
+        )
     )
-    tf = transforms.Compose(
-        [
-            transforms.Resize(resize),
-            transforms.CenterCrop((h, w)),
-            transforms.ToTensor(),
-            transforms.Normalize(m, s),
-        ]
-    )
+    if prep.channels != 3:
+        raise DataError("imagefolder images are RGB; the preprocessing asks for 1 channel")
+    tf = _pil_transform(prep)
     try:
         train = datasets.ImageFolder(str(d / "train"), transform=tf)
         val = datasets.ImageFolder(str(d / "val"), transform=tf)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"imagefolder: {' '.join(str(exc).split())}") from exc
     _use_train_classes(train, val)
+    prep = replace(prep, classes=tuple(train.classes))
+    native = _first_image_size(train.samples)
     return DataBundle(
         spec=f"imagefolder:{d.resolve()}",
         name="imagefolder",
         train=train,
         val=val,
         num_classes=len(train.classes),
-        input_size=tuple(size),  # type: ignore[arg-type]
-        mean=m,
-        std=s,
-        channels=3,
-        classes=list(train.classes),
+        input_size=prep.output_size(*(native or prep.crop or (h, w))),
+        preprocessing=prep,
         source=str(d),
-        native_size=_first_image_size(train.samples),
+        native_size=native,
     )
+
+
+def _pil_transform(prep: Preprocessing) -> Any:
+    """The torchvision transform of a ``pil`` record (steps 2-6 on a decoded RGB image):
+    ``Resize`` (an int: shorter side; a pair: exact) with PIL's filter, ``CenterCrop``,
+    ``ToTensor`` (divides by 255) and ``Normalize``."""
+    from torchvision import transforms
+
+    steps: list[Any] = []
+    if prep.resize is not None:
+        size = prep.resize[0] if len(prep.resize) == 1 else tuple(prep.resize)
+        mode = transforms.InterpolationMode(prep.interpolation)
+        steps.append(transforms.Resize(size, interpolation=mode, antialias=True))
+    if prep.crop is not None:
+        steps.append(transforms.CenterCrop(tuple(prep.crop)))
+    steps += [transforms.ToTensor(), transforms.Normalize(prep.mean, prep.std)]
+    return transforms.Compose(steps)
 
 
 # --------------------------------------------------------------------------- fake
@@ -719,6 +794,13 @@ _FAKE_CLASSES, _FAKE_TRAIN, _FAKE_VAL = 10, 256, 128
 def _load_fake(req: DataRequest) -> DataBundle:
     _no_path(req, "fake")
     c, h, w = parse_input_size(req.input_size, 3) or (3, 32, 32)
+    m, s = _pick_norm(req.mean, req.std, (0.5,) * c, (0.25,) * c, c)
+    classes = tuple(f"class{i}" for i in range(_FAKE_CLASSES))
+    prep = req.adopt(
+        Preprocessing(channels=c, pixel_scale=1.0, mean=m, std=s, resize=(h, w), classes=classes)
+    )
+    # generated at the size the record's crop (else resize) asks for: no native size to keep
+    c, (h, w) = prep.channels, prep.crop or prep.resized_size(h, w)
     g = torch.Generator().manual_seed(20240601)
     patterns = torch.rand((_FAKE_CLASSES, c, 8, 8), generator=g)
     patterns = F.interpolate(patterns, size=(h, w), mode="bilinear", align_corners=False)
@@ -731,18 +813,7 @@ def _load_fake(req: DataRequest) -> DataBundle:
 
     train = make(_FAKE_TRAIN)
     val = make(_FAKE_VAL)
-    m, s = _pick_norm(req.mean, req.std, (0.5,) * c, (0.25,) * c, c)
-    return _tensor_bundle(
-        "fake",
-        "fake",
-        train,
-        val,
-        size=(c, h, w),
-        mean=m,
-        std=s,
-        classes=[f"class{i}" for i in range(_FAKE_CLASSES)],
-        source="synthetic",
-    )
+    return _tensor_bundle("fake", "fake", train, val, prep, source="synthetic")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -756,6 +827,7 @@ def load_data(
     std: Sequence[float] | None = None,
     model_input_size: Sequence[int] | None = None,
     crop_pct: float = 0.875,
+    preprocessing: Preprocessing | None = None,
 ) -> DataBundle:
     """Load a data spec ``NAME[:PATH]`` through its registered loader (see the module
     docstring). The splits are fixed on purpose (no seed: accuracies compare across seeds).
@@ -766,6 +838,11 @@ def load_data(
             grayscale sets standardise with their own training statistics.
         model_input_size: the model's (C, H, W); the default size of cifar10/imagefolder.
         crop_pct: the model's center-crop fraction (imagefolder).
+        preprocessing: a recorded :class:`~binarize_cli.core.preprocess.Preprocessing` (a
+            run's or an export's): its model side (channels, resize, interpolation, crop,
+            mean, std) replaces the size and normalisation the other arguments would give,
+            so the items are made exactly as they were for the run; the set keeps its own
+            decoding, pixel scale, resampler and classes.
     """
     text = (spec or "digits").strip()
     name, _, path = text.partition(":")
@@ -773,7 +850,7 @@ def load_data(
     loader = DATA_LOADERS.get(name.lower())
     if loader is None:
         raise DataError(f"unknown data spec {spec!r}; use one of: {', '.join(DATA_SPECS)}")
-    return loader(DataRequest(path, input_size, mean, std, mis, crop_pct))
+    return loader(DataRequest(path, input_size, mean, std, mis, crop_pct, preprocessing))
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -43,8 +43,11 @@ def evaluate_packed(
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
     *,
     max_samples: int | None = None,
+    logits: list[np.ndarray] | None = None,
 ) -> Accuracy:
-    """Top-1/top-5 of ``model`` over ``(images, labels)`` batches (NumPy arrays)."""
+    """Top-1/top-5 of ``model`` over ``(images, labels)`` batches (NumPy arrays), the first
+    ``max_samples`` images (all by default); ``logits``, when given, receives each batch's
+    logits in order (concatenated: ``[samples, classes]``)."""
     n = c1 = c5 = 0
     elapsed = 0.0
     for images, labels in batches:
@@ -53,11 +56,13 @@ def evaluate_packed(
         if max_samples is not None:
             images, labels = images[: max_samples - n], labels[: max_samples - n]
         t0 = time.perf_counter()
-        logits = model(images)
+        out = model(images)
         elapsed += time.perf_counter() - t0
+        if logits is not None:
+            logits.append(out)
         labels = np.asarray(labels).astype(np.int64)
-        c1 += topk_correct(logits, labels, 1)
-        c5 += topk_correct(logits, labels, 5)
+        c1 += topk_correct(out, labels, 1)
+        c5 += topk_correct(out, labels, 5)
         n += int(labels.shape[0])
     if n == 0:
         return Accuracy(top1=0.0, top5=0.0, samples=0, seconds=0.0)

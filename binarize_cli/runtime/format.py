@@ -36,6 +36,8 @@ META_KEYS = (
     "input_size",  # JSON [C, H, W]
     "mean",  # JSON [3 floats] or "null"
     "std",  # JSON [3 floats] or "null"
+    "data",  # the data spec converted on ("" when unknown)
+    "preprocessing",  # JSON object (docs/format.md, Preprocessing) or "null"; absent in older files
     "graph",  # JSON, see docs/format.md
 )
 

@@ -56,7 +56,9 @@ class PackedModel:
 
     Attributes: ``metadata`` (the file's str->str metadata), ``graph`` (parsed JSON),
     ``scheme``, ``m``, ``n``, ``source_model``, ``num_classes``, ``input_size`` (C, H, W),
-    ``mean``/``std`` (the normalisation the images must already have), ``backend``.
+    ``mean``/``std`` (the normalisation the images must already have), ``data`` (the data
+    spec converted on), ``preprocessing`` (the JSON record of docs/format.md's
+    "Preprocessing", or None: absent in older files), ``backend``.
     """
 
     path: Path
@@ -75,6 +77,8 @@ class PackedModel:
     input_size = _meta("input_size", "[]", lambda v: tuple(json.loads(v)))
     mean = _meta("mean", "null", json.loads)
     std = _meta("std", "null", json.loads)
+    data = _meta("data", "", str)
+    preprocessing = _meta("preprocessing", "null", json.loads)
 
     @property
     def binary_layers(self) -> dict[str, BinaryConv2d]:

@@ -12,6 +12,7 @@ from binarize_cli.analyze.plots import (
     accuracy_memory,
     activation_histogram,
     save_figure,
+    training_curve,
     weight_histogram,
     write_figures,
 )
@@ -75,6 +76,27 @@ def test_accuracy_memory_plots_runs_and_baselines():
     assert [len(o) for o in offsets] == [2, 1]
     assert sorted(offsets[0][:, 0].tolist()) == pytest.approx([33.6, 61.6])
     assert len(ax.texts) == 3
+
+
+def test_training_curve_draws_each_recorded_series_and_marks_the_kept_epoch(tmp_path):
+    epochs = [
+        {"loss": 0.9, "top1": 70.0, "select_top1": 75.0, "val_top1": 72.0},
+        {"loss": 0.6, "top1": 80.0, "select_top1": 79.0, "val_top1": 78.0},
+        {"loss": 0.5, "top1": 82.0, "select_top1": 77.0},  # no validation this epoch
+    ]
+    fig = training_curve(epochs, kept=2)
+    loss_ax, acc_ax = fig.axes
+    assert loss_ax.lines[0].get_ydata().tolist() == [0.9, 0.6, 0.5]
+    labels = [line.get_label() for line in acc_ax.lines if line.get_label() != "kept"]
+    assert labels == ["train (running)", "selection subset", "validation"]
+    val = acc_ax.lines[2].get_ydata()
+    assert val[:2].tolist() == [72.0, 78.0] and np.isnan(val[2])
+    kept_lines = [line for ax in fig.axes for line in ax.lines if line.get_label() == "kept"]
+    assert len(kept_lines) == 2 and all(line.get_xdata()[0] == 2 for line in kept_lines)
+    # written by write_figures when the run fine-tuned
+    data = PlotData(weights=None, activations=None, points=[], epochs=epochs, kept_epoch=2)
+    (png,) = write_figures(data, tmp_path)
+    assert png.name == "training_curve.png" and png.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_write_figures_for_a_run(tmp_path, make_run_dir):

@@ -86,8 +86,9 @@ CHEAP: dict[str, Cheap] = {
         slow=True,  # torch.onnx: ~10 s CPU
     ),
     "binarize verify": Cheap(setup="run", stdout=("top-1 agreement",), slow=True),  # ~15 s CPU
-    "binarize run runs/<run>/model.packed.safetensors --data digits": Cheap(
-        setup="packed", stdout=("top-1", "360 images of digits")
+    "binarize run runs/<run>/model.packed.safetensors": Cheap(
+        setup="packed",
+        stdout=("data digits (recorded in the file)", "top-1", "360 images of digits"),
     ),
     "python -m binarize_cli": Cheap(stdout=("Usage", "convert", "report")),
     "binarize runs": Cheap(setup="run", stdout=("Runs (newest first)", RUN)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -50,8 +51,20 @@ def test_convert_writes_the_contract(tmp_path, top1_recount):
     timings = meta["timings"]
     assert len(timings["finetune_epoch_s"]) == 1 and timings["finetune_epoch_s"][0] > 0
     assert len(timings["baseline_epoch_s"]) == 1 and timings["calibrate_s"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["binarize.json", "model.safetensors"]
+    # the step-time ratio's two sides, both timed in this process
+    assert timings["fp_step_s"] > 0 and timings["finetune_step_s"] > 0
+    steps = meta["finetune_epochs"][0]["steps"]
+    assert timings["finetune_step_s"] == pytest.approx(timings["finetune_epoch_s"][0] / steps)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["binarize.json", "metrics.csv", "model.safetensors"]
     assert not work_dir_for(out).exists()
+    # metrics.csv: the one epoch, kept, its validation top-1 the one binarize.json records
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1"] and rows[0]["kept"] == "1"
+    assert float(rows[0]["val_top1"]) == pytest.approx(meta["accuracy"]["binarized"]["top1"])
+    assert float(rows[0]["seconds"]) > 0 and float(rows[0]["lr"]) == pytest.approx(5e-4)
+    assert 0 <= float(rows[0]["select_top1"]) <= 100
     # The run reloads into an identical model.
     run = load_run(out)
     state = load_file(str(out / "model.safetensors"))

@@ -16,11 +16,16 @@ from binarize_cli.convert.training import (
     Accuracy,
     distillation_loss,
     evaluate,
+    time_training_steps,
     topk_correct,
     train_one_epoch,
 )
 from binarize_cli.core.errors import TrainingDivergedError
+from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.load.data import TensorImageDataset, load_data, make_loader
+
+#: One channel, values as stored: the items are the stored images themselves.
+PLAIN1 = Preprocessing(channels=1, pixel_scale=1.0, mean=(0.0,), std=(1.0,))
 
 
 class Fixed(nn.Module):
@@ -38,7 +43,7 @@ class Fixed(nn.Module):
 def _index_set(labels: list[int]) -> TensorImageDataset:
     n = len(labels)
     images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
-    return TensorImageDataset(images, torch.tensor(labels), mean=(0.0,), std=(1.0,), channels=1)
+    return TensorImageDataset(images, torch.tensor(labels), PLAIN1)
 
 
 def _small_net(classes: int = 10) -> nn.Module:
@@ -182,9 +187,7 @@ def test_non_finite_loss_raises_before_the_step() -> None:
     ds = TensorImageDataset(
         torch.full((4, 3, 4, 4), float("nan")),
         torch.zeros(4),
-        mean=(0.0,) * 3,
-        std=(1.0,) * 3,
-        channels=3,
+        Preprocessing(channels=3, pixel_scale=1.0, mean=(0.0,) * 3, std=(1.0,) * 3),
     )
     before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -213,3 +216,20 @@ def test_ddp_wrapped_model(tmp_path: Path) -> None:
         assert reduced.samples == 128 and reduced.top1 == pytest.approx(plain.top1)
     finally:
         dist.destroy_process_group()
+
+
+def test_time_training_steps_leaves_the_model_and_the_rng_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 3))  # dropout draws RNG
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 2, 2, generator=g), torch.randint(0, 3, (4,), generator=g))] * 6
+    rng = torch.get_rng_state()
+    seconds = time_training_steps(model, batches, lr=0.1, warmup=2)
+    assert seconds is not None and seconds > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # nothing left to time after the warm-up
+    assert time_training_steps(model, batches[:2], lr=0.1, warmup=2) is None
+    assert time_training_steps(model, batches[:1], lr=0.1, warmup=0) is not None

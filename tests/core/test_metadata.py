@@ -40,10 +40,13 @@ def convert_record() -> dict[str, Any]:
             "baseline_cached": False,
             "finetune_epoch_s": [30.125],
             "calibrate_s": 0.75,
+            "finetune_step_s": 0.5,
+            "fp_step_s": 0.25,
         },
         "finetune_epochs": [
             {"loss": 0.5, "top1": 88.0, "images_per_s": 410.0, "seconds": 30.125, "steps": 45}
         ],
+        "finetune_kept_epoch": 1,
         "num_classes": 10,
         "keep": ["layer4.*"],
         "scheme_options": {"weight_endpoints": [-1.0, -0.5, 0.5, 1.0]},
@@ -92,6 +95,7 @@ def test_typed_access() -> None:
     with pytest.raises(KeyError):
         meta.accuracy.stage("final")
     assert meta.timings.finetune_epoch_s == [30.125] and meta.timings.calibrate_s == 0.75
+    assert meta.timings.step_ratio == 2.0 and meta.finetune_kept_epoch == 1
     assert meta.data_kwargs() == {
         "input_size": (3, 32, 32),
         "mean": (0.485, 0.456, 0.406),
@@ -113,6 +117,7 @@ def test_an_old_file_without_the_schema_keys_still_loads(tmp_path) -> None:
     assert meta.data_kwargs() == {}
     assert meta.world_size == 1
     assert meta.weights_file is None and meta.weights_sha256 is None and meta.notes == []
+    assert meta.timings.step_ratio is None and meta.finetune_kept_epoch is None
 
 
 def test_another_schema_version_is_refused(tmp_path) -> None:
@@ -219,3 +224,60 @@ def test_a_malformed_run_is_one_line_and_exit_2_on_the_cli(tmp_path, capsys) -> 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "N must be an integer, not a string" in err
+
+
+def with_preprocessing(record: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``preprocessing`` where convert writes it (after ``std``)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        out[key] = value
+        if key == "std":
+            out["preprocessing"] = prep
+    return out
+
+
+DIGITS_PREP = {
+    "channels": 3,
+    "pixel_scale": 16.0,
+    "mean": [0.3, 0.3, 0.3],
+    "std": [0.32, 0.32, 0.32],
+    "grey": "replicate",
+    "resize": [32, 32],
+    "interpolation": "bilinear",
+    "antialias": False,
+    "round_resized": False,
+    "resampler": "torch",
+    "crop": None,
+    "crop_pct": None,
+    "classes": [str(i) for i in range(10)],
+}
+
+
+def test_preprocessing_is_optional_and_round_trips(tmp_path) -> None:
+    from binarize_cli.core.preprocess import Preprocessing
+
+    old = convert_record()  # written before the record existed: no key, and none added
+    new = with_preprocessing(old, DIGITS_PREP)
+    for name, record in (("old", old), ("new", new)):
+        expected = (json.dumps(record, indent=2) + "\n").encode()
+        meta = RunMetadata.from_dict(record)
+        assert meta.save(tmp_path / f"{name}.json").read_bytes() == expected, name
+        assert RunMetadata.load(tmp_path / f"{name}.json").to_dict() == record, name
+    assert "preprocessing" not in RunMetadata.from_dict(old).to_dict()
+    assert RunMetadata.from_dict(old).preprocessing_record() is None
+    meta = RunMetadata.from_dict(new)
+    record = meta.preprocessing_record()
+    assert record == Preprocessing.from_dict(DIGITS_PREP)
+    # what verify and report load their images with: the record, not size and mean alone
+    assert meta.data_kwargs() == {"preprocessing": record}
+
+
+def test_bad_preprocessing_is_a_one_line_metadata_error(tmp_path) -> None:
+    bad = with_preprocessing(convert_record(), {**DIGITS_PREP, "crop_pct": 2})
+    run = _write(tmp_path / "run", json.dumps(bad))
+    with pytest.raises(RunMetadataError, match="preprocessing.crop_pct must be in") as info:
+        RunMetadata.load(run)
+    assert "\n" not in str(info.value) and str(run / META_FILE) in str(info.value)
+    wrong_type = with_preprocessing(convert_record(), [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(RunMetadataError, match="preprocessing must be an object or null"):
+        RunMetadata.from_dict(wrong_type)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from binarize_cli.cli import main
+from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.load.data import load_data, make_loader
 
 
@@ -163,9 +164,13 @@ def test_result_records_give_the_json_keys_in_order() -> None:
     result.run = "runs/x"
     assert list(result.to_dict())[-1] == "run" and result.to_dict()["run"] == "runs/x"
 
+    prep = Preprocessing(channels=3, pixel_scale=16.0, mean=(0.3,) * 3, std=(0.3,) * 3)
     run = RunResult(
         file="m.safetensors",
         data="digits",
+        data_from="file",
+        preprocessing=prep,
+        recorded_preprocessing=True,
         accuracy=Accuracy(top1=90.0, top5=99.0, samples=10, seconds=0.5),
         backend="numpy",
         precision="float32",
@@ -173,6 +178,9 @@ def test_result_records_give_the_json_keys_in_order() -> None:
     assert run.to_dict() == {
         "file": "m.safetensors",
         "data": "digits",
+        "data_from": "file",
+        "preprocessing": prep.to_dict(),
+        "recorded_preprocessing": True,
         "top1": 90.0,
         "top5": 99.0,
         "samples": 10,
@@ -180,6 +188,9 @@ def test_result_records_give_the_json_keys_in_order() -> None:
         "images_per_s": 20.0,
         "backend": "numpy",
         "precision": "float32",
+        "logits_file": None,
+        "notes": [],
     }
-    assert list(run.to_dict())[:3] == ["file", "data", "top1"]
-    assert list(run.to_dict())[-2:] == ["backend", "precision"]
+    assert run.input_line() == (
+        "data digits (recorded in the file): no resize, pixels / 16, mean [0.3, 0.3, 0.3] std [0.3, 0.3, 0.3]"
+    )

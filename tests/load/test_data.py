@@ -5,13 +5,16 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from binarize_cli.core.errors import DataError
+from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.load.data import (
     DATA_LOADERS,
     DATA_SPECS,
@@ -22,8 +25,12 @@ from binarize_cli.load.data import (
     make_loader,
     parse_input_size,
     read_idx,
+    resize_stored,
     upscale_hint,
 )
+
+#: One channel, values as stored: the items are the stored images themselves.
+PLAIN1 = Preprocessing(channels=1, pixel_scale=1.0, mean=(0.0,), std=(1.0,))
 
 # --------------------------------------------------------------------------- digits
 
@@ -60,8 +67,10 @@ def test_digits_upsampling_is_bilinear_from_8x8() -> None:
     from sklearn.datasets import load_digits
 
     small = load_data("digits", input_size=8)
-    raw = torch.from_numpy(load_digits().data.reshape(-1, 8, 8).astype(np.float32) / 16)
-    # at 8x8 the stored images are the raw ones, exactly; the set is a permutation of them
+    raw = torch.from_numpy(load_digits().data.reshape(-1, 8, 8).astype(np.float32))
+    # at 8x8 the stored images are the raw 0..16 ones, exactly (a permutation of them); the
+    # items divide them by the record's pixel scale
+    assert small.preprocessing.pixel_scale == 16
     stored = small.train.images[:, 0]
     hits = (stored[:20, None] == raw[None]).flatten(2).all(-1).any(-1)
     assert bool(hits.all())
@@ -351,9 +360,7 @@ def _order(loader) -> list[int]:
 
 
 def test_make_loader_is_deterministic_under_seed() -> None:
-    ds = TensorImageDataset(
-        torch.zeros(50, 1, 2, 2), torch.arange(50), mean=(0.0,), std=(1.0,), channels=1
-    )
+    ds = TensorImageDataset(torch.zeros(50, 1, 2, 2), torch.arange(50), PLAIN1)
     first = _order(make_loader(ds, batch_size=8, shuffle=True, seed=3))
     assert first == _order(make_loader(ds, batch_size=8, shuffle=True, seed=3))
     assert first != _order(make_loader(ds, batch_size=8, shuffle=True, seed=4))
@@ -368,9 +375,7 @@ def test_make_loader_is_deterministic_under_seed() -> None:
 
 
 def test_make_loader_distributed_shards() -> None:
-    ds = TensorImageDataset(
-        torch.zeros(10, 1, 1, 1), torch.arange(10), mean=(0.0,), std=(1.0,), channels=1
-    )
+    ds = TensorImageDataset(torch.zeros(10, 1, 1, 1), torch.arange(10), PLAIN1)
     seen = []
     for rank in range(2):
         loader = make_loader(
@@ -397,14 +402,10 @@ def test_make_loader_distributed_shards() -> None:
 
 
 def test_make_loader_rejects_empty_and_bad_batch() -> None:
-    empty = TensorImageDataset(
-        torch.zeros(0, 1, 2, 2), torch.zeros(0), mean=(0.0,), std=(1.0,), channels=1
-    )
+    empty = TensorImageDataset(torch.zeros(0, 1, 2, 2), torch.zeros(0), PLAIN1)
     with pytest.raises(DataError, match="empty"):
         make_loader(empty, batch_size=4, shuffle=False, seed=0)
-    ds = TensorImageDataset(
-        torch.zeros(3, 1, 2, 2), torch.zeros(3), mean=(0.0,), std=(1.0,), channels=1
-    )
+    ds = TensorImageDataset(torch.zeros(3, 1, 2, 2), torch.zeros(3), PLAIN1)
     with pytest.raises(DataError, match="batch size"):
         make_loader(ds, batch_size=0, shuffle=False, seed=0)
 
@@ -434,3 +435,185 @@ def test_specs_are_a_registry(monkeypatch) -> None:
     assert bundle.input_size == (3, 16, 16)
     with pytest.raises(DataError, match=r"use one of: digits, .*, fake, mine:PATH$"):
         load_data("other")
+
+
+# --------------------------------------------------------------------------- the preprocessing record
+
+
+def by_the_record(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """A reader's own implementation of docs/format.md's "Preprocessing" steps 2-6 for a
+    stored array ``[C0, H0, W0]`` (the torch resampler): only the resize is torch's."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
+    h0, w0 = x.shape[-2:]
+    if prep.resize is None:
+        h, w = h0, w0
+    elif len(prep.resize) == 2:
+        h, w = prep.resize
+    else:  # the shorter side to S, the longer to int(S * long / short)
+        s = prep.resize[0]
+        h, w = (int(s * h0 / w0), s) if w0 <= h0 else (s, int(s * w0 / h0))
+    if (h, w) != (h0, w0):
+        x = F.interpolate(x, size=(h, w), mode=prep.interpolation, align_corners=False)
+        if prep.round_resized:
+            x = x.round().clamp(0, 255)
+    y = x[0].numpy()
+    if prep.crop is not None:
+        top, left = int(round((h - prep.crop[0]) / 2)), int(round((w - prep.crop[1]) / 2))
+        y = y[:, top : top + prep.crop[0], left : left + prep.crop[1]]
+    y = y / np.float32(prep.pixel_scale)
+    y = np.repeat(y, prep.channels, axis=0) if y.shape[0] == 1 else y
+    mean = np.asarray(prep.mean, np.float32)[:, None, None]
+    std = np.asarray(prep.std, np.float32)[:, None, None]
+    return (y - mean) / std
+
+
+def _digits_val_raw() -> np.ndarray:
+    """The validation images of ``digits`` as stored by scikit-learn (0..16), in set order."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    _, idx_val = train_test_split(
+        np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=0
+    )
+    return d.data.reshape(-1, 1, 8, 8)[np.sort(idx_val)]
+
+
+def _items(dataset, count: int) -> np.ndarray:
+    return np.stack([dataset[i][0].numpy() for i in range(count)])
+
+
+def test_tensor_sets_make_their_items_by_their_record(tmp_path: Path) -> None:
+    """digits, fashion-mnist, cifar10 and fake: each item is exactly what the documented
+    steps make of the stored image with the set's record, resized or not."""
+    digits = load_data("digits", input_size=(3, 20, 28))
+    rec = digits.preprocessing
+    assert (rec.pixel_scale, rec.resize, rec.round_resized, rec.resampler) == (
+        16.0,
+        (20, 28),
+        False,
+        "torch",
+    )
+    assert rec.classes == tuple(str(i) for i in range(10)) and rec.mean == digits.mean
+    expected = np.stack([by_the_record(img, rec) for img in _digits_val_raw()[:8]])
+    assert np.array_equal(_items(digits.val, 8), expected)
+
+    arrays = _write_fashion(tmp_path / "fm")
+    fashion = load_data(f"fashion-mnist:{tmp_path / 'fm'}")
+    rec = fashion.preprocessing
+    assert (rec.pixel_scale, rec.resize, rec.round_resized) == (255.0, (32, 32), True)
+    raw = arrays["t10k-images-idx3-ubyte"][:, None]
+    expected = np.stack([by_the_record(img, rec) for img in raw[:6]])
+    assert np.array_equal(_items(fashion.val, 6), expected)
+
+    _write_cifar(tmp_path / "cifar")
+    cifar = load_data(f"cifar10:{tmp_path / 'cifar'}", model_input_size=(3, 40, 48))
+    rec = cifar.preprocessing
+    assert (rec.resize, rec.round_resized, len(rec.classes)) == ((40, 48), True, 10)
+    expected = np.stack([by_the_record(img, rec) for img in cifar.val.images[:6].numpy()])
+    assert np.array_equal(_items(cifar.val, 6), expected)
+    assert cifar.input_size == (3, 40, 48)
+
+    fake = load_data("fake", input_size=16)
+    rec = fake.preprocessing
+    assert (rec.pixel_scale, rec.resize, fake.input_size) == (1.0, (16, 16), (3, 16, 16))
+    expected = np.stack([by_the_record(img, rec) for img in fake.val.images[:6].numpy()])
+    assert np.array_equal(_items(fake.val, 6), expected)
+
+
+def _write_shapes(root: Path) -> list[Path]:
+    """Non-square RGB and greyscale images in an ImageFolder layout; the val files in order."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    shapes = [(20, 30), (37, 23), (26, 26)]
+    for split in ("train", "val"):
+        for k, cls in enumerate(("ant", "bee")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i, (h, w) in enumerate(shapes):
+                rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                img = Image.fromarray(rgb[..., 0]) if (i + k) % 3 == 2 else Image.fromarray(rgb)
+                img.save(d / f"{i}.png")
+    return sorted((root / "val").glob("*/*.png"))
+
+
+def test_imagefolder_items_are_pil_by_the_record(tmp_path: Path) -> None:
+    """imagefolder: PIL decodes (greyscale replicated by ``convert("RGB")``), resizes the shorter
+    side to ``int(size / crop_pct)`` with its bilinear filter and center crops; then / 255 and
+    the normalisation: the record says each of these, and the items follow it exactly."""
+    from PIL import Image
+
+    files = _write_shapes(tmp_path / "ds")
+    bundle = load_data(
+        f"imagefolder:{tmp_path / 'ds'}", model_input_size=(3, 24, 24), crop_pct=0.95
+    )
+    rec = bundle.preprocessing
+    assert rec.resize == (int(24 / 0.95),) and rec.crop == (24, 24) and rec.crop_pct == 0.95
+    assert (rec.resampler, rec.antialias, rec.round_resized, rec.pixel_scale) == (
+        "pil",
+        True,
+        True,
+        255.0,
+    )
+    assert rec.classes == ("ant", "bee") and bundle.input_size == (3, 24, 24)
+    for i, path in enumerate(files):
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+        w, h = rgb.size
+        s = rec.resize[0]
+        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # PIL takes (W, H)
+        resized = np.asarray(rgb.resize(size, Image.BILINEAR)).transpose(2, 0, 1)
+        top = int(round((resized.shape[1] - 24) / 2))
+        left = int(round((resized.shape[2] - 24) / 2))
+        crop = resized[:, top : top + 24, left : left + 24].astype(np.float32) / np.float32(255)
+        mean = np.asarray(rec.mean, np.float32)[:, None, None]
+        std = np.asarray(rec.std, np.float32)[:, None, None]
+        assert np.array_equal(bundle.val[i][0].numpy(), (crop - mean) / std), path
+
+
+def test_a_recorded_preprocessing_is_applied_to_any_set(tmp_path: Path) -> None:
+    """``load_data(spec, preprocessing=record)``: the record's model side (size, crop,
+    interpolation, mean, std) on the set's own decoding and scale, whatever the other
+    arguments say."""
+    _write_shapes(tmp_path / "ds")
+    folder = load_data(
+        f"imagefolder:{tmp_path / 'ds'}", model_input_size=(3, 24, 24), crop_pct=0.95
+    ).preprocessing
+    digits = load_data("digits", preprocessing=folder, input_size=64, mean=(0.1,) * 3)
+    rec = digits.preprocessing
+    assert (rec.resize, rec.crop, rec.mean) == (folder.resize, folder.crop, folder.mean)
+    assert (rec.pixel_scale, rec.resampler, rec.classes) == (
+        16.0,
+        "torch",
+        digits.preprocessing.classes,
+    )
+    assert digits.input_size == (3, 24, 24) and digits.val[0][0].shape == (3, 24, 24)
+    expected = np.stack([by_the_record(img, rec) for img in _digits_val_raw()[:5]])
+    assert np.allclose(_items(digits.val, 5), expected, atol=1e-5)
+    # the set's own record applied to itself gives the very same items
+    again = load_data("digits", preprocessing=load_data("digits").preprocessing)
+    assert torch.equal(again.val[7][0], load_data("digits").val[7][0])
+    # a 1-channel record on RGB data is refused in one line
+    grey = Preprocessing(channels=1, pixel_scale=1.0, mean=(0.5,), std=(0.25,))
+    with pytest.raises(DataError, match="imagefolder images are RGB"):
+        load_data(f"imagefolder:{tmp_path / 'ds'}", preprocessing=grey)
+    _write_cifar(tmp_path / "cifar")
+    with pytest.raises(DataError, match="3 channels but the preprocessing makes 1-channel"):
+        load_data(f"cifar10:{tmp_path / 'cifar'}", preprocessing=grey)
+
+
+def test_resize_stored_follows_the_filter_and_rounding() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4) * 17  # 0..255
+    near = Preprocessing(
+        channels=1, pixel_scale=255.0, mean=(0.0,), std=(1.0,), interpolation="nearest"
+    )
+    assert torch.equal(resize_stored(x, near, (8, 8)), F.interpolate(x, (8, 8), mode="nearest"))
+    assert resize_stored(x, near, (4, 4)) is x  # already that size: untouched
+    rounded = replace(near, interpolation="bilinear", round_resized=True)
+    y = resize_stored(x, rounded, (6, 6))
+    raw = F.interpolate(x, (6, 6), mode="bilinear", align_corners=False)
+    assert torch.equal(y, raw.round().clamp(0, 255)) and not torch.equal(y, raw)
+    cubic = replace(near, interpolation="bicubic", antialias=True)
+    expected = F.interpolate(x, (2, 3), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.equal(resize_stored(x, cubic, (2, 3)), expected)
