@@ -9,6 +9,7 @@ model means loading the architecture (:mod:`binarize_cli.load`) and replaying th
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def load_run(path: str | Path | None) -> Run:
         raise RunDirError(
             f"{run_path / WEIGHTS_FILE} is corrupt ({exc}); rerun `binarize convert`"
         ) from None
+    # safetensors keeps no module versions (``state_dict()._metadata``); modules that check
+    # theirs on load (torchvision's MNASNet) get the rebuilt model's own.
+    state = OrderedDict(state)
+    state._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         first = ", ".join((list(missing) + list(unexpected))[:3])

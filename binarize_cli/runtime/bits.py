@@ -1,6 +1,6 @@
 """Bit packing: the one bit order of the packed format, used by every writer and reader.
 
-Bit order (format version 1, metadata ``bit_order = "lsb-first"``): a bit-plane tensor of
+Bit order (format versions 1 and 2, metadata ``bit_order = "lsb-first"``): a bit-plane tensor of
 logical shape ``S`` is flattened in C (row-major) order to ``n = prod(S)`` bits; bit ``k`` of
 the flat sequence is stored in byte ``k // 8`` at bit position ``k % 8`` counted from the
 least significant bit. The last byte is zero-padded. A stack of ``P`` planes of shape ``S``

@@ -18,12 +18,15 @@ from binarize_cli.runtime.bits import BIT_ORDER
 from binarize_cli.runtime.optable import OPS, node_problem
 
 FORMAT_NAME = "binarize-packed"
-FORMAT_VERSION = 1
+#: The version the writer produces.
+FORMAT_VERSION = 2
+#: The versions a reader accepts (a version-1 file uses only the ops of version 1).
+READ_VERSIONS = (1, 2)
 
 #: Metadata keys, all values are strings (JSON-encoded where not plain text).
 META_KEYS = (
     "format",  # FORMAT_NAME
-    "format_version",  # "1"
+    "format_version",  # "2" (or "1")
     "bit_order",  # "lsb-first"
     "scheme",  # "pa" | "abc" | ...
     "M",  # run-level weight bases, decimal
@@ -40,17 +43,19 @@ META_KEYS = (
 
 
 def check_header(meta: dict[str, str] | None, source: str) -> dict[str, Any]:
-    """Validate the metadata of a packed file; returns the parsed graph."""
+    """Validate the metadata of a packed file (any of :data:`READ_VERSIONS`, each node against
+    the op table and the file's version); returns the parsed graph."""
     if not meta or meta.get("format") != FORMAT_NAME:
         raise FormatError(
             f"{source} is not a binarize packed file (no format={FORMAT_NAME} metadata); "
             "create one with `binarize export --target packed`"
         )
     version = meta.get("format_version", "")
-    if version != str(FORMAT_VERSION):
+    if version not in [str(v) for v in READ_VERSIONS]:
+        readable = " and ".join(str(v) for v in READ_VERSIONS)
         raise FormatError(
-            f"{source} has packed format version {version!r}; this binarize reads version "
-            f"{FORMAT_VERSION}: re-export it with this version"
+            f"{source} has packed format version {version!r}; this binarize reads versions "
+            f"{readable}: re-export it with this version"
         )
     if meta.get("bit_order") != BIT_ORDER:
         raise FormatError(f"{source} has bit order {meta.get('bit_order')!r}, expected {BIT_ORDER}")
@@ -66,7 +71,7 @@ def check_header(meta: dict[str, str] | None, source: str) -> dict[str, Any]:
             raise FormatError(
                 f"{source} uses op {op!r}, unknown to this runtime (format v{FORMAT_VERSION})"
             )
-        problem = node_problem(node)
+        problem = node_problem(node, int(version))
         if problem:
             raise FormatError(f"{source}: {problem}")
     return graph

@@ -218,10 +218,19 @@ def _clip(src: _Source) -> Fn:
     return lambda xs: ops.clip(xs[0], lo, hi)
 
 
-@_builds("leaky_relu")
-def _leaky_relu(src: _Source) -> Fn:
-    slope = float(src.attrs["negative_slope"])
-    return lambda xs: ops.leaky_relu(xs[0], slope)
+#: Element-wise ops of one attribute: ``fn(x, parse(attrs[name]))``.
+_ONE_ATTR: dict[str, tuple[Callable[[np.ndarray, Any], np.ndarray], str, Callable[[Any], Any]]] = {
+    "leaky_relu": (ops.leaky_relu, "negative_slope", float),
+    "gelu": (ops.gelu, "approximate", str),
+    "softmax": (ops.softmax, "dim", int),
+}
+
+
+@_builds(*_ONE_ATTR)
+def _one_attr(src: _Source) -> Fn:
+    f, name, parse = _ONE_ATTR[src.node["op"]]
+    value = parse(src.attrs[name])
+    return lambda xs: f(xs[0], value)
 
 
 @_builds("maxpool2d")
@@ -253,18 +262,24 @@ def _flatten(src: _Source) -> Fn:
     return lambda xs: ops.flatten(xs[0], s0, e0)
 
 
-@_builds("mean")
-def _mean(src: _Source) -> Fn:
+@_builds("mean", "sum")
+def _reduce(src: _Source) -> Fn:
     dims, keep = tuple(src.attrs["dims"]), bool(src.attrs["keepdim"])
-    return lambda xs: xs[0].mean(axis=dims, keepdims=keep)
+    reduce = np.mean if src.node["op"] == "mean" else np.sum
+    return lambda xs: reduce(xs[0], axis=dims, keepdims=keep)
 
 
-@_builds("add", "mul")
-def _add_mul(src: _Source) -> Fn:
+_ELEMENTWISE = {"add": np.add, "mul": np.multiply, "sub": np.subtract, "div": np.divide}
+
+
+@_builds(*_ELEMENTWISE)
+def _elementwise(src: _Source) -> Fn:
     scalar = src.attrs.get("scalar")
-    ufunc = np.add if src.node["op"] == "add" else np.multiply
+    ufunc = _ELEMENTWISE[src.node["op"]]
     if scalar is None:
         return lambda xs: ufunc(xs[0], xs[1])
+    if src.attrs.get("reverse", False):
+        return lambda xs: ufunc(xs[0].dtype.type(scalar), xs[0])
     return lambda xs: ufunc(xs[0], xs[0].dtype.type(scalar))
 
 
@@ -272,6 +287,47 @@ def _add_mul(src: _Source) -> Fn:
 def _cat(src: _Source) -> Fn:
     dim = int(src.attrs["dim"])
     return lambda xs: np.concatenate(xs, axis=dim)
+
+
+@_builds("prelu")
+def _prelu(src: _Source) -> Fn:
+    weight = src.tensor("weight")
+    return lambda xs: ops.prelu(xs[0], weight)  # type: ignore[arg-type]
+
+
+@_builds("slice")
+def _slice(src: _Source) -> Fn:
+    a = src.attrs
+    dims, starts, stops, steps = a["dims"], a["starts"], a["stops"], a["steps"]
+    return lambda xs: ops.slice_dims(xs[0], dims, starts, stops, steps)
+
+
+@_builds("reshape")
+def _reshape(src: _Source) -> Fn:
+    shape = tuple(int(d) for d in src.attrs["shape"])
+    return lambda xs: xs[0].reshape((xs[0].shape[0], *shape))
+
+
+@_builds("transpose")
+def _transpose(src: _Source) -> Fn:
+    perm = tuple(int(d) for d in src.attrs["perm"])
+    return lambda xs: np.ascontiguousarray(xs[0].transpose(perm))
+
+
+@_builds("pad")
+def _pad(src: _Source) -> Fn:
+    pads, value = [int(p) for p in src.attrs["pads"]], float(src.attrs["value"])
+    return lambda xs: ops.pad(xs[0], pads, value)
+
+
+@_builds("resize")
+def _resize(src: _Source) -> Fn:
+    a = src.attrs
+    size, mode, corners = a["size"], str(a["mode"]), bool(a["align_corners"])
+    factor = a.get("scale_factor")
+    if mode not in ("nearest", "bilinear"):
+        raise FormatError(f"node {src.node['name']!r}: resize mode {mode!r} is not supported")
+    return lambda xs: ops.resize(xs[0], size, mode, corners, factor)
 
 
 @_builds("constant")

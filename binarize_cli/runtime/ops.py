@@ -252,3 +252,105 @@ def flatten(x: np.ndarray, start_dim: int, end_dim: int) -> np.ndarray:
     e = end_dim % nd
     shape = x.shape[:s] + (-1,) + x.shape[e + 1 :]
     return x.reshape(shape)
+
+
+def gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+    """``F.gelu``: the erf form (``approximate="none"``, ``math.erf`` element by element: NumPy
+    has no erf) or the tanh form."""
+    if approximate == "tanh":
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+        return (0.5 * x * (1 + np.tanh(inner))).astype(x.dtype, copy=False)
+    erf = np.frompyfunc(math.erf, 1, 1)(x / math.sqrt(2.0)).astype(x.dtype)
+    return (0.5 * x * (1 + erf)).astype(x.dtype, copy=False)
+
+
+def prelu(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``F.prelu``: ``weight`` per channel (axis 1) or one value for all."""
+    w = weight.astype(x.dtype, copy=False)
+    if w.size > 1:
+        w = w.reshape((1, -1) + (1,) * (x.ndim - 2))
+    return np.where(x >= 0, x, w * x)
+
+
+def slice_dims(
+    x: np.ndarray,
+    dims: Sequence[int],
+    starts: Sequence[int],
+    stops: Sequence[int],
+    steps: Sequence[int],
+) -> np.ndarray:
+    """``x[..., start:stop:step, ...]`` on each of ``dims`` (a contiguous copy)."""
+    index = [slice(None)] * x.ndim
+    for d, a, b, s in zip(dims, starts, stops, steps, strict=True):
+        index[d] = slice(a, b, s)
+    return np.ascontiguousarray(x[tuple(index)])
+
+
+def pad(x: np.ndarray, pads: Sequence[int], value: float) -> np.ndarray:
+    """``F.pad(x, pads, value=value)`` (constant mode): pairs from the last dim backwards;
+    a negative amount crops."""
+    widths = [(0, 0)] * x.ndim
+    crop = [slice(None)] * x.ndim
+    for i in range(len(pads) // 2):
+        d = x.ndim - 1 - i
+        before, after = int(pads[2 * i]), int(pads[2 * i + 1])
+        widths[d] = (max(before, 0), max(after, 0))
+        crop[d] = slice(max(-before, 0), x.shape[d] - max(-after, 0))
+    x = x[tuple(crop)]
+    return np.pad(x, widths, constant_values=value)
+
+
+def _nearest_index(out: int, size: int, scale_factor: float | None) -> np.ndarray:
+    """PyTorch's nearest source index: ``min(floor(i * r), size - 1)`` computed in float32
+    (for float32 and float64 images alike)."""
+    r = np.float32(1.0 / scale_factor) if scale_factor else np.float32(size) / np.float32(out)
+    idx = np.floor(np.arange(out, dtype=np.float32) * r).astype(np.int64)
+    return np.minimum(idx, size - 1)
+
+
+def _linear_weights(
+    out: int, size: int, align_corners: bool, scale_factor: float | None, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's bilinear source indices and weights along one axis: ``(i0, i1, lambda1)``."""
+    i = np.arange(out, dtype=dtype)
+    if align_corners:
+        r = (size - 1) / (out - 1) if out > 1 else 0.0
+        src = i * dtype.type(r)
+    else:
+        r = 1.0 / scale_factor if scale_factor else size / out
+        src = np.maximum((i + dtype.type(0.5)) * dtype.type(r) - dtype.type(0.5), 0)
+    i0 = src.astype(np.int64)
+    lam = (src - i0).astype(dtype)
+    i1 = np.where(i0 < size - 1, i0 + 1, i0)
+    return i0, i1, lam
+
+
+def resize(
+    x: np.ndarray,
+    size: Sequence[int],
+    mode: str,
+    align_corners: bool,
+    scale_factor: Sequence[float] | None = None,
+) -> np.ndarray:
+    """``F.interpolate(x, size, mode=nearest|bilinear, align_corners)`` on ``[B, C, H, W]``;
+    ``scale_factor`` as given to PyTorch (it then maps pixels with ``1 / scale_factor``)."""
+    _, _, h, w = x.shape
+    oh, ow = int(size[0]), int(size[1])
+    fh, fw = (None, None) if not scale_factor else (float(scale_factor[0]), float(scale_factor[1]))
+    if mode == "nearest":
+        rows, cols = _nearest_index(oh, h, fh), _nearest_index(ow, w, fw)
+        return np.ascontiguousarray(x[:, :, rows][:, :, :, cols])
+    if mode != "bilinear":
+        raise ValueError(f"resize mode {mode!r} is not nearest or bilinear")
+    h0, h1, lh = _linear_weights(oh, h, align_corners, fh, x.dtype)
+    w0, w1, lw = _linear_weights(ow, w, align_corners, fw, x.dtype)
+    lh, lw = lh[:, None], lw
+    one = x.dtype.type(1)
+    rows = (one - lh) * x[:, :, h0] + lh * x[:, :, h1]
+    return np.ascontiguousarray((one - lw) * rows[:, :, :, w0] + lw * rows[:, :, :, w1])
+
+
+def softmax(x: np.ndarray, dim: int) -> np.ndarray:
+    """``F.softmax`` along ``dim`` (the maximum subtracted first)."""
+    e = np.exp(x - x.max(axis=dim, keepdims=True))
+    return e / e.sum(axis=dim, keepdims=True)

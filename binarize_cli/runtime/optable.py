@@ -1,4 +1,4 @@
-"""The op table of the packed format (version 1): the one list of ops, as data.
+"""The op table of the packed format (version 2): the one list of ops, as data.
 
 Read by the writer (:mod:`binarize_cli.export.packed` checks every node it emits), the
 reader (:func:`binarize_cli.runtime.format.check_header` validates every node, and
@@ -21,7 +21,8 @@ class OpSpec:
 
     ``attrs``/``optional_attrs`` and ``tensors``/``optional_tensors`` are ``(name, meaning)``
     pairs; a node must carry every required attribute, and its ``inputs`` must number between
-    ``min_inputs`` and ``max_inputs`` (``None``: any number).
+    ``min_inputs`` and ``max_inputs`` (``None``: any number). ``since`` is the first format
+    version with the op: a file of an older version must not use it.
     """
 
     name: str
@@ -32,6 +33,7 @@ class OpSpec:
     optional_attrs: tuple[tuple[str, str], ...] = ()
     tensors: tuple[tuple[str, str], ...] = ()
     optional_tensors: tuple[tuple[str, str], ...] = ()
+    since: int = 1
 
     @property
     def required_attrs(self) -> tuple[str, ...]:
@@ -49,7 +51,18 @@ _STRIDE_PAD = (("stride", "[sh, sw]"), ("padding", "[ph, pw]"))
 _CONV = (*_STRIDE_PAD, ("dilation", "[dh, dw]"), ("groups", "channel groups"))
 _POOL = (("kernel_size", "[kh, kw]"), *_STRIDE_PAD)
 _F32_BIAS = (("bias", "F32 [O]"),)
-_SCALAR = (("scalar", "number, with one input"),)
+_SCALAR = (
+    ("scalar", "number, with one input"),
+    ("reverse", "boolean, with `scalar`: `scalar op a` (default false: `a op scalar`)"),
+)
+_SLICE = "`x[..., start:stop:step, ...]` on each of `dims` (NumPy basic slicing)"
+_RESIZE = (
+    "`F.interpolate` to `size`: source coordinate of output pixel `i` is `i * r` (nearest: "
+    "`min(floor(i * r), in - 1)` in float32) or `max((i + 0.5) * r - 0.5, 0)` (bilinear, "
+    "`align_corners` false), `r = 1 / scale_factor` if given else `in / out`; bilinear with "
+    "`align_corners`: `i * (in - 1) / (out - 1)`"
+)
+_REDUCE = (("dims", "list of int"), ("keepdim", "boolean"))
 _OUTPUT_SIZE = (("output_size", "[h or null, w or null]"),)
 _BCONV_ATTRS = (
     *_CONV,
@@ -97,8 +110,8 @@ OPS: dict[str, OpSpec] = {
         _op("linear", "`x W^T + b` (x `[B, K]`)", tensors=(("weight", "F32 [O, K]"),),
             optional_tensors=_F32_BIAS),
         _op("relu", "`max(x, 0)`"),
-        _op("clip", "`min(max(x, min), max)` (ReLU6, Hardtanh)",
-            attrs=(("min", "number"), ("max", "number"))),
+        _op("clip", "`min(max(x, min), max)` (ReLU6, Hardtanh, clamp; null: no bound)",
+            attrs=(("min", "number or null"), ("max", "number or null"))),
         _op("leaky_relu", "`x` if `x >= 0` else `negative_slope * x`",
             attrs=(("negative_slope", "number"),)),
         _op("sigmoid", "`1 / (1 + exp(-x))`"),
@@ -106,6 +119,11 @@ OPS: dict[str, OpSpec] = {
         _op("silu", "`x * sigmoid(x)`"),
         _op("hardswish", "`x * clip(x + 3, 0, 6) / 6`"),
         _op("hardsigmoid", "`clip(x / 6 + 1/2, 0, 1)`"),
+        _op("gelu", "`x * (1 + erf(x / sqrt(2))) / 2`; `approximate` `tanh`: "
+            "`x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2`",
+            attrs=(("approximate", "`none` or `tanh`"),), since=2),
+        _op("prelu", "`x` if `x >= 0` else `weight[c] * x` (channel axis 1; `[1]`: all channels)",
+            tensors=(("weight", "F32 [C] or [1]"),), since=2),
         _op("maxpool2d", "`F.max_pool2d` (padding is -inf)",
             attrs=(*_POOL, ("dilation", "[dh, dw]"), ("ceil_mode", "boolean"))),
         _op("avgpool2d", "`F.avg_pool2d`",
@@ -114,26 +132,51 @@ OPS: dict[str, OpSpec] = {
         _op("adaptive_avgpool2d", f"`F.adaptive_avg_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
         _op("adaptive_maxpool2d", f"`F.adaptive_max_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
         _op("flatten", "`torch.flatten`", attrs=(("start_dim", "int"), ("end_dim", "int"))),
-        _op("mean", "mean over `dims`", attrs=(("dims", "list of int"), ("keepdim", "boolean"))),
+        _op("mean", "mean over `dims`", attrs=_REDUCE),
+        _op("sum", "sum over `dims`", attrs=_REDUCE, since=2),
+        _op("softmax", "`exp(x - max) / sum(exp(x - max))` along `dim`",
+            attrs=(("dim", "int"),), since=2),
         _op("add", "`a + b`, NumPy broadcasting; one input: `a + scalar`", (1, 2),
             optional_attrs=_SCALAR),
         _op("mul", "`a * b`, NumPy broadcasting; one input: `a * scalar`", (1, 2),
             optional_attrs=_SCALAR),
+        _op("sub", "`a - b`, NumPy broadcasting; one input: `a - scalar` (`reverse`: "
+            "`scalar - a`)", (1, 2), optional_attrs=_SCALAR, since=2),
+        _op("div", "`a / b`, NumPy broadcasting; one input: `a / scalar` (`reverse`: "
+            "`scalar / a`)", (1, 2), optional_attrs=_SCALAR, since=2),
         _op("cat", "concatenation along `dim` (DenseNet)", (1, None), attrs=(("dim", "int"),)),
         _op("constant", "a stored tensor", (0, 0), tensors=(("value", "F32"),)),
+        _op("slice", _SLICE, attrs=(("dims", "list of int >= 1"), ("starts", "list of int"),
+            ("stops", "list of int"), ("steps", "list of int >= 1")), since=2),
+        _op("reshape", "`x.reshape(B, *shape)` (C order; the batch `B` is kept)",
+            attrs=(("shape", "list of int: the dims after the batch"),), since=2),
+        _op("transpose", "`x.transpose(perm)` (`perm[0] = 0`: the batch stays first)",
+            attrs=(("perm", "list of int"),), since=2),
+        _op("pad", "constant padding as `F.pad`: `pads` pairs `[before, after]` from the last "
+            "dim backwards (negative: crop)",
+            attrs=(("pads", "list of int"), ("value", "number")), since=2),
+        _op("resize", _RESIZE, attrs=(("size", "[oh, ow]"), ("mode", "`nearest` or `bilinear`"),
+            ("align_corners", "boolean")), optional_attrs=(("scale_factor", "[fh, fw]"),),
+            since=2),
     )
 }  # fmt: skip
 
 
-def node_problem(node: object) -> str | None:
+def node_problem(node: object, version: int | None = None) -> str | None:
     """What makes ``node`` (one entry of the graph's ``nodes``) invalid for this table, or
-    ``None``: an unknown op, a missing required attribute, a wrong number of inputs (a
-    missing tensor is reported when the reader looks it up)."""
+    ``None``: an unknown op, an op newer than the file's format ``version`` (``None``: not
+    checked), a missing required attribute, a wrong number of inputs (a missing tensor is
+    reported when the reader looks it up)."""
     op = node.get("op") if isinstance(node, dict) else None
     spec = OPS.get(op) if isinstance(op, str) else None
     if spec is None:
         return f"uses op {op!r}, unknown to this runtime"
     assert isinstance(node, dict)
+    if version is not None and spec.since > version:
+        return (
+            f"node {node.get('name')!r} uses op {op!r}, new in format version {spec.since}, "
+            f"in a version {version} file"
+        )
     missing = [a for a in spec.required_attrs if a not in node.get("attrs", {})]
     if missing:
         return f"node {node.get('name')!r} ({op}) lacks attributes {missing}"
@@ -151,8 +194,8 @@ def _pairs(pairs: tuple[tuple[str, str], ...], optional: tuple[tuple[str, str], 
 def markdown_table() -> str:
     """``docs/format.md``'s op list, generated from :data:`OPS`."""
     rows = [
-        "| op | inputs | attrs | tensors | computes |",
-        "|---|---|---|---|---|",
+        "| op | since | inputs | attrs | tensors | computes |",
+        "|---|---|---|---|---|---|",
     ]
     for spec in OPS.values():
         attrs = (
@@ -164,7 +207,8 @@ def markdown_table() -> str:
             else _pairs(spec.tensors, spec.optional_tensors)
         )
         rows.append(
-            f"| `{spec.name}` | {spec.inputs_text()} | {attrs} | {tensors} | {spec.computes} |"
+            f"| `{spec.name}` | {spec.since} | {spec.inputs_text()} | {attrs} | {tensors} "
+            f"| {spec.computes} |"
         )
     return "\n".join(rows) + "\n"
 

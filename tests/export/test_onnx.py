@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
 from torch import nn
 
 from binarize_cli.core.errors import BadInputError, SchemeError
@@ -729,24 +730,124 @@ class AllOps(nn.Module):
         return self.fc(torch.flatten(z, 1))
 
 
-def test_every_table_op_is_written_run_and_exported(tmp_path: Path, binarized_model) -> None:
-    """The packed writer emits every op of the table for this model, the runtime runs each of
-    them as PyTorch does, and the ONNX exporter exports the same model."""
+class SubclassLinear(nn.Linear):
+    """timm's ``Linear``: an ``nn.Linear`` subclass whose forward is ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ShapeOps(nn.Module):
+    """The ops of format version 2 at odd sizes (17 x 19 input, 5 to 12 channels): slicing
+    (channels, strides, negative stops), ``chunk``/``split``, a channel shuffle written with
+    ``x.size()``, ``nn.ChannelShuffle``, ``permute``, ``unsqueeze``, constant and cropping
+    ``pad``, nearest/bilinear resizing (sizes, a scale factor, both ``align_corners``),
+    ``sub``/``div`` with reversed scalars and ``neg``, ``gelu`` (both forms), ``prelu``,
+    ``clamp``, functional pools, ``stack`` + ``softmax`` + ``sum`` (selective-kernel
+    attention), a ``reshape`` from ``x.size(0)``, Conv2d and Linear subclasses (timm's
+    ``Conv2dSame``, ``Linear``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 10, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.prelu = nn.PReLU(10)
+        self.same = Conv2dSame(10, 10, 4, groups=10)  # TensorFlow "same" padding, even kernel
+        self.conv_a = nn.Conv2d(5, 6, 3, padding=1, bias=False)
+        self.conv_b = nn.Conv2d(11, 12, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(12)
+        self.shuffle = nn.ChannelShuffle(3)
+        self.gelu = nn.GELU()
+        self.zero_pad = nn.ZeroPad2d((1, 0, 0, 1))
+        self.up = nn.Upsample(scale_factor=1.5, mode="nearest")
+        self.conv_c = nn.Conv2d(12, 7, 3, stride=2, padding=1, bias=False)
+        self.bn_c = nn.BatchNorm2d(7)
+        self.fc = SubclassLinear(7 * 3 * 3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prelu(self.bn(self.stem(x)))
+        x = x + self.same(x)
+        a, b = x.chunk(2, dim=1)
+        a = self.conv_a(a)
+        b1, b2 = torch.split(b, [2, 3], dim=1)
+        x = torch.cat([a, b1 - a[:, 4:], b2 * 0.5], dim=1)
+        x = self.bn_b(self.conv_b(x))
+        n, c, h, w = x.size()
+        x = x.view(n, 3, c // 3, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        x = self.shuffle(x)
+        x = self.gelu(x) + F.gelu(x, approximate="tanh")
+        x = self.zero_pad(F.pad(F.pad(x, (1, 2, 0, 1), value=0.25), (-1, 0, 0, -1)))
+        y = F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=False)
+        y = y + F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=True)
+        y = y + F.interpolate(x, size=(9, 11), mode="nearest") - x[:, :, ::2, -22::2]
+        y = self.up(y).permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        y = 1 / (1 + torch.clamp(2 - y, min=0)) - y / 4
+        y = -y + y.sigmoid()
+        z = F.relu6(self.bn_c(self.conv_c(y)))
+        z = F.max_pool2d(z, 3, 2, 1) + F.avg_pool2d(z, 3, 2, 1, count_include_pad=False)
+        z = z + F.adaptive_max_pool2d(z, 1) * F.adaptive_avg_pool2d(z, 1)
+        attention = F.softmax(torch.stack([z, z.sigmoid()], dim=1), dim=1)  # SK-Net's
+        z = (attention * torch.stack([z, -z], 1)).sum(1) + torch.sum(z, (2, 3), keepdim=True)
+        z = z * z.mean((2, 3)).unsqueeze(-1).unsqueeze(-1)
+        z = F.dropout(z[:, :, 1:, :-1], 0.2, self.training)
+        return self.fc(z.reshape(z.size(0), -1))
+
+
+#: Between them, these networks use every op of the table.
+ALL_OPS_NETS = {"v1": AllOps, "v2": ShapeOps}
+
+
+@pytest.fixture(scope="module")
+def all_ops_models(binarized_model) -> dict[str, nn.Module]:
+    scheme = STANDINS["pa-like"]
+    return {
+        key: binarized_model(net, scheme, 2, 2, size=TINY_SIZE, bn="reestimate", surgery=_binarize)
+        for key, net in ALL_OPS_NETS.items()
+    }
+
+
+def test_the_all_ops_nets_use_every_table_op(all_ops_models) -> None:
+    from binarize_cli.export.packed import build_packed
+    from binarize_cli.runtime.optable import OPS
+
+    used: set[str] = set()
+    for model in all_ops_models.values():
+        _, metadata = build_packed(model, TINY_META)
+        used |= {node["op"] for node in json.loads(metadata["graph"])["nodes"]}
+    assert used == set(OPS)
+
+
+@pytest.mark.parametrize("net", ALL_OPS_NETS)
+def test_every_table_op_is_written_run_and_exported(net, all_ops_models, tmp_path: Path) -> None:
+    """The packed writer emits the ops, the float32 runtime runs each of them as PyTorch
+    does (batch 1 and 3), and the ONNX exporter exports the same model."""
     from safetensors.numpy import save_file
 
     from binarize_cli.export.packed import build_packed
     from binarize_cli.runtime import load_packed
-    from binarize_cli.runtime.optable import OPS
 
-    model = binarized_model(
-        AllOps, STANDINS["pa-like"], 2, 2, size=TINY_SIZE, bn="reestimate", surgery=_binarize
-    )
+    model = all_ops_models[net]
     tensors, metadata = build_packed(model, TINY_META)
-    assert {node["op"] for node in json.loads(metadata["graph"])["nodes"]} == set(OPS)
     save_file(tensors, str(tmp_path / "m.safetensors"), metadata=metadata)
     packed = load_packed(tmp_path / "m.safetensors", backend="numpy")
-    x = torch.randn(3, 3, *TINY_SIZE)
-    with torch.no_grad():
-        expected = model(x).numpy()
-    _assert_agrees(expected, packed(x.numpy()))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, *TINY_SIZE)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        _assert_agrees(expected, packed(x.numpy()))
     _export_and_compare(model, TINY_META, tmp_path / "m.onnx", TINY_SIZE)
+
+
+@pytest.mark.parametrize("net", ALL_OPS_NETS)
+def test_every_table_op_replays_exactly_in_float64(net, all_ops_models) -> None:
+    """The runtime in float64 against PyTorch in float64 on the file's parameters (verify's
+    reference): the same function, to rounding."""
+    from binarize_cli.export.verify import verify_model
+
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, *TINY_SIZE))
+        result = verify_model(
+            all_ops_models[net], TINY_META, x.astype(np.float32), onnx=False, backend="numpy"
+        )
+        assert result.samples == batch and result.top1_agreement.runtime == 100.0
+        assert result.max_rel_logit_diff.runtime < 1e-9

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
@@ -215,3 +216,116 @@ def test_export_packed_from_run_dir(tmp_path, binarized_model, run_meta) -> None
     assert written == run / DEFAULT_FILE and written.is_file()
     other = export_packed(run, tmp_path)
     assert other == tmp_path / DEFAULT_FILE
+
+
+class _Wrap(nn.Module):
+    """A conv, then ``op(x)`` inside a submodule ``block`` (so errors name a layer)."""
+
+    def __init__(self, op, linear: type[nn.Linear] = nn.Linear) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = _Op(op)
+        self.fc = linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.block(self.conv(x)), 1))
+
+
+class _Op(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x)
+
+
+def _export_error(model: nn.Module, tmp_path) -> str:
+    meta = {**meta_for("pa", 2, 2), "model": "timm:odd_net", "input_size": [3, 8, 8]}
+    with pytest.raises(BadInputError) as info:
+        export_packed_model(model.eval(), meta, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unsupported_op_is_one_line_naming_op_layer_and_model(tmp_path) -> None:
+    message = _export_error(_Wrap(lambda x: torch.cumsum(x, 1)), tmp_path)
+    assert "function cumsum" in message and "not supported" in message
+    assert "layer block" in message and "model timm:odd_net" in message
+
+
+def test_static_shape_that_follows_the_batch_is_refused_outside_a_reshape(tmp_path) -> None:
+    message = _export_error(_Wrap(lambda x: x * x.size(0)), tmp_path)
+    assert "at batch 2 but 3 at batch 3" in message and "reshape" in message
+    # The same value as a reshape's leading dimension is fine (shufflenet's channel shuffle).
+    model = _Wrap(
+        lambda x: x.view(x.size(0), 2, 2, 8, 8).transpose(1, 2).reshape(x.size(0), 4, 8, 8)
+    )
+    meta = {**meta_for("pa", 2, 2), "input_size": [3, 8, 8]}
+    export_packed_model(model.eval(), meta, tmp_path / "ok.safetensors")
+
+
+def _batch_squared(x: torch.Tensor) -> torch.Tensor:
+    """12 values per sample viewed as ``[n, n, 12 / n]``: a shape that follows the batch."""
+    n, flat = x.size(0), x.flatten(1)
+    odd = flat[:, :12].reshape(n, n, -1).reshape(n, -1)
+    return torch.cat([odd, flat[:, 12:]], 1).view(n, 4, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        (
+            lambda x: torch.cat([x, x], 0),
+            "changes the batch dimension (shape [4, 4, 8, 8] at batch 2)",
+        ),
+        (lambda x: x.reshape(1, -1).reshape(-1, 4, 8, 8), "changes the batch dimension"),
+        (lambda x: x.permute(1, 0, 2, 3).permute(1, 0, 2, 3), "changes the batch dimension"),
+        (lambda x: x[:1], "changes the batch dimension"),
+        (lambda x: torch.cat([x], 0), "works along dimension 0, the batch"),
+        (_batch_squared, "the dimensions after the batch change with the batch size"),
+    ],
+)
+def test_ops_across_the_batch_are_refused(tmp_path, op, expected) -> None:
+    assert expected in _export_error(_Wrap(op), tmp_path)
+
+
+def test_linear_subclass_is_judged_by_what_it_computes(tmp_path) -> None:
+    class Shifted(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias) + 1
+
+    class Plain(nn.Linear):  # timm's Linear: a subclass computing F.linear
+        def forward(self, x):
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    message = _export_error(_Wrap(torch.relu, Shifted), tmp_path)
+    assert "layer fc (Shifted) does not compute F.linear" in message
+    meta = {**meta_for("pa", 2, 2), "input_size": [3, 8, 8]}
+    path = export_packed_model(_Wrap(torch.relu, Plain).eval(), meta, tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="numpy") as fh:
+        assert "fc.weight" in set(fh.keys())
+
+
+def test_conv_subclass_with_tensorflow_same_padding_is_pad_then_conv(tmp_path) -> None:
+    from timm.layers import Conv2dSame
+
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = _Wrap(torch.relu)
+    model.conv = Conv2dSame(3, 4, 4, stride=2)  # 8 -> 4: total padding 2 per side pair
+    model.fc = nn.Linear(4 * 4 * 4, 10)
+    meta = {**meta_for("pa", 2, 2), "input_size": [3, 8, 8]}
+    path = export_packed_model(model.eval(), meta, tmp_path / "same.safetensors")
+    with safe_open(str(path), framework="numpy") as fh:
+        nodes = json.loads(fh.metadata()["graph"])["nodes"]
+    assert [n["op"] for n in nodes[:2]] == ["pad", "conv2d"]
+    assert nodes[0]["attrs"]["pads"] == [1, 1, 1, 1] and nodes[1]["attrs"]["padding"] == [0, 0]
+    model.conv = Doubled(3, 4, 3, padding=1)
+    model.fc = nn.Linear(4 * 8 * 8, 10)
+    (tmp_path / "x").mkdir()
+    assert "computes something other than nn.Conv2d" in _export_error(model, tmp_path / "x")

@@ -309,3 +309,88 @@ def test_activations() -> None:
         (ops.hardsigmoid(x), F.hardsigmoid(t)),
     ]:
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_gelu_and_prelu() -> None:
+    x = RNG.standard_normal((2, 4, 3, 5)) * 4
+    t = _t(x)
+    for approximate in ("none", "tanh"):
+        np.testing.assert_allclose(
+            ops.gelu(x, approximate),
+            F.gelu(t, approximate=approximate).numpy(),
+            rtol=1e-12,
+            atol=1e-15,  # PyTorch's own 1 + erf(x) cancels in the far negative tail
+        )
+    assert ops.gelu(x.astype(np.float32), "none").dtype == np.float32
+    for w in (RNG.standard_normal(4), np.array([0.25])):
+        np.testing.assert_array_equal(ops.prelu(x, w), F.prelu(t, _t(w)).numpy())
+
+
+def test_softmax() -> None:
+    x = RNG.standard_normal((2, 4, 3, 5)) * 30
+    for dim in (1, 2, 3):
+        np.testing.assert_allclose(ops.softmax(x, dim), F.softmax(_t(x), dim).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("mode", "corners"), [("nearest", None), ("bilinear", False), ("bilinear", True)]
+)
+def test_resize_matches_interpolate(dtype, mode, corners) -> None:
+    """Sizes (down, up, odd ratios such as 10 -> 6 where float32 rounding decides the nearest
+    pixel) and scale factors (PyTorch then maps with 1 / factor, not in / out)."""
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for h, w in [(2, 3), (5, 7), (10, 6), (16, 16)]:
+        x = RNG.standard_normal((2, 3, h, w)).astype(dtype)
+        for size in [(3, 5), (6, 10), (2 * h, 2 * w), (h, w), (17, 4), (1, 1)]:
+            ref = F.interpolate(_t(x), size=size, mode=mode, align_corners=corners).numpy()
+            np.testing.assert_allclose(ops.resize(x, size, mode, bool(corners)), ref, atol=tol)
+        for factor in [(2.0, 2.0), (1.7, 0.6), (3.0, 1.5)]:
+            ref = F.interpolate(_t(x), scale_factor=factor, mode=mode, align_corners=corners)
+            out = ops.resize(x, ref.shape[2:], mode, bool(corners), factor)
+            np.testing.assert_allclose(out, ref.numpy(), atol=tol)
+
+
+@pytest.mark.parametrize("pads", [(1, 2), (1, 0, 2, 3), (-1, 2, 0, -2), (0, 0, 1, 1, 2, 0)])
+def test_pad_matches_torch(pads) -> None:
+    x = RNG.standard_normal((2, 3, 5, 6))
+    ref = F.pad(_t(x), pads, value=0.5).numpy()
+    np.testing.assert_array_equal(ops.pad(x, pads, 0.5), ref)
+
+
+def test_slice_dims() -> None:
+    x = RNG.standard_normal((2, 7, 5, 6))
+    out = ops.slice_dims(x, [1, 3], [2, 1], [7, 6], [2, 3])
+    np.testing.assert_array_equal(out, x[:, 2:7:2, :, 1:6:3])
+    assert out.flags.c_contiguous
+
+
+def test_version_1_files_still_load(tmp_path, binarized_model) -> None:
+    """A file of format version 1 (its ops are all in version 1) loads and runs as before;
+    a version-1 file that uses an op of version 2 is refused."""
+    from binarize_cli.runtime import read_packed
+    from binarize_cli.runtime.optable import OPS
+
+    model = binarized_model("slim_resnet18", "pa", 2, 2)
+    path = export_packed_model(model, meta("pa", 2, 2), tmp_path / "v2.safetensors")
+    metadata, tensors = read_packed(path)
+    graph = json.loads(metadata["graph"])
+    assert metadata["format_version"] == "2"
+    assert all(OPS[node["op"]].since == 1 for node in graph["nodes"])
+    v1 = tmp_path / "v1.safetensors"
+    save_file(tensors, str(v1), metadata={**metadata, "format_version": "1"})
+    x = images(2)
+    np.testing.assert_array_equal(load_packed(v1)(x), load_packed(path)(x))
+    out = graph["outputs"][0]
+    graph["nodes"].append({"name": "y", "op": "sub", "inputs": [out], "attrs": {"scalar": 1.0}})
+    graph["outputs"] = ["y"]
+    newer = tmp_path / "newer.safetensors"
+    save_file(
+        tensors,
+        str(newer),
+        metadata={**metadata, "format_version": "1", "graph": json.dumps(graph)},
+    )
+    with pytest.raises(FormatError, match="new in format version 2"):
+        load_packed(newer)
+    save_file(tensors, str(newer), metadata={**metadata, "graph": json.dumps(graph)})
+    np.testing.assert_array_equal(load_packed(newer)(x), load_packed(path)(x) - 1)
