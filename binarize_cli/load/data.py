@@ -261,6 +261,56 @@ def _gray_stats(images: torch.Tensor, pixel_scale: float) -> tuple[float, float]
     return float(x.mean()), float(x.std())
 
 
+def _grey_record(
+    req: DataRequest, *, pixel_scale: float, classes: Sequence[str], round_resized: bool = False
+) -> Preprocessing:
+    """A grey set's record at ``--input-size`` (default 3x32x32), with unit statistics until
+    :func:`_own_grey_stats` measures the set's own on its resized training images."""
+    c, h, w = parse_input_size(req.input_size, 3) or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
+    own = Preprocessing(
+        channels=c,
+        pixel_scale=pixel_scale,
+        mean=(0.0,) * c,
+        std=(1.0,) * c,
+        resize=(h, w),
+        round_resized=round_resized,
+        classes=tuple(classes),
+    )
+    return req.adopt(own)
+
+
+def _rgb_record(
+    req: DataRequest,
+    default_mean: Sequence[float],
+    default_std: Sequence[float],
+    *,
+    classes: Sequence[str] = (),
+    **fields: Any,
+) -> Preprocessing:
+    """An 8-bit RGB set's record: ``--mean``/``--std`` (the model's) or the set's defaults,
+    resized values rounded to 8 bits, then ``fields`` (resize, crop, resampler, ...)."""
+    m, s = _pick_norm(req.mean, req.std, default_mean, default_std, 3)
+    own = Preprocessing(
+        channels=3,
+        pixel_scale=255.0,
+        mean=m,
+        std=s,
+        round_resized=True,
+        classes=tuple(classes),
+        **fields,
+    )
+    return req.adopt(own)
+
+
+def _own_grey_stats(req: DataRequest, prep: Preprocessing, train: torch.Tensor) -> Preprocessing:
+    """``prep`` with the set's own mean and std (replicated over the channels), measured on
+    the resized training images; a recorded record (``req.preprocessing``) keeps its own."""
+    if req.preprocessing is not None:
+        return prep
+    mu, sd = _gray_stats(train, prep.pixel_scale)
+    return replace(prep, mean=(mu,) * prep.channels, std=(sd,) * prep.channels)
+
+
 def _pick_norm(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
@@ -384,32 +434,19 @@ def _load_digits(req: DataRequest) -> DataBundle:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    c, h, w = parse_input_size(req.input_size, 3) or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
     digits = load_digits()
     x = np.asarray(digits.data, dtype=np.float32).reshape(-1, 1, 8, 8)  # values 0..16
     y = np.asarray(digits.target, dtype=np.int64)
     idx_train, idx_val = train_test_split(
         np.arange(len(y)), test_size=0.2, stratify=y, random_state=0, shuffle=True
     )
-    # the set's own statistics are measured on the resized training images: unit ones first
-    prep = req.adopt(
-        Preprocessing(
-            channels=c,
-            pixel_scale=16.0,
-            mean=(0.0,) * c,
-            std=(1.0,) * c,
-            resize=(h, w),
-            classes=tuple(str(i) for i in range(10)),
-        )
-    )
+    prep = _grey_record(req, pixel_scale=16.0, classes=[str(i) for i in range(10)])
     images = torch.from_numpy(x)
     images = resize_stored(images, prep, prep.resized_size(8, 8))  # once, for the whole set
     labels = torch.from_numpy(y)
     tr = torch.from_numpy(np.sort(idx_train))
     va = torch.from_numpy(np.sort(idx_val))
-    if req.preprocessing is None:
-        mu, sd = _gray_stats(images[tr], prep.pixel_scale)
-        prep = replace(prep, mean=(mu,) * c, std=(sd,) * c)
+    prep = _own_grey_stats(req, prep, images[tr])
     return _tensor_bundle(
         "digits",
         "digits",
@@ -549,27 +586,14 @@ def _check_fashion_arrays(arrays: dict[str, np.ndarray]) -> None:
 
 @register_data("fashion-mnist[:PATH]", "fashion_mnist", "fashionmnist")
 def _load_fashion(req: DataRequest) -> DataBundle:
-    input_size = parse_input_size(req.input_size, 3)
+    parse_input_size(req.input_size, 3)  # a bad --input-size fails before any file is read
     files, spec = _fashion_files(req.path or None)
     arrays = {k: read_idx(p) for k, p in files.items()}
     _check_fashion_arrays(arrays)
-    c, h, w = input_size or (3, _GRAY_DEFAULT_SIZE, _GRAY_DEFAULT_SIZE)
-    prep = req.adopt(
-        Preprocessing(
-            channels=c,
-            pixel_scale=255.0,
-            mean=(0.0,) * c,
-            std=(1.0,) * c,
-            resize=(h, w),
-            round_resized=True,
-            classes=tuple(_FASHION_CLASSES),
-        )
-    )
+    prep = _grey_record(req, pixel_scale=255.0, classes=_FASHION_CLASSES, round_resized=True)
     tr_images = _resize_u8(arrays["train_images"][:, None], prep)  # once, kept as uint8
     va_images = _resize_u8(arrays["val_images"][:, None], prep)
-    if req.preprocessing is None:
-        mu, sd = _gray_stats(tr_images, prep.pixel_scale)
-        prep = replace(prep, mean=(mu,) * c, std=(sd,) * c)
+    prep = _own_grey_stats(req, prep, tr_images)
     return _tensor_bundle(
         spec,
         "fashion-mnist",
@@ -658,17 +682,8 @@ def _load_cifar10(req: DataRequest) -> DataBundle:
     size = req.rgb_size((3, 32, 32))
     if size[0] != 3:
         raise DataError(f"cifar10 is RGB; input size needs 3 channels, got {size}")
-    m, s = _pick_norm(req.mean, req.std, _CIFAR_MEAN, _CIFAR_STD, 3)
-    prep = req.adopt(
-        Preprocessing(
-            channels=3,
-            pixel_scale=255.0,
-            mean=m,
-            std=s,
-            resize=(size[1], size[2]),
-            round_resized=True,
-            classes=tuple(_cifar_classes(base)),
-        )
+    prep = _rgb_record(
+        req, _CIFAR_MEAN, _CIFAR_STD, resize=(size[1], size[2]), classes=_cifar_classes(base)
     )
     return _tensor_bundle(
         f"cifar10:{d.resolve()}",
@@ -724,25 +739,20 @@ def _load_imagefolder(req: DataRequest) -> DataBundle:
     size = req.rgb_size((3, 224, 224))
     if size[0] != 3:
         raise DataError(f"imagefolder images are RGB; input size needs 3 channels, got {size}")
-    m, s = _pick_norm(req.mean, req.std, _IMAGENET_MEAN, _IMAGENET_STD, 3)
     h, w = size[1], size[2]
     crop_pct = req.crop_pct
     if not 0 < crop_pct <= 1:
         raise DataError(f"crop_pct must be in (0, 1]; got {crop_pct}")
     # timm/torchvision evaluation: shorter side to size / crop_pct (aspect kept), center crop
-    prep = req.adopt(
-        Preprocessing(
-            channels=3,
-            pixel_scale=255.0,
-            mean=m,
-            std=s,
-            resize=(int(h / crop_pct),) if h == w else (int(h / crop_pct), int(w / crop_pct)),
-            antialias=True,
-            round_resized=True,
-            resampler="pil",
-            crop=(h, w),
-            crop_pct=crop_pct,
-        )
+    prep = _rgb_record(
+        req,
+        _IMAGENET_MEAN,
+        _IMAGENET_STD,
+        resize=(int(h / crop_pct),) if h == w else (int(h / crop_pct), int(w / crop_pct)),
+        antialias=True,
+        resampler="pil",
+        crop=(h, w),
+        crop_pct=crop_pct,
     )
     if prep.channels != 3:
         raise DataError("imagefolder images are RGB; the preprocessing asks for 1 channel")
