@@ -280,6 +280,25 @@ def _restore(
     )
 
 
+def _start(
+    saved: dict[str, Any] | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    lr: float,
+    total_steps: int,
+    work_dir: Path | None,
+) -> tuple[FinetuneState, _Best | None]:
+    """Where the fine-tune starts: a fresh state, or the ``saved`` checkpoint restored (with
+    its best epoch); stale temporaries of a killed run are removed first."""
+    if work_dir is not None and work_dir.is_dir():
+        _clean_stale_temporaries(work_dir)
+    if saved is None:
+        return FinetuneState(), None
+    state = _restore(saved, model, optimizer, scheduler, lr, total_steps, work_dir)
+    return state, _saved_best(saved)
+
+
 def _saved_best(saved: dict[str, Any] | None) -> _Best | None:
     best = saved.get("best") if saved is not None else None
     if not isinstance(best, dict):
@@ -311,53 +330,39 @@ def finetune(
 ) -> FinetuneState:
     """Fine-tune ``model`` in place; with ``select``, end on the best epoch's weights.
 
-    After every epoch ``validate(model)`` (``{"val_top1", "val_top5"}``, recorded only) and
-    ``select(model)`` (a score, higher is better) are called when given. With ``select`` the
-    model ends holding the weights of the epoch with the best score (ties: the later epoch),
-    which ``FinetuneState.kept_epoch`` names; the best weights are kept in memory and in the
-    checkpoint, so a resumed run selects over all its epochs.
-
     Args:
         make_train_loader: ``epoch -> DataLoader`` (seeded per epoch for reproducible resume).
-        train_module: what to call in the forward pass (a DDP wrapper of ``model``); defaults
-            to ``model``. Checkpoints always hold ``model``'s own state dict.
-        on_epoch_start: ``(epoch, num_epochs, steps)`` callback for progress display.
-        on_step: forwarded to :func:`binarize_cli.convert.training.train_one_epoch`.
-        resume_state: a checkpoint already read with :func:`load_checkpoint` (the pipeline
-            reads it early to validate it); otherwise ``resume`` reads ``work_dir``'s.
+        train_module: what the forward pass calls (a DDP wrapper of ``model``; default
+            ``model``). Checkpoints always hold ``model``'s own state dict.
+        on_epoch_start, on_step: progress callbacks (``(epoch, num_epochs, steps)``; see
+            :func:`~binarize_cli.convert.training.train_one_epoch`).
+        resume_state: a checkpoint read by :func:`load_checkpoint` (else ``resume`` reads it).
+        validate, select: called after every epoch: ``{"val_top1", "val_top5"}`` (recorded)
+            and a score; the best-scoring epoch is kept (ties: the later; across a resume).
 
     Raises:
         TrainingDivergedError: non-finite loss or weights; the last good checkpoint is kept.
     """
     from binarize_cli.convert.training import train_one_epoch
 
-    net = train_module if train_module is not None else model
+    net = model if train_module is None else train_module
     first_loader = make_train_loader(0)
     plan = epoch_plan(epochs, len(first_loader))
     total_steps = max(1, sum(plan))
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if work_dir is not None and work_dir.is_dir():
-        _clean_stale_temporaries(work_dir)
-    saved = resume_state
-    if saved is None and resume and work_dir is not None:
-        saved = load_checkpoint(work_dir)
-    state = FinetuneState()
-    best = _saved_best(saved)
-    if saved is not None:
-        state = _restore(saved, model, optimizer, scheduler, lr, total_steps, work_dir)
-
+    if resume_state is None and resume and work_dir is not None:
+        resume_state = load_checkpoint(work_dir)
+    state, best = _start(resume_state, model, optimizer, scheduler, lr, total_steps, work_dir)
     for epoch in range(state.epochs_done, len(plan)):
         loader = first_loader if epoch == 0 else make_train_loader(epoch)
-        steps = plan[epoch]
         if on_epoch_start is not None:
-            on_epoch_start(epoch, len(plan), steps)
+            on_epoch_start(epoch, len(plan), plan[epoch])
         first_lr = float(optimizer.param_groups[0]["lr"])
-        net.train()
         try:
             stats = train_one_epoch(
                 net,
-                _Limited(loader, steps),
+                LimitedLoader(loader, plan[epoch]),
                 optimizer,
                 scheduler=scheduler,
                 teacher=teacher,
@@ -368,37 +373,50 @@ def finetune(
             )
             check_finite_state(model)
         except TrainingDivergedError as exc:
-            raise TrainingDivergedError(
-                _diverged(exc, epoch, state.epochs_done, work_dir if is_main else None)
-            ) from None
+            where = work_dir if is_main else None
+            raise TrainingDivergedError(_diverged(exc, epoch, state.epochs_done, where)) from None
         state.epochs_done = epoch + 1
         state.epoch_seconds.append(float(stats.seconds))
-        row: dict[str, float] = {
-            **stats.summary(),
-            "seconds": float(stats.seconds),
-            "steps": int(stats.steps),
-            "lr": first_lr,
-        }
-        if validate is not None:
-            row.update(validate(model))
-        if select is not None:
-            row["select_top1"] = score = float(select(model))
-            if best is None or score >= best.score:
-                best = _Best.of(model, epoch + 1, score)
+        row = {**stats.summary(), "seconds": stats.seconds, "steps": stats.steps, "lr": first_lr}
+        best = _score_epoch(model, epoch + 1, row, validate, select, best)
         state.epoch_stats.append(row)
         if work_dir is not None and is_main:
             save_checkpoint(
                 work_dir, model, optimizer, scheduler, state, checkpoint_extra or {}, best
             )
-    if state.epochs_done:
-        state.kept_epoch = state.epochs_done
-        if best is not None and best.epoch != state.epochs_done:
-            model.load_state_dict(best.weights)
-            state.kept_epoch = best.epoch
+    _end_on_best(model, state, best)
     return state
 
 
-class _Limited:
+def _score_epoch(
+    model: nn.Module,
+    epoch: int,
+    row: dict[str, float],
+    validate: Callable[[nn.Module], dict[str, float]] | None,
+    select: Callable[[nn.Module], float] | None,
+    best: _Best | None,
+) -> _Best | None:
+    """Add epoch ``epoch``'s validation and selection scores to its ``row``; the best epoch
+    so far (this one when its score is at least the best's: ties go to the later epoch)."""
+    if validate is not None:
+        row.update(validate(model))
+    if select is None:
+        return best
+    row["select_top1"] = score = float(select(model))
+    return _Best.of(model, epoch, score) if best is None or score >= best.score else best
+
+
+def _end_on_best(model: nn.Module, state: FinetuneState, best: _Best | None) -> None:
+    """Load the best epoch's weights when it is not the last; record the kept epoch."""
+    if not state.epochs_done:
+        return
+    state.kept_epoch = state.epochs_done
+    if best is not None and best.epoch != state.epochs_done:
+        model.load_state_dict(best.weights)
+        state.kept_epoch = best.epoch
+
+
+class LimitedLoader:
     """A loader cut to its first ``steps`` batches (fractional epochs), with a length."""
 
     def __init__(self, loader: Any, steps: int) -> None:

@@ -45,6 +45,7 @@ import datetime as _dt
 import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -634,8 +635,7 @@ def finetune_student(
     With ``work_dir`` (and ``epochs > 0``) a checkpoint is written there after each epoch;
     Ctrl-C becomes :class:`ConvertInterrupted`, saying whether one was kept.
     """
-    from binarize_cli.convert.finetune import CHECKPOINT_FILE, SELECT_IMAGES, _Limited, finetune
-    from binarize_cli.convert.training import evaluate, time_training_steps
+    from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune
     from binarize_cli.load.data import make_loader
 
     rep: Reporter = reporter or _Silent()
@@ -653,33 +653,11 @@ def finetune_student(
             distributed=ctx.enabled,
         )
 
-    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(settings.seed))
-    select_loader = make_loader(
-        torch.utils.data.Subset(data.train, pick[:SELECT_IMAGES].tolist()),
-        batch_size=max(settings.batch_size, 128),
-        shuffle=False,
-        seed=settings.seed,
-    )
-
-    def validate(model: nn.Module) -> dict[str, float]:
-        acc = evaluate(model, val_loader, device=ctx.device)
-        return {"val_top1": float(acc.top1), "val_top5": float(acc.top5)}
-
-    def select(model: nn.Module) -> float:
-        return float(evaluate(model, select_loader, device=ctx.device).top1)
-
+    validate, select = _epoch_scores(settings, data, ctx, val_loader)
     fp_step_s = None
     if settings.epochs > 0 and ctx.is_main and fp_model is not None:
         rep.stage("timing full-precision training steps (the reference of the step-time ratio)")
-        fp_step_s = time_training_steps(
-            fp_model,
-            _Limited(make_train_loader(0), REFERENCE_STEPS + 2),
-            lr=settings.lr,
-            teacher=teacher,
-            distill_weight=settings.distill_weight,
-            temperature=settings.temperature,
-            device=ctx.device,
-        )
+        fp_step_s = _reference_step_s(settings, fp_model, teacher, make_train_loader(0), ctx)
     try:
         state = finetune(
             student,
@@ -699,20 +677,71 @@ def finetune_student(
             on_step=rep.step,
             train_module=train_module,
             resume_state=resume_state,
-            validate=validate if val_loader is not None else None,
+            validate=validate,
             select=select,
         )
         state.fp_step_s = fp_step_s
         return state
     except KeyboardInterrupt:
-        if work_dir is not None and (work_dir / CHECKPOINT_FILE).is_file():
-            raise ConvertInterrupted(
-                f"interrupted; the completed fine-tune epochs are saved in {work_dir}: rerun "
-                "the same command with --resume to continue"
-            ) from None
+        kept = work_dir is not None and (work_dir / CHECKPOINT_FILE).is_file()
         raise ConvertInterrupted(
-            "interrupted before the first fine-tune epoch completed; nothing was saved"
+            f"interrupted; the completed fine-tune epochs are saved in {work_dir}: rerun "
+            "the same command with --resume to continue"
+            if kept
+            else "interrupted before the first fine-tune epoch completed; nothing was saved"
         ) from None
+
+
+def _reference_step_s(
+    settings: ConvertSettings,
+    fp_model: nn.Module,
+    teacher: nn.Module | None,
+    loader: Any,
+    ctx: DistContext,
+) -> float | None:
+    """Seconds per training step of a copy of the full-precision model: :data:`REFERENCE_STEPS`
+    steps after 2 untimed ones, with the fine-tune's loss, distillation, data and device."""
+    from binarize_cli.convert.finetune import LimitedLoader
+    from binarize_cli.convert.training import time_training_steps
+
+    return time_training_steps(
+        fp_model,
+        LimitedLoader(loader, REFERENCE_STEPS + 2),
+        lr=settings.lr,
+        teacher=teacher,
+        distill_weight=settings.distill_weight,
+        temperature=settings.temperature,
+        device=ctx.device,
+    )
+
+
+def _epoch_scores(
+    settings: ConvertSettings, data: DataBundle, ctx: DistContext, val_loader: Any
+) -> tuple[Callable[[nn.Module], dict[str, float]] | None, Callable[[nn.Module], float]]:
+    """The fine-tune's per-epoch callbacks: ``validate`` (top-1/top-5 on ``val_loader``,
+    recorded; ``None`` without it) and ``select`` (top-1 on a fixed seeded subset of
+    :data:`~binarize_cli.convert.finetune.SELECT_IMAGES` training images, which picks the
+    kept epoch)."""
+    from binarize_cli.convert.finetune import SELECT_IMAGES
+    from binarize_cli.convert.training import evaluate
+    from binarize_cli.load.data import make_loader
+
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(settings.seed))
+    select_loader = make_loader(
+        torch.utils.data.Subset(data.train, pick[:SELECT_IMAGES].tolist()),
+        batch_size=max(settings.batch_size, 128),
+        shuffle=False,
+        seed=settings.seed,
+    )
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        acc = evaluate(model, val_loader, device=ctx.device)
+        return {"val_top1": float(acc.top1), "val_top5": float(acc.top5)}
+
+    def select(model: nn.Module) -> float:
+        return float(evaluate(model, select_loader, device=ctx.device).top1)
+
+    return (validate if val_loader is not None else None), select
 
 
 def run_metadata(
@@ -838,6 +867,36 @@ def _load_and_say(settings: ConvertSettings, plan: ConvertPlan, rep: Reporter) -
     return inputs
 
 
+def _final_evaluation(
+    student: nn.Module,
+    inputs: ConvertInputs,
+    reference: Reference,
+    calibration: Calibration,
+    state: FinetuneState,
+    rep: Reporter,
+    device: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """The saved model's validation accuracy and :func:`accuracy_warnings` (also appended to
+    ``inputs.notes``, which ``binarize.json`` records); says when an earlier epoch was kept."""
+    from binarize_cli.convert.training import evaluate
+
+    if state.kept_epoch is not None and state.kept_epoch != state.epochs_done:
+        rep.stage(
+            f"kept epoch {state.kept_epoch} of {state.epochs_done}: the best top-1 on "
+            "the training-subset selection score"
+        )
+    rep.stage("evaluating the fine-tuned model")
+    final_acc = evaluate(student, reference.val_loader, device=device).to_dict()
+    warnings = accuracy_warnings(
+        reference.baseline.accuracy.top1,
+        calibration.accuracy["top1"],
+        final_acc["top1"] if state.epochs_done else None,
+        inputs.data.num_classes,
+    )
+    inputs.notes.extend(warnings)
+    return final_acc, warnings
+
+
 def run_convert(
     settings: ConvertSettings,
     *,
@@ -856,7 +915,6 @@ def run_convert(
     """
     from binarize_cli.convert import distributed
     from binarize_cli.convert.finetune import CHECKPOINT_FILE
-    from binarize_cli.convert.training import evaluate
 
     rep: Reporter = reporter or _Silent()
     plan = prepare(settings, out_dir=out_dir, resume=resume, overwrite=overwrite)
@@ -894,20 +952,9 @@ def run_convert(
             val_loader=reference.val_loader,
             fp_model=reference.model,
         )
-        if state.kept_epoch is not None and state.kept_epoch != state.epochs_done:
-            rep.stage(
-                f"kept epoch {state.kept_epoch} of {state.epochs_done}: the best top-1 on "
-                "the training-subset selection score"
-            )
-        rep.stage("evaluating the fine-tuned model")
-        final_acc = evaluate(student, reference.val_loader, device=ctx.device).to_dict()
-        warnings = accuracy_warnings(
-            reference.baseline.accuracy.top1,
-            calibration.accuracy["top1"],
-            final_acc["top1"] if state.epochs_done else None,
-            inputs.data.num_classes,
+        final_acc, warnings = _final_evaluation(
+            student, inputs, reference, calibration, state, rep, ctx.device
         )
-        inputs.notes.extend(warnings)
         meta = run_metadata(
             plan, inputs, reference, surgery, calibration, state, final_acc, ctx.world_size
         )

@@ -331,7 +331,7 @@ def test_divergence_after_an_epoch_keeps_its_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(net, loader, optimizer, **kw):
-        if type(loader).__name__ == "_Limited":  # fine-tuning (the baseline passes its loader)
+        if type(loader).__name__ == "LimitedLoader":  # fine-tuning (the baseline passes its loader)
             calls["n"] += 1
             if calls["n"] == 2:  # fine-tune epoch 2
                 with torch.no_grad():
