@@ -41,8 +41,10 @@ from torch import nn
 
 from binarize_cli.analyze.profile import ModelProfile, profile_model
 from binarize_cli.analyze.report import normalize_input_size
+from binarize_cli.convert.allocate import Allocation
 from binarize_cli.convert.calibrate import CalibrationStats
 from binarize_cli.convert.finetune import FinetuneState
+from binarize_cli.convert.sensitivity import SensitivityTable
 from binarize_cli.convert.surgery import LayerDecision, SurgeryResult
 from binarize_cli.convert.training import Accuracy
 from binarize_cli.core.errors import BadInputError
@@ -155,6 +157,10 @@ class Binarized:
         calibration: layers calibrated, batches used and seconds, or ``None`` when no
             ``calibration_data`` was given (activation quantizers keep their initial
             endpoints: fine for :func:`summary`, not for accuracy).
+        sensitivity: the measured per-layer sensitivity (``policy="auto"`` or a budget;
+            docs/sensitivity.md), else ``None``.
+        allocation: what the budgeted allocation chose (``layer_bases``, ``memory_bits``,
+            ``ops``, ``error`` and the uniform configuration's), else ``None``.
     """
 
     model: nn.Module
@@ -163,6 +169,8 @@ class Binarized:
     N: int
     surgery: SurgeryResult
     calibration: CalibrationStats | None
+    sensitivity: SensitivityTable | None = None
+    allocation: Allocation | None = None
 
     @property
     def decisions(self) -> list[LayerDecision]:
@@ -180,14 +188,16 @@ class Binarized:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly record: ``scheme``, ``M``, ``N``, surgery's record (``traced``,
-        ``policy``, ``first_conv``, ``classifier``, ``layers``, ``warnings``) and
-        ``calibration`` (``layers``, ``batches``, ``seconds``, or ``None``)."""
+        ``policy``, ``first_conv``, ``classifier``, ``layers``, ``layer_bases``,
+        ``warnings``), ``calibration`` (``layers``, ``batches``, ``seconds``, or ``None``) and
+        ``allocation`` (or ``None``)."""
         return {
             "scheme": self.scheme,
             "M": self.M,
             "N": self.N,
             **self.surgery.to_dict(),
             "calibration": None if self.calibration is None else asdict(self.calibration),
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
         }
 
 
@@ -209,6 +219,19 @@ def _input_batches(data: Iterable[Any], limit: int) -> list[torch.Tensor]:
     return batches
 
 
+def _labelled_batches(batches: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input, target)`` pairs, as the sensitivity measure needs them (its loss column)."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for item in batches:
+        if not (isinstance(item, tuple | list) and len(item) >= 2):
+            raise BadInputError(
+                "a budget (or policy='auto') measures each layer's loss increase: "
+                "calibration_data must yield (input, target) pairs"
+            )
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
 def binarize(
     model: nn.Module,
     scheme: str = _DEFAULTS.scheme,
@@ -222,6 +245,10 @@ def binarize(
     classifier: str | Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
     seed: int = _DEFAULTS.seed,
+    budget: float | None = None,
+    budget_bops: float | None = None,
+    policy: str | None = None,
+    layer_bases: Mapping[str, Any] | None = None,
 ) -> Binarized:
     """Convert a copy of ``model`` into a multiple-binary network; ``model`` is not modified.
 
@@ -239,10 +266,20 @@ def binarize(
             the model's ``pretrained_cfg``, else the first convolution / last weight layer run.
         options: scheme options (``weight_endpoints``, ``lambda_w``, ...; as in recipes).
         seed: seeds the calibration's activation sampling.
+        budget: a memory budget in Mbit (as :func:`summary` counts memory): measure each
+            layer's sensitivity on ``calibration_data`` (``(input, target)`` pairs) and choose
+            per-layer bases, or full precision, within it (``convert --budget-mbit``;
+            docs/sensitivity.md). ``budget_bops``: a compute budget (``--budget-bops``).
+        policy: ``"uniform"`` (M, N everywhere) or ``"auto"`` (per-layer bases; without a
+            budget, at most the uniform model's memory and operations); default ``"auto"``
+            when a budget is given, else ``"uniform"``.
+        layer_bases: per-layer choices by layer name, ``(M, N)`` or ``None`` for full
+            precision (a run's ``layer_bases``); layers not named take (M, N).
 
     Raises:
         SchemeError: unknown scheme or invalid (M, N). BadInputError: a bad ``keep`` regex,
-        ``calibration_data`` that yields no tensors.
+        ``calibration_data`` that yields no tensors, a budget without labelled
+        ``calibration_data`` or below the cheapest configuration.
     """
     from binarize_cli.convert.calibrate import calibrate_model
     from binarize_cli.convert.surgery import binarize_model
@@ -251,8 +288,40 @@ def binarize(
     sch = get_scheme(scheme.lower())
     m = sch.default_m if M is None else M
     n = sch.default_n if N is None else N
-    batches = None if calibration_data is None else _input_batches(calibration_data, calib_batches)
+    chosen = policy or ("auto" if budget is not None or budget_bops is not None else "uniform")
+    if chosen not in ("uniform", "auto"):
+        raise BadInputError(f"policy must be 'uniform' or 'auto' (got {policy!r})")
+    if chosen == "uniform" and (budget is not None or budget_bops is not None):
+        raise BadInputError("a budget chooses per-layer bases: use policy='auto'")
+    items = (
+        None
+        if calibration_data is None
+        else list(itertools.islice(calibration_data, calib_batches))
+    )
+    batches = None if items is None else _input_batches(items, calib_batches)
     device = _device_of(model)
+    table = allocation = None
+    if chosen == "auto":
+        from binarize_cli.convert.allocate import choose_bases
+
+        if items is None:
+            raise BadInputError("policy='auto' needs calibration_data ((input, target) pairs)")
+        table, allocation = choose_bases(
+            model,
+            sch,
+            m,
+            n,
+            _labelled_batches(items),
+            keep=(keep,) if isinstance(keep, str) else tuple(keep),
+            first_conv=first_conv,
+            classifier=classifier,
+            options=dict(options or {}),
+            budget_mbit=budget,
+            budget_bops=budget_bops,
+            seed=seed,
+        )
+        assert allocation is not None
+        layer_bases = {**allocation.layer_bases, **dict(layer_bases or {})}
     result = binarize_model(
         copy.deepcopy(model),
         sch,
@@ -263,10 +332,11 @@ def binarize(
         classifier=classifier,
         options=dict(options or {}),
         example_input=None if batches is None else batches[0][:1].to(device),
+        layer_bases=layer_bases,
     )
     stats = None if batches is None else calibrate_model(result.model, model, batches, seed=seed)
     result.model.eval()
-    return Binarized(result.model, sch.name, m, n, result, stats)
+    return Binarized(result.model, sch.name, m, n, result, stats, table, allocation)
 
 
 # ----------------------------------------------------------------------- finetune, evaluate
@@ -353,20 +423,21 @@ def evaluate(
 
 
 def _bases(model: nn.Module) -> tuple[str, int, int]:
-    """The one (scheme, M, N) of the model's binarized layers."""
-    found = {
+    """The scheme of the model's binarized layers and their most common (M, N) (the
+    run-level bases an export records; each layer's own travel in the file)."""
+    found = [
         (m.scheme_name, m.weight_bases, m.activation_bases)
         for m in model.modules()
         if isinstance(m, BinarizedConv2d)
-    }
+    ]
     if not found:
         raise BadInputError("the model has no binarized layers; convert it with binarize() first")
-    if len(found) > 1:
-        kinds = ", ".join(f"{s} M={m} N={n}" for s, m, n in sorted(found))
+    schemes = sorted({s for s, _, _ in found})
+    if len(schemes) > 1:
         raise BadInputError(
-            f"the model mixes binarized layers ({kinds}); an export records one scheme, M and N"
+            f"the model mixes binarized schemes ({', '.join(schemes)}); an export records one"
         )
-    return next(iter(found))
+    return max(set(found), key=lambda b: (found.count(b), b))
 
 
 def export_metadata(
@@ -439,7 +510,8 @@ def export(
       the ``input_size`` argument (``32``, ``(H, W)`` or ``(C, H, W)``);
     * ``num_classes``: the width of ``model(example_input)`` (or of the model on a zero input
       of ``input_size``), unless given;
-    * ``scheme``, ``M``, ``N``: from the model's binarized layers (one scheme and M, N);
+    * ``scheme``, ``M``, ``N``: from the model's binarized layers (one scheme; the most
+      common M, N: layers with their own bases keep them in the file);
     * ``name`` (the file's ``source_model``): default ``MODULE:CLASS`` of the model's class.
 
     ``mean``/``std`` (per channel) record the normalisation the inputs must already have,

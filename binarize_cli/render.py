@@ -182,7 +182,19 @@ def fitted_table(
 
 
 #: Layers-table columns dropped, in this order, until it fits the console.
-DROP_ORDER = ("flops", "macs", "kind", "why", "m", "n", "params", "a_err", "w_err", "bops")
+DROP_ORDER = (
+    "flops",
+    "macs",
+    "kind",
+    "why",
+    "m",
+    "n",
+    "params",
+    "a_err",
+    "w_err",
+    "bops",
+    "sens",
+)
 
 
 def _layer_cells(r: LayerProfile, errors: bool) -> dict[str, Cell]:
@@ -203,6 +215,7 @@ def _layer_cells(r: LayerProfile, errors: bool) -> dict[str, Cell]:
     if errors:
         cells["w_err"] = "-" if r.weight_error is None else f"{r.weight_error:.3f}"
         cells["a_err"] = "-" if r.activation_error is None else f"{r.activation_error:.3f}"
+        cells["sens"] = "-" if r.sensitivity_error is None else f"{r.sensitivity_error:.2g}"
     return cells
 
 
@@ -211,6 +224,9 @@ def layer_table(profile: ModelProfile, *, errors: bool = False, width: int | Non
     layers (batch norm, ...) folded into one row, and the totals as the footer; with
     ``errors``, each layer's weight and activation approximation errors ("W err", "A err":
     ``||W - W_hat|| / ||W||`` and ``||A - A_hat|| / ||A||``, Frobenius norms).
+
+    When the run measured its sensitivity, a "sens." column: the network's relative logit
+    error with the layer alone binarized at its own bases (docs/sensitivity.md).
 
     With ``width``, columns go in :data:`DROP_ORDER` until the table fits without
     shortening a cell (:func:`fitted_table`). ``--json`` lists every row and field."""
@@ -232,6 +248,9 @@ def layer_table(profile: ModelProfile, *, errors: bool = False, width: int | Non
     ]
     if errors:
         cols += [Col("w_err", "W err", right=True), Col("a_err", "A err", right=True)]
+    sens = errors and any(r.sensitivity_error is not None for r in profile.layers)
+    if sens:
+        cols.append(Col("sens", "sens.", right=True))
     rows: list[Row] = [(_layer_cells(r, errors), None if r.binarized else "dim") for r in compute]
     if rest:
         folded: dict[str, Cell] = {
@@ -249,6 +268,8 @@ def layer_table(profile: ModelProfile, *, errors: bool = False, width: int | Non
         }
         rows.append((folded, "dim"))
     caption = "W err, A err: relative approximation errors (docs/accounting.md)" if errors else ""
+    if sens:
+        caption += "; sens.: relative logit error, this layer alone binarized (docs/sensitivity.md)"
     return fitted_table(
         "Layers", cols, rows, width=width, drop=DROP_ORDER, caption=caption, footer=True
     )

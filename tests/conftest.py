@@ -204,13 +204,16 @@ def _make_run_dir(
     calibrated: tuple[float, float] = (40.0, 70.0),
     calibrate_on: torch.Tensor | None = None,
     bn: BatchNormMode = "keep",
+    layer_rules: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Path:
     """A run directory the way ``convert`` writes one, without training: the registry
     ``model`` built with random weights (seed 0), binarized (``scheme``: a name or a
     ``Scheme``), its activation quantizers calibrated on ``calibrate_on`` when given (batch
     norm: ``bn``), saved with ``write_run``. The accuracies and timings are made up
-    (``top1``/``top5`` are the binarized model's); ``extra`` adds or overrides metadata keys."""
+    (``top1``/``top5`` are the binarized model's); ``layer_rules`` (a recipe's ``[layers]``)
+    gives layers their own bases, recorded as ``layer_bases``; ``extra`` adds or overrides
+    metadata keys."""
     from binarize_cli.convert.surgery import binarize_model
     from binarize_cli.core.metadata import RunMetadata
     from binarize_cli.core.rundir import write_run
@@ -219,6 +222,7 @@ def _make_run_dir(
     torch.manual_seed(0)
     loaded = create_architecture(model, num_classes=int(extra.get("num_classes", 10)))
     names = {"first_conv": loaded.first_conv, "classifier": loaded.classifier}
+    surgeries: list[Any] = []
     built = _binarized_model(
         lambda: loaded.model,
         scheme,
@@ -227,7 +231,9 @@ def _make_run_dir(
         seed=None,
         images=calibrate_on,
         bn=bn,
-        surgery=lambda mod, s, m_, n_: binarize_model(mod, s, m_, n_, **names),
+        surgery=lambda mod, s, m_, n_: surgeries.append(
+            binarize_model(mod, s, m_, n_, layer_rules=layer_rules or {}, **names)
+        ),
     )
     fields = {
         "data": "digits",
@@ -236,6 +242,7 @@ def _make_run_dir(
         **names,
         "mean": list(loaded.mean),
         "std": list(loaded.std),
+        "layer_bases": surgeries[0].layer_bases,
         **extra,
     }
     name = scheme if isinstance(scheme, str) else scheme.name

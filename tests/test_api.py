@@ -242,7 +242,7 @@ def test_export_derives_and_checks_its_metadata(tmp_path: Path) -> None:
         api.export(model, tmp_path / "x", example_input=torch.zeros(3, 16, 16))
     partly = binarize_cli.binarize(TinyNet(), "xnor", 1, 1, keep=["down"]).model
     mixed = binarize_cli.binarize(partly, "pa", 4, 5).model  # binarizes only `down`
-    with pytest.raises(BadInputError, match="mixes binarized layers"):
+    with pytest.raises(BadInputError, match="mixes binarized schemes"):
         api.export(mixed, tmp_path / "x", input_size=16)
     assert not (tmp_path / "x").exists()
 

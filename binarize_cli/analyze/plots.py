@@ -6,7 +6,9 @@
 * :func:`activation_histogram`: a layer's real input activations ``A`` and
   ``A_hat = sum_j beta_j V_j`` (paper Fig. 5: ResNet18 group2/block1/conv2, N = 5);
 * :func:`accuracy_memory`: top-1 against memory across compared runs (full-precision
-  baselines included), the trade-off of the paper's Tables 3 and 7 in one picture.
+  baselines included), the trade-off of the paper's Tables 3 and 7 in one picture;
+* :func:`sensitivity_map`: each layer's measured output error at every candidate (M, N)
+  (docs/sensitivity.md), the run's chosen bases marked.
 
 Each returns a :class:`matplotlib.figure.Figure` (tests inspect its artists);
 :func:`save_figure` writes a PNG atomically (no partial files).
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 
@@ -187,6 +190,46 @@ def training_curve(epochs: Sequence[Mapping[str, Any]], *, kept: int | None = No
     return fig
 
 
+def sensitivity_map(
+    table: Any, chosen: Mapping[str, Sequence[int] | None], *, default: Sequence[int] | None = None
+) -> Figure:
+    """A heat map of a :class:`~binarize_cli.convert.sensitivity.SensitivityTable`: one row
+    per layer, one column per candidate ``M/N`` (``fp`` first: error 0), colour
+    ``log10(output_error)``; a box marks each layer's ``chosen`` bases (``default`` for a
+    layer ``chosen`` does not name)."""
+    layers = list(table.layers)
+    keys = sorted({c.bases for r in layers for c in r.candidates if c.bases is not None})
+    columns: list[tuple[int, int] | None] = [None, *keys]
+    grid = np.full((len(layers), len(columns)), np.nan)
+    for i, row in enumerate(layers):
+        for j, key in enumerate(columns):
+            c = row.at(key)
+            if c is not None and key is not None:
+                grid[i, j] = np.log10(max(c.output_error, 1e-12))
+    fig = Figure(figsize=(1.2 + 0.5 * len(columns), 1.2 + 0.28 * len(layers)))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="log10 relative logit error")
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(["fp" if k is None else f"{k[0]}/{k[1]}" for k in columns], rotation=90)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([r.name for r in layers], fontsize=7)
+    ax.set_xlabel("candidate M/N (N 0: real activations)")
+    for i, row in enumerate(layers):
+        pick = chosen.get(row.name, default)
+        key = None if pick is None else (int(pick[0]), int(pick[1]))
+        if key in columns:
+            j = columns.index(key)
+            ax.add_patch(
+                matplotlib.patches.Rectangle(
+                    (j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5
+                )
+            )
+    ax.set_title(f"Per-layer sensitivity ({table.scheme}, {table.images} images); box: chosen")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG at ``path``, atomically (:class:`~binarize_cli.core.files.StagedFile`)."""
     path = Path(path)
@@ -203,8 +246,9 @@ def write_figures(data: object, out_dir: str | Path) -> list[Path]:
     """Draw and save a :class:`binarize_cli.analyze.report.PlotData`; returns the files written.
 
     Files: ``weights_<layer>.png``, ``activations_<layer>.png`` (when a data batch was
-    available), ``accuracy_memory.png`` (when accuracies are known) and
-    ``training_curve.png`` (when the run fine-tuned).
+    available), ``accuracy_memory.png`` (when accuracies are known),
+    ``training_curve.png`` (when the run fine-tuned) and ``sensitivity.png`` (when the run
+    measured its sensitivity).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -227,4 +271,13 @@ def write_figures(data: object, out_dir: str | Path) -> list[Path]:
     if epochs:
         kept = getattr(data, "kept_epoch", None)
         figures.append((training_curve(epochs, kept=kept), out / "training_curve.png"))
+    table = getattr(data, "sensitivity", None)
+    if table is not None:
+        chosen = getattr(data, "chosen", None) or {}
+        figures.append(
+            (
+                sensitivity_map(table, chosen, default=getattr(data, "default_bases", None)),
+                out / "sensitivity.png",
+            )
+        )
     return [save_figure(fig, path) for fig, path in figures]

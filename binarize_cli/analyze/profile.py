@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from binarize_cli.core.modes import evaluating
-from binarize_cli.quant.layers import BinarizedConv2d
+from binarize_cli.quant.layers import BinarizedConv2d, layer_macs
 
 #: Bits per real-valued stored value (float32).
 REAL_BITS = 32
@@ -109,6 +109,10 @@ class LayerProfile:
         macs: multiply-accumulates per sample.
         bops: binary operations per sample, ``M * N * macs`` (0 when N = 0 or FP).
         weight_error, activation_error: relative approximation errors (run reports only).
+        sensitivity: the run's measured candidates for this layer (``M``, ``N``,
+            ``output_error``, ``loss_increase``, ``bits``, ``bops``; docs/sensitivity.md),
+            when the run measured them; ``sensitivity_error``: the output error at the
+            layer's own bases (full precision: 0).
     """
 
     name: str
@@ -129,6 +133,8 @@ class LayerProfile:
     bops: int = 0
     weight_error: float | None = None
     activation_error: float | None = None
+    sensitivity: list[dict[str, Any]] | None = None
+    sensitivity_error: float | None = None
 
     @property
     def precision(self) -> str:
@@ -278,39 +284,6 @@ def _kind_of(module: nn.Module) -> str:
     return "other"
 
 
-def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    """Multiply-accumulates per sample of one call of a conv or linear module."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        kernel = math.prod(module.kernel_size)
-        batch = out.shape[0] if out.dim() > len(module.kernel_size) + 1 else 1
-        if module.transposed:
-            per_in = module.out_channels // module.groups * kernel
-            return inp.numel() // batch * per_in
-        per_out = module.in_channels // module.groups * kernel
-        return out.numel() // batch * per_out
-    if isinstance(module, nn.Linear):
-        batch = out.shape[0] if out.dim() > 1 else 1
-        return out.numel() // batch * module.in_features
-    return 0
-
-
-def _count_scales(layer: BinarizedConv2d) -> int:
-    """Weight scales a binarized layer must store (0 for single-plane weights; see above)."""
-    if layer.weight_bases <= 1:
-        return 0
-    # The scales' shape ([P] or [P, C_out]) depends on the output channels only, so the
-    # quantizer is asked on a thin slice of the weight (all output channels, few inputs):
-    # the full decomposition of a large layer costs seconds.
-    weight = layer.weight.detach()
-    thin = weight[:, : min(weight.shape[1], 4)]
-    with torch.no_grad():
-        try:
-            planes = layer.weight_quantizer.bit_planes(thin)
-        except Exception:  # a quantizer that needs the real shape: decompose all of it
-            planes = layer.weight_quantizer.bit_planes(weight)
-    return int(planes.scales.numel())
-
-
 def _plain_conv_forward(layer: BinarizedConv2d):  # noqa: ANN202
     def forward(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
@@ -378,7 +351,7 @@ def _measure(
         if name not in shapes and inp is not None:
             shapes[name] = (tuple(inp.shape[1:]), tuple(out.shape[1:]))
         if inp is not None:
-            macs[name] = macs.get(name, 0) + _macs(module, inp, out)
+            macs[name] = macs.get(name, 0) + layer_macs(module, inp, out)
 
     handles = [m.register_forward_hook(hook) for _, m in rows]
     param = next(model.parameters(), None)
@@ -392,22 +365,17 @@ def _measure(
 
 def _count_binarized(row: LayerProfile, module: BinarizedConv2d, reason: str | None) -> None:
     """Fill ``row``'s binarized fields: M binary values per weight; bias, the quantizers'
-    parameters and the weight scales as real values (see the module docstring)."""
+    parameters and the weight scales as real values (see the module docstring;
+    :meth:`BinarizedConv2d.stored_values` holds the rule, which the allocation of
+    ``--policy auto`` counts with too)."""
     m, n = module.weight_bases, module.activation_bases
-    weights = module.weight.numel()
-    quantizer_params = sum(
-        p.numel()
-        for q in (module.weight_quantizer, module.activation_quantizer)
-        for p in q.parameters()
-    )
     bias = module.bias.numel() if module.bias is not None else 0
     row.binarized = True
     row.reason = reason or "binarized"
     row.scheme, row.m, row.n = module.scheme_name, m, n
-    row.scales = _count_scales(module)
-    row.params_binary = m * weights
-    row.params_real = bias + quantizer_params + row.scales
-    row.fp_params = weights + bias
+    row.scales = module.weight_scale_count()
+    row.params_real, row.params_binary = module.stored_values()
+    row.fp_params = module.weight.numel() + bias
     row.bops = m * n * row.macs
 
 

@@ -13,7 +13,8 @@ it into tables and :mod:`binarize_cli.analyze.plots` into figures. The accountin
       activation error  ||A - A_hat||_F / ||A||_F           (A_hat = sum_j beta_j V_j, eq. 17)
 
   with ``A`` the real input of each binarized convolution on one batch of the run's
-  validation data.
+  validation data; and, when the run measured it (``sensitivity.json``), each layer's
+  sensitivity (:mod:`binarize_cli.convert.sensitivity`).
 * :func:`compare_runs`: one row per run (the paper's Tables 3 and 6 layout).
 * :func:`paper_comparison`: ResNet18/34/50 under Bi-Real, ABC and PA accounting beside the
   paper's published Table 7.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from binarize_cli.analyze.profile import ModelProfile, contract_dict, profile_model
+from binarize_cli.convert.sensitivity import SensitivityTable
 from binarize_cli.core.errors import BadInputError, BinarizeError
 from binarize_cli.core.metadata import ACCURACY_STAGES, RunMetadata, accuracy_gap
 from binarize_cli.core.modes import evaluating
@@ -115,13 +117,15 @@ def build_binarized(
     fp_model: Any | None = None,
     first_conv: str | None = None,
     classifier: str | None = None,
+    layer_bases: dict[str, Any] | None = None,
 ) -> BuiltModel:
     """Build ``spec`` with random weights (never downloads) and binarize it.
 
     ``scheme=None`` leaves the model full precision. ``m``/``n`` default to the scheme's
     defaults. ``fp_model`` (a :class:`~binarize_cli.load.models.LoadedModel`) is deep-copied instead
     of building the architecture again. ``first_conv``/``classifier`` override the model's
-    own (as a run's metadata may).
+    own (as a run's metadata may); ``layer_bases`` gives layers their own bases (a run's
+    per-layer table, :func:`binarize_cli.convert.surgery.binarize_model`).
     """
     from binarize_cli.load.models import create_architecture
 
@@ -146,6 +150,7 @@ def build_binarized(
         first_conv=first_conv or loaded.first_conv,
         classifier=classifier or loaded.classifier,
         options=options,
+        layer_bases=layer_bases,
     )
     decisions = {d.name: d for d in result.decisions}
     return BuiltModel(
@@ -197,6 +202,7 @@ def _run_decisions(meta: RunMetadata) -> dict[str, Any]:
             options=dict(meta.scheme_options),
             first_conv=meta.first_conv,
             classifier=meta.classifier,
+            layer_bases=meta.layer_bases,
         )
     except BinarizeError:
         return {}
@@ -331,6 +337,7 @@ def report_for_run(
             if row.binarized:
                 row.weight_error = w_err.get(row.name)
                 row.activation_error = a_err.get(row.name)
+    add_sensitivity(prof, SensitivityTable.load(run.path))
     return Report(
         profile=prof,
         mode="run",
@@ -340,6 +347,20 @@ def report_for_run(
         warnings=warnings,
         fine_tuned=meta.fine_tuned,
     )
+
+
+def add_sensitivity(profile: ModelProfile, table: SensitivityTable | None) -> None:
+    """Give each measured layer of ``profile`` its candidates (``sensitivity``) and the output
+    error at its own bases (``sensitivity_error``; 0 when kept full precision)."""
+    if table is None:
+        return
+    for row in profile.layers:
+        measured = table.layer(row.name)
+        if measured is None:
+            continue
+        row.sensitivity = [asdict(c) for c in measured.candidates]
+        chosen = measured.at((row.m, row.n) if row.binarized else None)
+        row.sensitivity_error = None if chosen is None else chosen.output_error
 
 
 # --------------------------------------------------------------------------------------
@@ -598,13 +619,18 @@ class LayerSamples:
 @dataclass
 class PlotData:
     """What ``--plot`` draws: weight and activation samples, accuracy-memory points, the
-    fine-tune's per-epoch record and its kept epoch."""
+    fine-tune's per-epoch record and its kept epoch, and the run's sensitivity table with
+    each layer's chosen bases (``chosen``: name -> ``[M, N]`` or None; ``default_bases``
+    for the layers it does not name: an older run's M, N)."""
 
     weights: LayerSamples | None
     activations: LayerSamples | None
     points: list[Any]  # plots.AccuracyPoint
     epochs: list[dict[str, Any]] = field(default_factory=list)
     kept_epoch: int | None = None
+    sensitivity: SensitivityTable | None = None
+    chosen: dict[str, Any] = field(default_factory=dict)
+    default_bases: tuple[int, int] | None = None
 
 
 def default_plot_layers(model: nn.Module) -> tuple[str, str]:
@@ -716,4 +742,7 @@ def plot_data(
         points=accuracy_points(reports),
         epochs=list(run.meta.finetune_epochs),
         kept_epoch=run.meta.finetune_kept_epoch,
+        sensitivity=SensitivityTable.load(run.path),
+        chosen=dict(run.meta.layer_bases or {}),
+        default_bases=(run.meta.M, run.meta.N),
     )

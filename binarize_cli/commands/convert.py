@@ -81,18 +81,40 @@ def _shape(d: Any) -> str:
 
 
 def _decisions_table(decisions: list[Any], width: int | None = None) -> Table:
-    """Graph surgery: one row per layer; fitted to ``width`` (``kind``, then ``why``
-    dropped; names and shapes never cut) by :func:`binarize_cli.render.fitted_table`."""
+    """Graph surgery: one row per layer with its bases (``M/N``: each binarized layer's own,
+    ``-`` for full precision); fitted to ``width`` (``kind``, then ``why`` dropped; names,
+    shapes and bases never cut) by :func:`binarize_cli.render.fitted_table`."""
     from binarize_cli.render import Col, Row, fitted_table
 
-    cols = [Col("layer"), Col("kind"), Col("shape"), Col("precision"), Col("why", wrap=True)]
+    cols = [
+        Col("layer"),
+        Col("kind"),
+        Col("shape"),
+        Col("precision"),
+        Col("bases", "M/N", right=True),
+        Col("why", wrap=True),
+    ]
     rows: list[Row] = []
     for d in decisions:
         precision = Text("binarized", style="green") if d.binarized else "full precision"
+        bases = f"{d.m}/{d.n}" if d.binarized and d.m is not None else "-"
         cells = {"layer": d.name, "kind": d.kind, "shape": _shape(d), "precision": precision}
-        rows.append(({**cells, "why": d.reason}, None))
+        rows.append(({**cells, "bases": bases, "why": d.reason}, None))
     return fitted_table(
         "Graph surgery", cols, rows, width=width, drop=("kind", "why"), simple=False
+    )
+
+
+def _allocation_line(allocation: dict[str, Any]) -> str:
+    """What ``--policy auto`` chose, in one line: memory against its budget and the uniform
+    model's, and the summed measured output error."""
+    budget = allocation.get("budget_bits")
+    text = f"per-layer bases allocated: {allocation['memory_bits'] / 1e6:.2f} Mbit"
+    if budget is not None:
+        text += f" (budget {budget / 1e6:.2f})"
+    return (
+        f"{text}, uniform {allocation['uniform_bits'] / 1e6:.2f} Mbit; summed output error "
+        f"{allocation['error']:.4f} (uniform {allocation['uniform_error']:.4f})"
     )
 
 
@@ -326,6 +348,43 @@ _Overwrite = Annotated[
     ),
 ]
 
+_Policy = Annotated[
+    str | None,
+    option(
+        help="uniform: -M/-N for every layer | auto: per-layer bases from the measured "
+        "sensitivity within the budget (docs/sensitivity.md; any case).",
+        default=_DEFAULTS.policy,
+        callback=lower_choice,
+    ),
+]
+
+_BudgetMbit = Annotated[
+    float | None,
+    option(
+        help="Memory budget in Mbit for --policy auto (as report counts memory).",
+        default="the uniform -M/-N model's",
+    ),
+]
+
+_BudgetBops = Annotated[
+    float | None,
+    option(
+        help="Compute budget in bitwise operations per image for --policy auto (a real MAC "
+        "counts 64).",
+        default="the uniform model's, unless --budget-mbit alone",
+    ),
+]
+
+_Sensitivity = Annotated[
+    bool | None,
+    option(
+        "--sensitivity/--no-sensitivity",
+        help="Measure per-layer sensitivity and keep it with the run (report shows it); "
+        "--policy auto always does.",
+        default="--no-sensitivity",
+    ),
+]
+
 _Output = Annotated[
     Path | None,
     option("-o", "--output", help="Run directory.", default="runs/<model>-<scheme>-M<M>N<N>"),
@@ -353,6 +412,10 @@ def convert(
     keep: _Keep = None,
     weight_endpoints: _WeightEndpoints = None,
     distill: _Distill = None,
+    policy: _Policy = None,
+    budget_mbit: _BudgetMbit = None,
+    budget_bops: _BudgetBops = None,
+    sensitivity: _Sensitivity = None,
     resume: _Resume = False,
     overwrite: _Overwrite = False,
     output: _Output = None,
@@ -385,6 +448,10 @@ def convert(
             "seed": seed,
             "keep": list(keep) if keep else None,
             "distill": distill,
+            "policy": policy,
+            "budget_mbit": budget_mbit,
+            "budget_bops": budget_bops,
+            "sensitivity": sensitivity,
             "scheme_options": None if endpoints is None else {"weight_endpoints": endpoints},
         },
     )
@@ -404,6 +471,8 @@ def convert(
     if not is_main:
         return
     console.print(_decisions_table(result.decisions, console.width))
+    if result.meta.allocation is not None:
+        console.print(_allocation_line(result.meta.allocation))
     console.print(_accuracy_table(result.meta))
     for warning in result.warnings:  # after the tables they are about, so they stay in view
         err_console.print(f"[yellow]warning:[/] {warning}")

@@ -1,9 +1,10 @@
-"""The `convert` pipeline: validate -> load -> baseline -> evaluate -> surgery -> calibrate ->
-evaluate -> fine-tune -> evaluate -> save.
+"""The `convert` pipeline: validate -> load -> baseline -> evaluate -> [sensitivity ->
+allocation] -> surgery -> calibrate -> evaluate -> fine-tune -> evaluate -> save.
 
 Every stage is a public function with a typed input and output, so a caller (a benchmark, a
 notebook) can run them one at a time: :func:`prepare` (-> :class:`ConvertPlan`),
 :func:`load_inputs` (-> :class:`ConvertInputs`), :func:`build_reference` (-> :class:`Reference`),
+:func:`choose_bases` (-> :class:`Bases`; only with ``--policy auto`` or ``--sensitivity``),
 :func:`binarize_student` (-> ``SurgeryResult``), :func:`calibrate_student`
 (-> :class:`Calibration`), :func:`finetune_student` (-> ``FinetuneState``),
 :func:`run_metadata` and :func:`write_result`; :func:`run_convert` chains them. Progress is
@@ -73,9 +74,11 @@ from binarize_cli.core.settings import ConvertSettings
 from binarize_cli.core.version import __version__
 
 if TYPE_CHECKING:
+    from binarize_cli.convert.allocate import Allocation
     from binarize_cli.convert.baseline import Baseline
     from binarize_cli.convert.distributed import DistContext
     from binarize_cli.convert.finetune import FinetuneState
+    from binarize_cli.convert.sensitivity import SensitivityTable
     from binarize_cli.convert.surgery import SurgeryResult
     from binarize_cli.load.data import DataBundle
     from binarize_cli.load.models import LoadedModel
@@ -103,6 +106,10 @@ RESUME_KEYS = (
     "distill",
     "distill_weight",
     "temperature",
+    "layers",
+    "policy",
+    "budget_mbit",
+    "budget_bops",
 )
 
 
@@ -185,12 +192,36 @@ def _finite(name: str, value: float) -> None:
         raise BadInputError(f"{name} must be a finite number (got {value})")
 
 
+def _check_policy(settings: ConvertSettings) -> None:
+    """``--policy``, ``--budget-mbit`` and ``--budget-bops``: a known policy, positive finite
+    budgets, and budgets only with ``--policy auto``."""
+    from binarize_cli.core.settings import POLICIES
+
+    if settings.policy not in POLICIES:
+        raise BadInputError(
+            f"--policy must be one of {', '.join(POLICIES)} (got {settings.policy!r})"
+        )
+    for flag, value in (
+        ("--budget-mbit", settings.budget_mbit),
+        ("--budget-bops", settings.budget_bops),
+    ):
+        if value is None:
+            continue
+        if not (math.isfinite(value) and value > 0):
+            raise BadInputError(f"{flag} must be a positive number (got {value})")
+        if settings.policy != "auto":
+            raise BadInputError(
+                f"{flag} chooses per-layer bases, which --policy auto does; add --policy auto"
+            )
+
+
 def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
     """Check every setting that needs no loading; returns ``(scheme, M, N)``.
 
     Raises a one-line BadInputError subclass for the first problem found.
     """
     from binarize_cli.convert.policy import LayerPolicy
+    from binarize_cli.convert.surgery import compiled_rules
     from binarize_cli.load.data import DATA_LOADERS, DATA_SPECS
     from binarize_cli.quant import get_scheme
 
@@ -228,6 +259,8 @@ def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
     if settings.input_size is not None and settings.input_size < 1:
         raise BadInputError(f"--input-size must be a positive integer (got {settings.input_size})")
     LayerPolicy(keep_patterns=tuple(settings.keep))  # compiles every --keep regex
+    compiled_rules(settings.layers, scheme)  # every [layers] regex and choice
+    _check_policy(settings)
     options = dict(settings.scheme_options)
     scheme.weight_quantizer(m, options)  # each factory rejects bad or unknown options
     if n > 0:
@@ -310,13 +343,21 @@ def _remove_if_empty(created: list[Path]) -> None:
             break
 
 
-def _calibration_batches(loader: Any, count: int) -> list[torch.Tensor]:
-    batches: list[torch.Tensor] = []
-    for images, _labels in loader:
-        batches.append(images)
+def _calibration_batches(loader: Any, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` ``(images, labels)`` batches of ``loader``."""
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for images, labels in loader:
+        batches.append((images, labels))
         if len(batches) >= count:
             break
     return batches
+
+
+def _calibration_loader(settings: ConvertSettings, data: DataBundle) -> Any:
+    """The shuffled training loader calibration (and the sensitivity measure) read, seeded."""
+    from binarize_cli.load.data import make_loader
+
+    return make_loader(data.train, batch_size=settings.batch_size, shuffle=True, seed=settings.seed)
 
 
 # --------------------------------------------------------------------------- stages
@@ -403,8 +444,11 @@ def prepare(
     return ConvertPlan(settings, scheme, m, n, run_dir, work_dir, fingerprint, resume, saved)
 
 
-def check_keep_patterns(keep: list[str] | tuple[str, ...], model: nn.Module) -> None:
-    """Refuse a ``--keep`` regex that names no weight layer of ``model`` (one line, exit 2).
+def check_keep_patterns(
+    keep: list[str] | tuple[str, ...], model: nn.Module, layers: dict[str, Any] | None = None
+) -> None:
+    """Refuse a ``--keep`` regex, or a recipe's ``[layers]`` regex, that names no weight layer
+    of ``model`` (one line, exit 2).
 
     A pattern that matches nothing is almost always a typo, and the layer the user meant to
     keep would otherwise be binarized; the role aliases (``first``, ``last``, ``classifier``)
@@ -426,6 +470,13 @@ def check_keep_patterns(keep: list[str] | tuple[str, ...], model: nn.Module) -> 
             f"--keep {pattern!r} matches no layer of the model (its layers: {shown}); "
             "fix the pattern (a regular expression searched in each layer name)"
         )
+    for pattern in layers or {}:
+        if not any(re.search(pattern, n) for n in names):
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise BadInputError(
+                f"[layers] {pattern!r} matches no layer of the model (its layers: {shown}); "
+                "fix the pattern (a regular expression searched in each layer name)"
+            )
 
 
 def _reset_note(loaded: LoadedModel, data: DataBundle) -> str:
@@ -445,7 +496,7 @@ def load_inputs(settings: ConvertSettings) -> ConvertInputs:
     """Load the model first (its normalisation and input size shape RGB data), then the
     data; reload the model with the data's number of classes when they differ.
 
-    Before anything trains: every ``--keep`` regex must name a layer
+    Before anything trains: every ``--keep`` and ``[layers]`` regex must name a layer
     (:func:`check_keep_patterns`) and the model must run at the data's input size
     (:func:`~binarize_cli.load.models.check_input_size`); both raise BadInputError.
     """
@@ -456,7 +507,7 @@ def load_inputs(settings: ConvertSettings) -> ConvertInputs:
     loaded = load_model(
         settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint
     )
-    check_keep_patterns(settings.keep, loaded.model)
+    check_keep_patterns(settings.keep, loaded.model, settings.layers)
     data = load_data(
         settings.data,
         input_size=settings.input_size,
@@ -549,10 +600,15 @@ def build_reference(
 
 
 def binarize_student(
-    plan: ConvertPlan, inputs: ConvertInputs, reference: Reference, device: str
+    plan: ConvertPlan,
+    inputs: ConvertInputs,
+    reference: Reference,
+    device: str,
+    layer_bases: dict[str, Any] | None = None,
 ) -> SurgeryResult:
     """Graph surgery on a copy of the reference model (which stays the teacher), moved to
-    ``device``; ``result.model`` is the student."""
+    ``device``; ``result.model`` is the student. The recipe's ``[layers]`` rules pin
+    per-layer choices; ``layer_bases`` (an allocation's table) names the others."""
     from binarize_cli.convert.surgery import binarize_model
 
     surgery = binarize_model(
@@ -564,9 +620,69 @@ def binarize_student(
         first_conv=inputs.loaded.first_conv,
         classifier=inputs.loaded.classifier,
         options=dict(plan.settings.scheme_options),
+        layer_bases=layer_bases,
+        layer_rules=plan.settings.layers,
     )
     surgery.model.to(device)
     return surgery
+
+
+@dataclass
+class Bases:
+    """Stage 2b (:func:`choose_bases`): the measured sensitivity table and, for
+    ``--policy auto``, the allocation whose ``layer_bases`` surgery applies."""
+
+    sensitivity: SensitivityTable
+    allocation: Allocation | None = None
+
+
+def choose_bases(
+    plan: ConvertPlan,
+    inputs: ConvertInputs,
+    reference: Reference,
+    reporter: Reporter | None = None,
+) -> Bases:
+    """Measure the per-layer sensitivity of the layers the policy binarizes on the
+    calibration batches (:mod:`binarize_cli.convert.sensitivity`) and, with ``--policy auto``,
+    allocate their bases within the budget (:mod:`binarize_cli.convert.allocate`). The
+    recipe's ``[layers]`` pins stay as pinned. Consumes no global RNG, so the rest of the
+    run is as without it."""
+    from binarize_cli.convert import allocate
+
+    rep: Reporter = reporter or _Silent()
+    settings = plan.settings
+    with torch.random.fork_rng(devices=[]):
+        batches = _calibration_batches(
+            _calibration_loader(settings, inputs.data), settings.calib_batches
+        )
+    rep.stage("measuring the per-layer sensitivity")
+    table, allocation = allocate.choose_bases(
+        reference.model,
+        plan.scheme,
+        plan.m,
+        plan.n,
+        batches,
+        auto=settings.policy == "auto",
+        keep=tuple(settings.keep),
+        first_conv=inputs.loaded.first_conv,
+        classifier=inputs.loaded.classifier,
+        options=settings.scheme_options,
+        layer_rules=settings.layers,
+        budget_mbit=settings.budget_mbit,
+        budget_bops=settings.budget_bops,
+        seed=settings.seed,
+        on_measured=lambda t: rep.stage(
+            f"sensitivity of {len(t.layers)} layers measured on {t.images} images "
+            f"in {t.seconds:.1f} s"
+        ),
+    )
+    if allocation is not None:
+        rep.stage(
+            f"allocated per-layer bases: {allocation.memory_bits / 1e6:.2f} Mbit "
+            f"(uniform {allocation.uniform_bits / 1e6:.2f}), summed output error "
+            f"{allocation.error:.4f} (uniform {allocation.uniform_error:.4f})"
+        )
+    return Bases(table, allocation)
 
 
 def calibrate_student(
@@ -582,7 +698,6 @@ def calibrate_student(
     from its checkpoint instead (the checkpoint holds the calibrated and trained weights)."""
     from binarize_cli.convert.calibrate import calibrate_model
     from binarize_cli.convert.training import evaluate
-    from binarize_cli.load.data import make_loader
 
     rep: Reporter = reporter or _Silent()
     settings = plan.settings
@@ -591,10 +706,9 @@ def calibrate_student(
         resumed_from = int(plan.saved["epochs_done"])
         rep.stage(f"resuming after epoch {resumed_from} from {plan.work_dir}")
         return Calibration(extra["calibrated"], float(extra["calibrate_s"]), resumed_from)
-    calib_loader = make_loader(
-        inputs.data.train, batch_size=settings.batch_size, shuffle=True, seed=settings.seed
+    batches = _calibration_batches(
+        _calibration_loader(settings, inputs.data), settings.calib_batches
     )
-    batches = _calibration_batches(calib_loader, settings.calib_batches)
     short = len(batches) < settings.calib_batches
     rep.stage(
         f"calibrating on {len(batches)} batch{'es' if len(batches) != 1 else ''}"
@@ -604,7 +718,9 @@ def calibrate_student(
             else ""
         )
     )
-    stats = calibrate_model(student, reference.model, batches, seed=settings.seed)
+    stats = calibrate_model(
+        student, reference.model, [images for images, _ in batches], seed=settings.seed
+    )
     rep.stage("evaluating the calibrated model")
     accuracy = evaluate(student, reference.val_loader, device=device).to_dict()
     return Calibration(accuracy, stats.seconds)
@@ -753,8 +869,10 @@ def run_metadata(
     state: FinetuneState,
     final_acc: dict[str, Any],
     world_size: int,
+    allocation: Allocation | None = None,
 ) -> RunMetadata:
-    """The ``binarize.json`` of a run (BRIEF section 2 keys plus provenance)."""
+    """The ``binarize.json`` of a run (BRIEF section 2 keys plus provenance, the per-layer
+    table and, for ``--policy auto``, the allocation)."""
     settings, data, baseline = plan.settings, inputs.data, reference.baseline
     loaded, fp_acc, cal_acc = inputs.loaded, baseline.accuracy, calibration.accuracy
     weights_file, weights_sha256 = weights_provenance(loaded)
@@ -797,6 +915,8 @@ def run_metadata(
         weights_file=weights_file,
         weights_sha256=weights_sha256,
         notes=list(inputs.notes),
+        layer_bases=dict(surgery.layer_bases),
+        allocation=None if allocation is None else allocation.to_dict(),
     )
 
 
@@ -834,11 +954,13 @@ def write_result(
     meta: RunMetadata,
     ctx: DistContext,
     state: FinetuneState | None = None,
+    sensitivity: SensitivityTable | None = None,
 ) -> Path | None:
-    """Rank 0 writes the run directory atomically (weights, ``binarize.json`` and the
-    per-epoch ``metrics.csv``) and removes the work directory; returns the run directory
-    (None on other ranks)."""
+    """Rank 0 writes the run directory atomically (weights, ``binarize.json``, the
+    per-epoch ``metrics.csv`` and, when measured, ``sensitivity.json``) and removes the work
+    directory; returns the run directory (None on other ranks)."""
     from binarize_cli.convert.finetune import FinetuneState, metrics_csv
+    from binarize_cli.convert.sensitivity import SENSITIVITY_FILE
 
     written: Path | None = None
     if ctx.is_main:
@@ -846,7 +968,10 @@ def write_result(
             plan.run_dir,
             {k: v.cpu() for k, v in student.state_dict().items()},
             meta,
-            extra_files={METRICS_FILE: metrics_csv(state or FinetuneState()).encode()},
+            extra_files={
+                METRICS_FILE: metrics_csv(state or FinetuneState()).encode(),
+                **({} if sensitivity is None else {SENSITIVITY_FILE: sensitivity.to_json()}),
+            },
         )
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     ctx.barrier()
@@ -929,8 +1054,23 @@ def run_convert(
         inputs = _load_and_say(settings, plan, rep)
         rep.stage("full-precision baseline")
         reference = build_reference(settings, inputs, ctx, progress=progress_console)
-        rep.stage(f"graph surgery: {plan.scheme.name} M={plan.m} N={plan.n}")
-        surgery = binarize_student(plan, inputs, reference, ctx.device)
+        bases = (
+            choose_bases(plan, inputs, reference, rep)
+            if settings.policy == "auto" or settings.sensitivity
+            else None
+        )
+        allocation = None if bases is None else bases.allocation
+        rep.stage(
+            f"graph surgery: {plan.scheme.name} M={plan.m} N={plan.n}"
+            + (" (per-layer bases allocated)" if allocation is not None else "")
+        )
+        surgery = binarize_student(
+            plan,
+            inputs,
+            reference,
+            ctx.device,
+            layer_bases=None if allocation is None else allocation.layer_bases,
+        )
         student = surgery.model
         calibration = calibrate_student(plan, student, inputs, reference, ctx.device, rep)
         if ctx.is_main and settings.epochs > 0:
@@ -956,10 +1096,20 @@ def run_convert(
             student, inputs, reference, calibration, state, rep, ctx.device
         )
         meta = run_metadata(
-            plan, inputs, reference, surgery, calibration, state, final_acc, ctx.world_size
+            plan,
+            inputs,
+            reference,
+            surgery,
+            calibration,
+            state,
+            final_acc,
+            ctx.world_size,
+            allocation,
         )
         return ConvertResult(
-            run_dir=write_result(plan, student, meta, ctx, state),
+            run_dir=write_result(
+                plan, student, meta, ctx, state, None if bases is None else bases.sensitivity
+            ),
             meta=meta,
             decisions=list(surgery.decisions),
             warnings=[*surgery.warnings, *warnings],

@@ -32,7 +32,9 @@ class Run:
 
 
 def build_model_from_meta(meta: RunMetadata) -> nn.Module:
-    """Rebuild the converted architecture (random weights) described by a run's metadata."""
+    """Rebuild the converted architecture (random weights) described by a run's metadata: its
+    surgery replayed, with each layer's own bases where the run records ``layer_bases``
+    (older runs: the run-level M, N everywhere)."""
     loaded = create_architecture(meta.model, num_classes=meta.num_classes)
     result = binarize_model(
         loaded.model,
@@ -43,6 +45,7 @@ def build_model_from_meta(meta: RunMetadata) -> nn.Module:
         first_conv=loaded.first_conv if meta.first_conv is None else meta.first_conv,
         classifier=loaded.classifier if meta.classifier is None else meta.classifier,
         options=dict(meta.scheme_options),
+        layer_bases=meta.layer_bases,
     )
     return result.model
 

@@ -42,7 +42,7 @@ of ``nn.Conv2d`` is true for them: they are never re-binarized).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,6 +76,8 @@ class LayerDecision:
     stride: tuple[int, ...]
     groups: int
     op: str = "Conv2d"
+    m: int | None = None
+    n: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -98,6 +100,9 @@ class SurgeryResult:
         trace_error: why tracing failed, when it did.
         policy: the policy applied (``--keep`` merged in); store ``policy.to_dict()``.
         first_conv, classifier: the module names identified in those roles.
+        layer_bases: the per-layer table: every layer the policy binarizes, by name, with
+            its ``[M, N]``, or ``None`` where a per-layer choice keeps it full precision
+            (``binarize.json``'s ``layer_bases``; :func:`binarize_model` rebuilds from it).
     """
 
     model: nn.Module
@@ -108,6 +113,7 @@ class SurgeryResult:
     policy: LayerPolicy = field(default_factory=LayerPolicy)
     first_conv: tuple[str, ...] = ()
     classifier: tuple[str, ...] = ()
+    layer_bases: dict[str, list[int] | None] = field(default_factory=dict)
 
     @property
     def binarized(self) -> list[LayerDecision]:
@@ -134,6 +140,7 @@ class SurgeryResult:
             "first_conv": list(self.first_conv),
             "classifier": list(self.classifier),
             "layers": [d.to_dict() for d in self.decisions],
+            "layer_bases": {k: None if v is None else list(v) for k, v in self.layer_bases.items()},
             "warnings": list(self.warnings),
         }
 
@@ -391,7 +398,9 @@ def _structure(
     return _Structure(gm is not None, trace_error, downsample, first, last)
 
 
-def _decision_row(info: LayerInfo, binarized: bool, reason: str) -> LayerDecision:
+def _decision_row(
+    info: LayerInfo, binarized: bool, reason: str, bases: tuple[int, int] | None = None
+) -> LayerDecision:
     return LayerDecision(
         name=info.name or "(root)",
         kind=info.kind,
@@ -403,6 +412,8 @@ def _decision_row(info: LayerInfo, binarized: bool, reason: str) -> LayerDecisio
         stride=info.stride,
         groups=info.groups,
         op=info.op,
+        m=None if bases is None else bases[0],
+        n=None if bases is None else bases[1],
     )
 
 
@@ -411,19 +422,18 @@ class _Swaps:
     """The replacements one :func:`binarize_model` call collects, and what it could not do."""
 
     scheme: Scheme
-    m: int
-    n: int
     options: dict[str, Any] | None
     warnings: list[str]
     replacements: dict[int, nn.Module] = field(default_factory=dict)
     unsupported: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
-    def requested(self) -> tuple[str, int, int]:
-        """What a layer binarized by this call records (to spot earlier, different surgery)."""
+    def requested(self, m: int, n: int) -> tuple[str, int, int]:
+        """What a layer binarized by this call at (m, n) records (to spot earlier, different
+        surgery)."""
         return (
             self.scheme.name,
-            int(self.scheme.weight_quantizer(self.m, self.options).num_bases),
-            int(self.scheme.activation_quantizer(self.n, self.options).num_bases),
+            int(self.scheme.weight_quantizer(m, self.options).num_bases),
+            int(self.scheme.activation_quantizer(n, self.options).num_bases),
         )
 
     def apply(
@@ -432,10 +442,12 @@ class _Swaps:
         module: nn.Module,
         binarize: bool,
         reason: str,
-        requested: tuple[str, int, int],
+        bases: tuple[int, int],
     ) -> tuple[bool, str]:
-        """``(binarized, reason)`` for one weight layer; queues its replacement if any."""
+        """``(binarized, reason)`` for one weight layer binarized at ``bases`` = (M, N);
+        queues its replacement if any."""
         if isinstance(module, BinarizedConv2d):
+            requested = self.requested(*bases)
             reason = f"already binarized ({module.scheme_name} M={module.weight_bases} N={module.activation_bases})"
             if (module.scheme_name, module.weight_bases, module.activation_bases) != requested:
                 self.warnings.append(
@@ -457,11 +469,71 @@ class _Swaps:
             self.replacements[id(module)] = BinarizedConv2d.from_conv(
                 module,  # type: ignore[arg-type]
                 self.scheme,
-                self.m,
-                self.n,
+                bases[0],
+                bases[1],
                 self.options,
             )
         return True, reason
+
+
+#: A per-layer choice: ``(M, N)``, or ``None`` to keep the layer full precision.
+LayerChoice = tuple[int, int] | None
+
+
+def layer_choice(value: Any, where: str) -> LayerChoice:
+    """A per-layer choice from its written forms: ``None`` or ``"fp"`` (full precision), or
+    ``[M, N]`` / ``(M, N)`` (two integers); anything else is a one-line BadInputError naming
+    ``where``."""
+    if value is None or (isinstance(value, str) and value.lower() == "fp"):
+        return None
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise BadInputError(f'{where} must be "fp" or [M, N] (two integers), got {value!r}')
+
+
+def _checked_table(
+    layer_bases: Mapping[str, Any], scheme: Scheme, weight_layers: dict[str, nn.Module]
+) -> dict[str, LayerChoice]:
+    """``layer_bases`` with every choice parsed and validated by the scheme; a name that is
+    no weight layer of the model is a BadInputError."""
+    table: dict[str, LayerChoice] = {}
+    for name, value in layer_bases.items():
+        if name not in weight_layers:
+            shown = ", ".join(list(weight_layers)[:4])
+            raise BadInputError(
+                f"per-layer bases name {name!r}, which is no weight layer of the model "
+                f"(its layers: {shown}, ...)"
+            )
+        choice = layer_choice(value, f"the bases of layer {name!r}")
+        if choice is not None:
+            scheme.check(*choice)
+        table[name] = choice
+    return table
+
+
+def compiled_rules(
+    rules: Sequence[tuple[str, Any]] | Mapping[str, Any], scheme: Scheme
+) -> list[tuple[str, re.Pattern[str], LayerChoice]]:
+    """``(pattern, regex, choice)`` per rule, in order; bad regexes and choices are one-line
+    BadInputErrors."""
+    items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    out: list[tuple[str, re.Pattern[str], LayerChoice]] = []
+    for pattern, value in items:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise BadInputError(
+                f"[layers] {pattern!r} is not a valid regular expression ({exc})"
+            ) from None
+        choice = layer_choice(value, f"[layers] {pattern!r}")
+        if choice is not None:
+            scheme.check(*choice)
+        out.append((pattern, compiled, choice))
+    return out
 
 
 def binarize_model(
@@ -476,13 +548,16 @@ def binarize_model(
     options: dict[str, Any] | None = None,
     policy: LayerPolicy | None = None,
     example_input: torch.Tensor | None = None,
+    layer_bases: Mapping[str, Any] | None = None,
+    layer_rules: Sequence[tuple[str, Any]] | Mapping[str, Any] = (),
 ) -> SurgeryResult:
     """Replace the model's eligible ``nn.Conv2d`` layers by ``BinarizedConv2d`` in place.
 
     Args:
         model: a timm / torchvision (or any) image model; modified in place.
         scheme: a registered scheme name (``"pa"``, ``"abc"``, ...) or a :class:`Scheme`.
-        m, n: weight and activation bases (``-M``, ``-N``), validated by the scheme.
+        m, n: weight and activation bases (``-M``, ``-N``), validated by the scheme: the
+            bases of every binarized layer the per-layer choices below do not name.
         keep: ``--keep`` regexes (``re.search`` on qualified names; ``first``/``last`` aliases),
             added to the policy's own patterns.
         first_conv, classifier: module names in those roles (``LoadedModel.first_conv`` /
@@ -491,24 +566,37 @@ def binarize_model(
         policy: the layer policy; default :meth:`LayerPolicy.for_scheme` (paper 4.3, 4.6.1).
         example_input: probe input for the forward-hook execution order of models that do not
             trace (default: ``[1, C, 64, 64]`` noise).
+        layer_bases: per-layer choices by exact layer name: ``(M, N)`` (validated by the
+            scheme), or ``None`` / ``"fp"`` to keep that layer full precision
+            (``binarize.json``'s ``layer_bases``, the allocation's result). Only layers the
+            policy binarizes may get bases; ``None`` for a layer the policy keeps is allowed.
+        layer_rules: a recipe's ``[layers]`` table: ``(regex, choice)`` pairs (or a mapping,
+            in its order), ``re.search`` on the names of the layers the policy binarizes; the
+            first matching regex wins, and ``layer_bases`` wins over every rule. A regex that
+            matches no layer the policy binarizes is an error.
 
     Returns:
-        :class:`SurgeryResult` with one decision per weight layer and the warnings.
+        :class:`SurgeryResult` with one decision per weight layer, the per-layer table and
+        the warnings.
 
     Raises:
-        SchemeError: unknown scheme or invalid (M, N).
-        BadInputError: an invalid ``--keep`` regex.
+        SchemeError: unknown scheme or invalid (M, N), per layer too.
+        BadInputError: an invalid ``--keep`` regex or ``[layers]`` rule, a per-layer choice
+            naming no weight layer or giving bases to a layer the policy keeps.
     """
     scheme_obj = _resolve_scheme(scheme)
     scheme_obj.check(m, n)
     active = (policy or LayerPolicy.for_scheme(scheme_obj)).with_keep(tuple(keep))
     warnings: list[str] = []
     weight_layers = _weight_layers(model)
+    table = _checked_table(layer_bases or {}, scheme_obj, weight_layers)
+    rules = compiled_rules(layer_rules, scheme_obj)
     graph = _structure(model, weight_layers, first_conv, classifier, example_input, warnings)
-    swaps = _Swaps(scheme_obj, m, n, options, warnings)
-    requested = swaps.requested()
+    swaps = _Swaps(scheme_obj, options, warnings)
     decisions: list[LayerDecision] = []
+    recorded: dict[str, list[int] | None] = {}
     matched_patterns: set[str] = set()
+    matched_rules: set[str] = set()
     for name, module in weight_layers.items():
         kind = classify_layer(
             name, module, first_conv=graph.first, classifier=graph.last, downsample=graph.downsample
@@ -518,9 +606,40 @@ def binarize_model(
         if pattern is not None:
             matched_patterns.add(pattern)
         decision = active.decide(info)
-        binarized, reason = swaps.apply(name, module, decision.binarize, decision.reason, requested)
-        decisions.append(_decision_row(info, binarized, reason))
+        binarize, reason, bases = decision.binarize, decision.reason, (m, n)
+        choice: LayerChoice = bases
+        source = ""
+        hits = [r for r in rules if r[1].search(name)] if decision.binarize else []
+        matched_rules.update(r[0] for r in hits)
+        if name in table:
+            choice = table[name]
+            if not decision.binarize and choice is not None:
+                raise BadInputError(
+                    f"per-layer bases for {name!r}, which the policy keeps full precision "
+                    f"({decision.reason}); drop it from the per-layer table"
+                )
+            source = "the per-layer table"
+        elif hits:
+            choice, source = hits[0][2], f"[layers] {hits[0][0]!r}"
+        if decision.binarize and choice is None:
+            binarize, reason = False, f"full precision by {source}"
+        elif choice is not None:
+            bases = choice
+        binarized, reason = swaps.apply(name, module, binarize, reason, bases)
+        if isinstance(module, BinarizedConv2d):
+            bases = (module.weight_bases, module.activation_bases)
+        if binarized:
+            recorded[name] = list(bases)
+        elif decision.binarize and choice is None:
+            recorded[name] = None
+        decisions.append(_decision_row(info, binarized, reason, bases if binarized else None))
 
+    unmatched = [r[0] for r in rules if r[0] not in matched_rules]
+    if unmatched:
+        raise BadInputError(
+            f"[layers] {unmatched[0]!r} matches no layer the policy binarizes; fix the pattern "
+            "(a regular expression searched in each layer name)"
+        )
     for (op, why), names in swaps.unsupported.items():
         warnings.append(
             f"{len(names)} {op} layer(s) kept full precision, cannot binarize: {why}: {', '.join(names)}"
@@ -538,6 +657,7 @@ def binarize_model(
         policy=active,
         first_conv=tuple(sorted(graph.first)),
         classifier=tuple(sorted(graph.last)),
+        layer_bases=recorded,
     )
 
 

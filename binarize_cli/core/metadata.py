@@ -24,6 +24,11 @@ the bytes ``convert`` always wrote: 2-space indented JSON and a final newline):
   images into the model's input (:class:`~binarize_cli.core.preprocess.Preprocessing`'s
   JSON form, checked on reading). A file without it is written back without it, so an
   older file's round trip changes no byte either.
+* per-layer bases (optional, absent from older files, which rebuild with the run-level ``M``,
+  ``N`` everywhere): ``layer_bases`` maps every layer the policy binarizes to its ``[M, N]``,
+  or to null where a per-layer choice keeps it full precision; ``allocation`` records how
+  ``--policy auto`` chose them (policy, budgets, predicted memory bits and operations, the
+  summed measured error), null for a uniform run.
 
 Schema version. The file has carried ``format_version`` since the first release; it *is* the
 schema version (:data:`SCHEMA_VERSION`, 1), so no second key is added. A file without it (or
@@ -125,6 +130,13 @@ def _size(v: Any) -> bool:
     return _is_int(v) or _list_of(_is_int)(v)
 
 
+def _layer_table(v: Any) -> bool:
+    pair = _list_of(_is_int)
+    return isinstance(v, dict) and all(
+        _is_str(k) and (x is None or (pair(x) and len(x) == 2)) for k, x in v.items()
+    )
+
+
 def _json_kind(v: Any) -> str:
     if v is None:
         return "null"
@@ -224,6 +236,8 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "weights_file": (_or_null(_is_str), "a string or null"),
     "weights_sha256": (_or_null(_is_str), "a string or null"),
     "notes": (_list_of(_is_str), "a list of strings"),
+    "layer_bases": (_or_null(_layer_table), "an object of [M, N] or null per layer, or null"),
+    "allocation": (_or_null(_is_object), "an object or null"),
 }
 
 
@@ -329,6 +343,8 @@ class RunMetadata:
     weights_file: str | None = None
     weights_sha256: str | None = None
     notes: list[str] = field(default_factory=list)
+    layer_bases: dict[str, list[int] | None] | None = None
+    allocation: dict[str, Any] | None = None
 
     @property
     def fine_tuned(self) -> bool:

@@ -4,7 +4,17 @@ Precedence, lowest first: built-in defaults < the scheme's defaults (M, N) < a r
 (``--recipe FILE``) < flags given on the command line. A recipe is a flat TOML table of
 the keys of :class:`ConvertSettings` (``model`` optional) plus an optional
 ``[scheme_options]`` table (``lambda_w``, ``lambda_a``, ``lambda_delta``,
-``weight_endpoints``, ``signed_activations``). Unknown keys and wrong types are errors, never ignored.
+``weight_endpoints``, ``signed_activations``) and an optional ``[layers]`` table that pins
+per-layer choices by regex (``re.search`` on layer names, first matching regex wins, in the
+file's order): ``"fp"`` keeps a layer full precision, ``[M, N]`` gives it its own bases::
+
+    [layers]
+    "layer4\\..*downsample" = "fp"
+    "layer1\\." = [2, 3]
+
+``policy`` (``"uniform"`` or ``"auto"``), ``budget_mbit`` and ``budget_bops`` choose the
+per-layer bases of the other layers (docs/sensitivity.md). Unknown keys and wrong types are
+errors, never ignored.
 
 Example (``recipes/pa-resnet18-m4n5.toml``)::
 
@@ -60,6 +70,11 @@ class ConvertSettings:
     distill_weight: float = 0.5
     temperature: float = 1.0
     scheme_options: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, Any] = field(default_factory=dict)
+    policy: str = "uniform"
+    budget_mbit: float | None = None
+    budget_bops: float | None = None
+    sensitivity: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,7 +102,16 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "distill_weight": (int, float),
     "temperature": (int, float),
     "scheme_options": (dict,),
+    "layers": (dict,),
+    "policy": (str,),
+    "budget_mbit": (int, float),
+    "budget_bops": (int, float),
+    "sensitivity": (bool,),
 }
+
+#: The ``--policy`` choices: one (M, N) for every layer, or per-layer bases chosen from the
+#: measured sensitivity within a budget.
+POLICIES = ("uniform", "auto")
 
 
 def _check_type(where: str, key: str, value: Any, types: tuple[type, ...]) -> None:
@@ -119,6 +143,14 @@ def validate_recipe(data: dict[str, Any], where: str = "recipe") -> dict[str, An
         )
     for key, value in options.items():
         _check_type(where, f"scheme_options.{key}", value, SCHEME_OPTION_TYPES[key])
+    for pattern, value in data.get("layers", {}).items():
+        pair = isinstance(value, list) and len(value) == 2
+        if not (value == "fp" or (pair and all(type(v) is int for v in value))):
+            raise RecipeError(
+                f'{where}: layers.{pattern!r} must be "fp" or [M, N] (two integers), got {value!r}'
+            )
+    if data.get("policy", "uniform") not in POLICIES:
+        raise RecipeError(f"{where}: policy must be one of {', '.join(POLICIES)}")
     for item in options.get("weight_endpoints", []):
         _check_type(where, "weight_endpoints item", item, (int, float))
     return data
@@ -143,8 +175,8 @@ def merge_settings(recipe: dict[str, Any] | None, overrides: dict[str, Any]) -> 
     for layer in layers:
         validate_recipe(dict(layer), where="settings")
         for key, value in layer.items():
-            if key == "scheme_options":
-                settings.scheme_options = {**settings.scheme_options, **value}
+            if key in ("scheme_options", "layers"):
+                setattr(settings, key, {**getattr(settings, key), **value})
             else:
                 setattr(settings, key, value)
     return settings

@@ -17,6 +17,7 @@ explicitly by the runtime in the {-1,+1} domain.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -119,8 +120,58 @@ class BinarizedConv2d(nn.Conv2d):
             x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
 
+    def weight_scale_count(self) -> int:
+        """Weight scales an export must store: ``alpha``'s size (M per layer, or M x C_out for
+        per-channel schemes); 0 for a single-plane weight (M = 1), whose per-channel factor
+        folds into the following affine (docs/accounting.md)."""
+        if self.weight_bases <= 1:
+            return 0
+        # The scales' shape ([P] or [P, C_out]) depends on the output channels only, so the
+        # quantizer is asked on a thin slice of the weight (all output channels, few inputs):
+        # the full decomposition of a large layer costs seconds.
+        weight = self.weight.detach()
+        thin = weight[:, : min(weight.shape[1], 4)]
+        with torch.no_grad():
+            try:
+                planes = self.weight_quantizer.bit_planes(thin)
+            except Exception:  # a quantizer that needs the real shape: decompose all of it
+                planes = self.weight_quantizer.bit_planes(weight)
+        return int(planes.scales.numel())
+
+    def stored_values(self) -> tuple[int, int]:
+        """``(real, binary)``: the 32-bit and the binary values this layer stores, the
+        accounting's rule (paper 4.6.1, :mod:`binarize_cli.analyze.profile`): ``M`` binary
+        values per weight; the bias, the quantizers' parameters and the weight scales
+        (:meth:`weight_scale_count`) real. Memory = ``32 * real + binary`` bits."""
+        quantizer_params = sum(
+            p.numel()
+            for q in (self.weight_quantizer, self.activation_quantizer)
+            for p in q.parameters()
+        )
+        bias = self.bias.numel() if self.bias is not None else 0
+        return bias + quantizer_params + self.weight_scale_count(), self.weight_bases * (
+            self.weight.numel()
+        )
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, scheme={self.scheme_name}, "
             f"M={self.weight_bases}, N={self.activation_bases}"
         )
+
+
+def layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """Multiply-accumulates per sample of one call of a conv or linear module (the
+    accounting's MACs, :mod:`binarize_cli.analyze.profile`); 0 for other modules."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = math.prod(module.kernel_size)
+        batch = out.shape[0] if out.dim() > len(module.kernel_size) + 1 else 1
+        if module.transposed:
+            per_in = module.out_channels // module.groups * kernel
+            return inp.numel() // batch * per_in
+        per_out = module.in_channels // module.groups * kernel
+        return out.numel() // batch * per_out
+    if isinstance(module, nn.Linear):
+        batch = out.shape[0] if out.dim() > 1 else 1
+        return out.numel() // batch * module.in_features
+    return 0

@@ -204,6 +204,8 @@ def _decision(name: str, binarized: bool = True, groups: int = 1) -> SimpleNames
         groups=groups,
         binarized=binarized,
         reason="kept full precision: depthwise conv (paper 4.3), too few channels",
+        m=8 if binarized else None,
+        n=7 if binarized else None,
     )
 
 
@@ -215,6 +217,7 @@ def test_surgery_table_fits_80_columns():
         assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
         assert all(name in text for name in names)  # whole, on one line
         assert "320->1280 k3x3 s2x2" in text
+        assert text.count("8/7") == 2  # each binarized layer's own bases, never dropped
     assert "why" in _render(_decisions_table(decisions, 200), 200)
     # names too long for any column layout fold instead of being cut
     long = [_decision("stages.3.blocks.12.attention.conv_pointwise_expand_" + "x" * 30, groups=32)]

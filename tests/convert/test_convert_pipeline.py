@@ -145,6 +145,37 @@ def test_cli_convert_and_refuses_foreign_output_dir(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "resnet18-xnor-M1N1" / "binarize.json").is_file()
 
 
+TINY = {**FAST, "model": "timm:test_resnet", "epochs": 0.0, "calib_batches": 1}
+
+
+def test_recipe_layers_pin_per_layer_bases(tmp_path):
+    out = tmp_path / "run"
+    layers = {"layer2\\.0\\.downsample": "fp", "layer1\\.": [2, 3], "layer4": [6, 7]}
+    result = run_convert(
+        merge_settings(None, {**TINY, "scheme": "pa", "M": 4, "N": 5, "layers": layers}),
+        out_dir=out,
+    )
+    table = json.loads((out / "binarize.json").read_text())["layer_bases"]
+    assert table["layer2.0.downsample.1"] is None
+    assert table["layer1.0.conv1"] == table["layer1.0.conv2"] == [2, 3]
+    assert table["layer4.0.downsample.1"] == [6, 7] and table["layer3.0.conv1"] == [4, 5]
+    rows = {d.name: d for d in result.decisions}
+    assert not rows["layer2.0.downsample.1"].binarized
+    assert (rows["layer4.0.conv2"].m, rows["layer4.0.conv2"].n) == (6, 7)
+    modules = dict(load_run(out).model.named_modules())
+    assert modules["layer4.0.conv2"].activation_bases == 7
+    assert type(modules["layer2.0.downsample.1"]).__name__ == "Conv2d"
+
+
+def test_a_layers_regex_matching_nothing_fails_before_training(tmp_path):
+    from binarize_cli.core.errors import BadInputError
+
+    settings = merge_settings(None, {**TINY, "layers": {"layer9": "fp"}})
+    with pytest.raises(BadInputError, match="\\[layers\\] 'layer9' matches no layer"):
+        run_convert(settings, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_matches_one_process_shape(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BINARIZE_CACHE": str(tmp_path / "cache")}

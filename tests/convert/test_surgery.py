@@ -286,6 +286,67 @@ def test_binarized_counts_resnet18_per_kind() -> None:
     assert kept.reason == f"1x1 downsample kept for {ABC} (paper 4.6.1)"
 
 
+# --------------------------------------------------------------------------- per-layer bases
+
+
+def test_per_layer_bases_and_fp_choices() -> None:
+    model = make("resnet18")
+    table = {"layer1.0.conv1": (2, 4), "layer4.0.downsample.0": None, "layer3.1.conv2": [4, 0]}
+    result = binarize_model(model, "pa", 4, 5, layer_bases=table)
+    rows = by_name(result)
+    assert isinstance(model.layer1[0].conv1, BinarizedConv2d)
+    assert (model.layer1[0].conv1.weight_bases, model.layer1[0].conv1.activation_bases) == (2, 4)
+    assert (model.layer3[1].conv2.weight_bases, model.layer3[1].conv2.activation_bases) == (4, 0)
+    assert (model.layer2[0].conv1.weight_bases, model.layer2[0].conv1.activation_bases) == (4, 5)
+    assert not isinstance(model.layer4[0].downsample[0], BinarizedConv2d)
+    assert rows["layer4.0.downsample.0"].reason == "full precision by the per-layer table"
+    assert (rows["layer1.0.conv1"].m, rows["layer1.0.conv1"].n) == (2, 4)
+    assert rows["conv1"].m is None and not rows["conv1"].binarized
+    # the recorded table: every layer the policy binarizes, the FP choice as None
+    assert len(result.layer_bases) == 19
+    assert result.layer_bases["layer1.0.conv1"] == [2, 4]
+    assert result.layer_bases["layer4.0.downsample.0"] is None
+    assert result.layer_bases["layer2.0.conv1"] == [4, 5]
+    assert "conv1" not in result.layer_bases and "fc" not in result.layer_bases
+    # rebuilding from the recorded table gives the same layers
+    again = binarize_model(make("resnet18"), "pa", 4, 5, layer_bases=result.layer_bases)
+    assert again.layer_bases == result.layer_bases
+
+
+def test_layer_rules_first_match_wins() -> None:
+    rules = {"layer4\\..*downsample": "fp", "layer1\\.": [2, 3], "layer1\\.0": [8, 7]}
+    result = binarize_model(make("resnet18"), "pa", 4, 5, layer_rules=rules)
+    assert result.layer_bases["layer4.0.downsample.0"] is None
+    assert result.layer_bases["layer1.0.conv1"] == [2, 3]  # the first rule that matches
+    assert result.layer_bases["layer3.0.downsample.0"] == [4, 5]
+    assert by_name(result)["layer4.0.downsample.0"].reason == (
+        "full precision by [layers] 'layer4\\\\..*downsample'"
+    )
+    # an exact per-layer choice wins over a rule
+    result = binarize_model(
+        make("resnet18"), "pa", 4, 5, layer_rules=rules, layer_bases={"layer1.0.conv1": [6, 7]}
+    )
+    assert result.layer_bases["layer1.0.conv1"] == [6, 7]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layer_bases": {"layer9.conv": [4, 5]}}, "no weight layer of the model"),
+        ({"layer_bases": {"conv1": [4, 5]}}, "which the policy keeps full precision"),
+        ({"layer_bases": {"layer1.0.conv1": [3, 5]}}, "PA needs an even -M"),
+        ({"layer_bases": {"layer1.0.conv1": "4,5"}}, 'must be "fp" or \\[M, N\\]'),
+        ({"layer_rules": {"layer9": "fp"}}, "matches no layer the policy binarizes"),
+        ({"layer_rules": {"layer[1": "fp"}}, "not a valid regular expression"),
+        ({"layer_rules": {"layer1": [2]}}, 'must be "fp" or \\[M, N\\]'),
+    ],
+)
+def test_bad_per_layer_choices_are_one_line_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises((BadInputError, SchemeError), match=message) as info:
+        binarize_model(make("resnet18"), "pa", 4, 5, **kwargs)
+    assert "\n" not in str(info.value)
+
+
 # --------------------------------------------------------------------------- --keep
 
 

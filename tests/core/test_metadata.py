@@ -62,6 +62,8 @@ def convert_record() -> dict[str, Any]:
         "weights_file": "/ckpt/resnet18.safetensors",
         "weights_sha256": "ab" * 32,
         "notes": ["the classifier is reset"],
+        "layer_bases": {"layer1.0.conv1": [2, 3], "layer4.0.downsample": None},
+        "allocation": {"policy": "auto", "budget_mbit": 40.0, "memory_bits": 39000000},
     }
 
 
@@ -118,6 +120,7 @@ def test_an_old_file_without_the_schema_keys_still_loads(tmp_path) -> None:
     assert meta.world_size == 1
     assert meta.weights_file is None and meta.weights_sha256 is None and meta.notes == []
     assert meta.timings.step_ratio is None and meta.finetune_kept_epoch is None
+    assert meta.layer_bases is None and meta.allocation is None  # rebuilt with M, N everywhere
 
 
 def test_another_schema_version_is_refused(tmp_path) -> None:
@@ -194,6 +197,8 @@ def _set(record: dict[str, Any], dotted: str, value: Any) -> None:
         ("timings", None, "timings must be an object, not null"),
         ("notes", "reset", "notes must be a list of strings, not a string"),
         ("weights_sha256", 12, "weights_sha256 must be a string or null, not a number"),
+        ("layer_bases", {"conv": [4]}, "layer_bases must be an object of [M, N] or null per layer"),
+        ("layer_bases", [[4, 5]], "layer_bases must be an object of [M, N] or null per layer"),
         ("timings.finetune_epoch_s", 30.0, "timings.finetune_epoch_s must be a list of numbers"),
         (
             "timings.calibrate_s",

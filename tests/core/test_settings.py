@@ -52,6 +52,11 @@ def test_flags_override_recipe_and_recipe_overrides_defaults(tmp_path):
         ("keep = [1]\n", "keep item"),
         ("[scheme_options]\nlambda_q = 1\n", "unknown scheme option"),
         ("M = \n", "not valid TOML"),
+        ('[layers]\n"layer1" = "int8"\n', 'must be "fp" or \\[M, N\\]'),
+        ('[layers]\n"layer1" = [4]\n', 'must be "fp" or \\[M, N\\]'),
+        ('[layers]\n"layer1" = [4.0, 5]\n', 'must be "fp" or \\[M, N\\]'),
+        ('policy = "greedy"\n', "policy must be one of uniform, auto"),
+        ('budget_mbit = "40"\n', "budget_mbit must be int or float"),
     ],
 )
 def test_bad_recipes_are_rejected(tmp_path, text, needle):
@@ -64,3 +69,16 @@ def test_bad_recipes_are_rejected(tmp_path, text, needle):
 def test_missing_recipe(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "none.toml")
+
+
+def test_layers_table_keeps_its_order(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[layers]\n"layer4\\\\..*downsample" = "fp"\n"layer1\\\\." = [2, 3]\n')
+    s = merge_settings(load_recipe(p), {})
+    assert list(s.layers.items()) == [("layer4\\..*downsample", "fp"), ("layer1\\.", [2, 3])]
+    assert s.policy == "uniform" and s.budget_mbit is None and s.budget_bops is None
+
+
+def test_example_recipe_with_per_layer_choices_is_valid():
+    data = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "resnet18-pa-layers.toml")
+    assert data["layers"] and all(v == "fp" or len(v) == 2 for v in data["layers"].values())
