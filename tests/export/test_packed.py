@@ -325,7 +325,17 @@ def test_conv_subclass_with_tensorflow_same_padding_is_pad_then_conv(tmp_path) -
         nodes = json.loads(fh.metadata()["graph"])["nodes"]
     assert [n["op"] for n in nodes[:2]] == ["pad", "conv2d"]
     assert nodes[0]["attrs"]["pads"] == [1, 1, 1, 1] and nodes[1]["attrs"]["padding"] == [0, 0]
+    # a kernel larger than the feature map (tf_mobilenetv3's 5x5 depthwise at 4x4): only the
+    # padded convolution runs at all, so the unpadded candidate must not stop the export
+    model.conv = Conv2dSame(3, 4, 5, stride=2)  # 4 -> 2: total padding 3 per side pair
+    model.fc = nn.Linear(4 * 2 * 2, 10)
+    meta = {**meta_for("pa", 2, 2), "input_size": [3, 4, 4]}
+    path = export_packed_model(model.eval(), meta, tmp_path / "small.safetensors")
+    with safe_open(str(path), framework="numpy") as fh:
+        nodes = json.loads(fh.metadata()["graph"])["nodes"]
+    assert nodes[0]["op"] == "pad" and nodes[0]["attrs"]["pads"] == [1, 2, 1, 2]
     model.conv = Doubled(3, 4, 3, padding=1)
     model.fc = nn.Linear(4 * 8 * 8, 10)
+    meta = {**meta_for("pa", 2, 2), "input_size": [3, 8, 8]}
     (tmp_path / "x").mkdir()
     assert "computes something other than nn.Conv2d" in _export_error(model, tmp_path / "x")
