@@ -101,8 +101,9 @@ _BINS = (
 )
 _POOL_SIZE = (
     "output size per axis: `o = (in + 2p - d(k-1) - 1) / s + 1`, rounded down, or up with "
-    "`ceil_mode`; with `ceil_mode`, `o` drops by 1 when window `o - 1` would start at or past "
-    "`in + p` (it must start inside the input or the left padding)"
+    "`ceil_mode`; with `ceil_mode`, `o` drops by 1 when the last window's start `(o - 1) s` "
+    "(in padded coordinates, the input at `[p, in + p)`) is at or past `in + p`: a window must "
+    "start inside the left padding or the input"
 )
 _DIMS = "negative dims count from the end (`-1`: the last)"
 
