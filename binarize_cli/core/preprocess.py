@@ -151,6 +151,7 @@ class Preprocessing:
             set_(self, "resize", _ints(self.resize, "resize", (1, 2)))
         if self.crop is not None:
             set_(self, "crop", _ints(self.crop, "crop", (2,)))
+        self._check_crop_fits()
         pct = self.crop_pct
         if pct is not None and (not _is_number(pct) or not 0 < pct <= 1):
             raise PreprocessingError(f"preprocessing.crop_pct must be in (0, 1], got {pct!r}")
@@ -159,6 +160,27 @@ class Preprocessing:
         if isinstance(self.classes, str) or not all(isinstance(c, str) for c in self.classes):
             raise PreprocessingError("preprocessing.classes must be a list of strings")
         set_(self, "classes", tuple(self.classes))
+
+    def _check_crop_fits(self) -> None:
+        """A crop must fit inside every resized image (torchvision would pad, an accident):
+        within ``[S]`` (the shorter side) or ``[H, W]``; with no resize the torch sets check
+        their one stored size (:meth:`crop_box`), and a ``pil`` record needs a resize."""
+        if self.crop is None:
+            return
+        if self.resize is None:
+            if self.resampler == "pil":
+                raise PreprocessingError(
+                    "preprocessing.crop needs a resize with resampler pil "
+                    "(the crop must fit every image)"
+                )
+            return
+        limit = self.resize * 2 if len(self.resize) == 1 else self.resize
+        if self.crop[0] > limit[0] or self.crop[1] > limit[1]:
+            side = "shorter side" if len(self.resize) == 1 else "size"
+            raise PreprocessingError(
+                f"preprocessing.crop {self.crop[0]}x{self.crop[1]} is larger than the resized "
+                f"image ({side} {'x'.join(map(str, self.resize))})"
+            )
 
     # -- geometry ------------------------------------------------------------------------
     def resized_size(self, height: int, width: int) -> tuple[int, int]:

@@ -57,10 +57,15 @@ _SCALAR = (
 )
 _SLICE = "`x[..., start:stop:step, ...]` on each of `dims` (NumPy basic slicing)"
 _RESIZE = (
-    "`F.interpolate` to `size`: source coordinate of output pixel `i` is `i * r` (nearest: "
-    "`min(floor(i * r), in - 1)` in float32) or `max((i + 0.5) * r - 0.5, 0)` (bilinear, "
-    "`align_corners` false), `r = 1 / scale_factor` if given else `in / out`; bilinear with "
-    "`align_corners`: `i * (in - 1) / (out - 1)`"
+    "`F.interpolate` to `size`, per axis of input size `in` and output size `out`. nearest, "
+    "all in float32 (even in a float64 reader): `r = float32(in) / float32(out)` or "
+    "`float32(1 / scale_factor)`, source `min(floor(i * r), in - 1)`. bilinear, in the "
+    "value's precision (float32 for float32 values): `r` is `1 / scale_factor` if given else "
+    "`in / out` (`align_corners` true: `(in - 1) / (out - 1)`, 0 when `out` is 1), computed "
+    "in float64 and then rounded to that precision; source `s = max((i + 0.5) * r - 0.5, 0)` "
+    "(`align_corners` false) or `s = i * r` (true), `i0 = floor(s)`, `i1 = min(i0 + 1, in - 1)`, "
+    "`l = s - i0`; rows first: `t = (1 - lh) x[i0h] + lh x[i1h]`, then columns: "
+    "`y = (1 - lw) t[i0w] + lw t[i1w]`"
 )
 _REDUCE = (("dims", "list of int"), ("keepdim", "boolean"))
 _OUTPUT_SIZE = (("output_size", "[h or null, w or null]"),)
@@ -90,7 +95,17 @@ _BCONV_OPTIONAL_TENSORS = (
 _BN = "`y[:, c] = x[:, c] * scale[c] + shift[c]` (eval-mode batch norm, folded: " + (
     "`scale = gamma / sqrt(var + eps)`, `shift = beta - mean * scale`)"
 )
-_BINS = "bin `i` of `n` over size `s` is `[floor(i s / n), ceil((i+1) s / n))`"
+_BINS = (
+    "bin `i` of `n` over size `s` is `[floor(i s / n), ceil((i+1) s / n))`; a null "
+    "`output_size` entry keeps that axis's input size"
+)
+_POOL_SIZE = (
+    "output size per axis: `o = (in + 2p - d(k-1) - 1) / s + 1`, rounded down, or up with "
+    "`ceil_mode`; with `ceil_mode`, `o` drops by 1 when the last window's start `(o - 1) s` "
+    "(in padded coordinates, the input at `[p, in + p)`) is at or past `in + p`: a window must "
+    "start inside the left padding or the input"
+)
+_DIMS = "negative dims count from the end (`-1`: the last)"
 
 
 def _op(name: str, computes: str, inputs: tuple[int, int | None] = (1, 1), **kw: Any) -> OpSpec:
@@ -107,7 +122,7 @@ OPS: dict[str, OpSpec] = {
             attrs=_BCONV_ATTRS, optional_attrs=_BCONV_OPTIONAL_ATTRS, tensors=_BCONV_TENSORS,
             optional_tensors=_BCONV_OPTIONAL_TENSORS),
         _op("batchnorm", _BN, tensors=(("scale", "F32 [C]"), ("shift", "F32 [C]"))),
-        _op("linear", "`x W^T + b` (x `[B, K]`)", tensors=(("weight", "F32 [O, K]"),),
+        _op("linear", "`x W^T + b` on the last axis (x `[B, ..., K]` -> `[B, ..., O]`)", tensors=(("weight", "F32 [O, K]"),),
             optional_tensors=_F32_BIAS),
         _op("relu", "`max(x, 0)`"),
         _op("clip", "`min(max(x, min), max)` (ReLU6, Hardtanh, clamp; null: no bound)",
@@ -124,17 +139,20 @@ OPS: dict[str, OpSpec] = {
             attrs=(("approximate", "`none` or `tanh`"),), since=2),
         _op("prelu", "`x` if `x >= 0` else `weight[c] * x` (channel axis 1; `[1]`: all channels)",
             tensors=(("weight", "F32 [C] or [1]"),), since=2),
-        _op("maxpool2d", "`F.max_pool2d` (padding is -inf)",
+        _op("maxpool2d", f"`F.max_pool2d`: the max over each window (padding is -inf); {_POOL_SIZE}",
             attrs=(*_POOL, ("dilation", "[dh, dw]"), ("ceil_mode", "boolean"))),
-        _op("avgpool2d", "`F.avg_pool2d`",
+        _op("avgpool2d", "`F.avg_pool2d`: window sum (padding is 0) / divisor; divisor: "
+            "`divisor_override` if given, else the window's rows times columns counted "
+            "inside `[-p, in + p)` (`count_include_pad` true) or inside `[0, in)` (false); "
+            f"{_POOL_SIZE} (d = 1)",
             attrs=(*_POOL, ("ceil_mode", "boolean"), ("count_include_pad", "boolean")),
             optional_attrs=(("divisor_override", "null or int"),)),
         _op("adaptive_avgpool2d", f"`F.adaptive_avg_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
         _op("adaptive_maxpool2d", f"`F.adaptive_max_pool2d`; {_BINS}", attrs=_OUTPUT_SIZE),
-        _op("flatten", "`torch.flatten`", attrs=(("start_dim", "int"), ("end_dim", "int"))),
-        _op("mean", "mean over `dims`", attrs=_REDUCE),
-        _op("sum", "sum over `dims`", attrs=_REDUCE, since=2),
-        _op("softmax", "`exp(x - max) / sum(exp(x - max))` along `dim`",
+        _op("flatten", f"`torch.flatten`: dims `start_dim..end_dim` merged (C order); {_DIMS}", attrs=(("start_dim", "int"), ("end_dim", "int"))),
+        _op("mean", f"mean over `dims`; {_DIMS}", attrs=_REDUCE),
+        _op("sum", f"sum over `dims`; {_DIMS}", attrs=_REDUCE, since=2),
+        _op("softmax", f"`exp(x - max) / sum(exp(x - max))` along `dim`; {_DIMS}",
             attrs=(("dim", "int"),), since=2),
         _op("add", "`a + b`, NumPy broadcasting; one input: `a + scalar`", (1, 2),
             optional_attrs=_SCALAR),
@@ -144,8 +162,9 @@ OPS: dict[str, OpSpec] = {
             "`scalar - a`)", (1, 2), optional_attrs=_SCALAR, since=2),
         _op("div", "`a / b`, NumPy broadcasting; one input: `a / scalar` (`reverse`: "
             "`scalar / a`)", (1, 2), optional_attrs=_SCALAR, since=2),
-        _op("cat", "concatenation along `dim` (DenseNet)", (1, None), attrs=(("dim", "int"),)),
-        _op("constant", "a stored tensor", (0, 0), tensors=(("value", "F32"),)),
+        _op("cat", f"concatenation along `dim` (DenseNet); {_DIMS}", (1, None), attrs=(("dim", "int"),)),
+        _op("constant", "the stored tensor as it is (no batch dimension added: readers combine it "
+            "by NumPy broadcasting)", (0, 0), tensors=(("value", "F32"),)),
         _op("slice", _SLICE, attrs=(("dims", "list of int >= 1"), ("starts", "list of int"),
             ("stops", "list of int"), ("steps", "list of int >= 1")), since=2),
         _op("reshape", "`x.reshape(B, *shape)` (C order; the batch `B` is kept)",

@@ -115,6 +115,21 @@ def test_geometry_is_torchvisions(height: int, width: int) -> None:
         folder_record(crop=(300, 300)).crop_box(235, 240)
 
 
+def test_a_crop_that_does_not_fit_the_resize_is_refused() -> None:
+    """docs/format.md section 8 step 3: the crop fits every resized image, else the record is
+    refused when built (not padded as torchvision's CenterCrop would)."""
+    with pytest.raises(PreprocessingError, match=r"crop 236x224 is larger .*shorter side 235"):
+        folder_record(crop=(236, 224))
+    with pytest.raises(PreprocessingError, match=r"crop 10x12 is larger .*size 17x11"):
+        folder_record(resize=(17, 11), crop=(10, 12))
+    with pytest.raises(PreprocessingError, match="crop needs a resize with resampler pil"):
+        folder_record(resize=None)
+    assert folder_record(crop=(235, 235)).crop_box(235, 300) == (0, 32, 235, 235)
+    torch_rec = Preprocessing(channels=1, pixel_scale=1, mean=(0,), std=(1,), crop=(4, 4))
+    with pytest.raises(PreprocessingError, match="larger than the resized image"):
+        torch_rec.crop_box(3, 8)  # no resize: checked against the set's stored size
+
+
 def test_model_side_and_description() -> None:
     digits = Preprocessing(
         channels=3, pixel_scale=16, mean=(0.3,) * 3, std=(0.3,) * 3, resize=(32, 32)

@@ -37,14 +37,14 @@ def cli(*args, timeout=300):
     return p.stdout
 
 
-def convert_export_run(run_dir, model, data, *extra, baseline_epochs=1):
+def convert_export_run(run_dir, model, data, *extra, baseline_epochs=1, input_size=16):
     cli(
         "convert",
         model,
         "--data",
         data,
         "--input-size",
-        16,
+        input_size,
         "--epochs",
         0,
         "--baseline-epochs",
@@ -63,12 +63,15 @@ def convert_export_run(run_dir, model, data, *extra, baseline_epochs=1):
     return packed, res, np.load(logits_file)
 
 
-def check_close(mine, theirs):
-    """float64 reader vs the float32 runtime: same top-1 image by image, logits within float32 rounding."""
+def check_close(mine, theirs, flipped=0.0):
+    """float64 reader vs the float32 runtime: same top-1 image by image, logits within float32
+    rounding except on at most a ``flipped`` fraction of the images (docs/format.md section 5,
+    "Precision at thresholds": a float64 reader may put a value on the other side of a step)."""
     assert mine.shape == theirs.shape
     assert np.array_equal(mine.argmax(1), theirs.argmax(1))
     scale = np.abs(theirs).max()
-    assert np.abs(mine - theirs).max() <= 1e-4 * scale + 1e-6, np.abs(mine - theirs).max()
+    off = np.abs(mine - theirs).max(1) > 1e-4 * scale + 1e-6
+    assert off.mean() <= flipped, (off.sum(), np.abs(mine - theirs).max())
 
 
 def test_reader_imports_neither_torch_nor_binarize_cli():
@@ -127,9 +130,15 @@ def test_imagefolder_nonsquare(tmp_path):
     assert res["top1"] == pytest.approx(100.0 * np.mean(top == y))
 
 
-def _digits_v2(tmp_path, model, want):
+def _digits_v2(tmp_path, model, want, input_size=16, flipped=0.0):
     packed, res, saved = convert_export_run(
-        tmp_path / "v2", model, "digits", "--calib-batches", 1, baseline_epochs=0
+        tmp_path / "v2",
+        model,
+        "digits",
+        "--calib-batches",
+        1,
+        baseline_epochs=0,
+        input_size=input_size,
     )
     m = reader.load(packed)
     assert m.version == 2
@@ -140,7 +149,7 @@ def _digits_v2(tmp_path, model, want):
     d = np.abs(saved[:, None, :].astype(np.float64) - logits[None]).max(-1)
     idx = d.argmin(1)
     assert len(set(idx.tolist())) == len(idx) == res["samples"]
-    check_close(logits[idx], saved)
+    check_close(logits[idx], saved, flipped)
     assert res["top1"] == pytest.approx(100.0 * np.mean(top[idx] == y[idx]))
 
 
@@ -152,6 +161,13 @@ def test_version2_shape_ops_shufflenet(tmp_path):
 def test_hardswish_se_mobilenetv3(tmp_path):
     """timm MobileNetV3: hardswish, hardsigmoid gates, SE (mean keepdim, mul)."""
     _digits_v2(tmp_path, "timm:mobilenetv3_small_050", {"hardswish", "hardsigmoid", "mean", "mul"})
+
+
+def test_same_padding_pad_tf_mobilenetv3(tmp_path):
+    """timm tf_mobilenetv3 (Conv2dSame): the `pad` + `conv2d` rule of section 3, end to end."""
+    _digits_v2(
+        tmp_path, "timm:tf_mobilenetv3_small_075", {"pad", "conv2d"}, input_size=32, flipped=0.05
+    )
 
 
 def test_validation_refuses(tmp_path):
