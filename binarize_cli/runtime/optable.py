@@ -196,7 +196,14 @@ def node_problem(node: object, version: int | None = None) -> str | None:
             f"node {node.get('name')!r} uses op {op!r}, new in format version {spec.since}, "
             f"in a version {version} file"
         )
-    missing = [a for a in spec.required_attrs if a not in node.get("attrs", {})]
+    attrs = node.get("attrs", {})
+    missing = [a for a in spec.required_attrs if a not in attrs]
+    if (
+        op == "bconv2d"
+        and attrs.get("activation_bases", 0) > 0
+        and "activation_domain" not in attrs
+    ):
+        missing.append("activation_domain")  # required when the activation is binarized (N > 0)
     if missing:
         return f"node {node.get('name')!r} ({op}) lacks attributes {missing}"
     n = len(node.get("inputs", []))

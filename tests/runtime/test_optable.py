@@ -94,3 +94,18 @@ def test_runtime_imports_only_itself_numpy_safetensors_and_torch_free_core() -> 
                 continue
             for name in names:
                 assert allowed.match(name), f"{path.name} imports {name}"
+
+
+def test_a_binarized_activation_needs_its_domain() -> None:
+    attrs = {a: 1 for a in OPS["bconv2d"].required_attrs}
+    node = {
+        "name": "c",
+        "op": "bconv2d",
+        "inputs": ["x"],
+        "attrs": {**attrs, "activation_bases": 3},
+    }
+    assert node_problem(node) == "node 'c' (bconv2d) lacks attributes ['activation_domain']"
+    assert (
+        node_problem({**node, "attrs": {**node["attrs"], "activation_domain": "zero_one"}}) is None
+    )
+    assert node_problem({**node, "attrs": {**attrs, "activation_bases": 0}}) is None
