@@ -252,16 +252,22 @@ def _diverged(exc: TrainingDivergedError, epoch: int, done: int, work_dir: Path 
     return f"{head} in fine-tune epoch {epoch + 1}; {advice}"
 
 
-def _restore(
-    saved: dict[str, Any],
+def _start(
+    saved: dict[str, Any] | None,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     lr: float,
     total_steps: int,
     work_dir: Path | None,
-) -> FinetuneState:
-    """Load a checkpoint into the model, optimizer and (retargeted) schedule; its state."""
+) -> tuple[FinetuneState, _Best | None]:
+    """Where the fine-tune starts: a fresh state, or the ``saved`` checkpoint loaded into the
+    model, optimizer and (retargeted) schedule, with its best epoch; stale temporaries of a
+    killed run are removed first."""
+    if work_dir is not None and work_dir.is_dir():
+        _clean_stale_temporaries(work_dir)
+    if saved is None:
+        return FinetuneState(), None
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -273,29 +279,11 @@ def _restore(
             "rerun with the settings of the interrupted run, or without --resume"
         ) from None
     _retarget_schedule(optimizer, scheduler, lr, total_steps)
-    return FinetuneState(
+    state = FinetuneState(
         epochs_done=int(saved["epochs_done"]),
         epoch_seconds=[float(s) for s in saved["epoch_seconds"]],
         epoch_stats=list(saved.get("epoch_stats", [])),
     )
-
-
-def _start(
-    saved: dict[str, Any] | None,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    lr: float,
-    total_steps: int,
-    work_dir: Path | None,
-) -> tuple[FinetuneState, _Best | None]:
-    """Where the fine-tune starts: a fresh state, or the ``saved`` checkpoint restored (with
-    its best epoch); stale temporaries of a killed run are removed first."""
-    if work_dir is not None and work_dir.is_dir():
-        _clean_stale_temporaries(work_dir)
-    if saved is None:
-        return FinetuneState(), None
-    state = _restore(saved, model, optimizer, scheduler, lr, total_steps, work_dir)
     return state, _saved_best(saved)
 
 
