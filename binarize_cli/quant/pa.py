@@ -494,6 +494,12 @@ def activation_surrogate(
       ``t_0 = 2 v_1 - t_1`` (the paper's ``t_0 = 2.0 v_0 - s_1`` is a misprint: there is no
       ``v_0`` and ``s_1`` is a weight split point).  For ``N = 1``, ``t_1 = t_N``, so the
       single segment is ``[v_1 - lambda_Delta, v_1 + lambda_Delta)``.
+    * In eq. 10's layout (``zero_piece = 0``) with ``v_1 > 0``, ``t_0`` is raised to the
+      smallest positive normal number when it falls at or below 0: the first segment never
+      holds ``A <= 0``.  Behind a ReLU, half or more of the inputs are exact zeros; they map to
+      0 and stay 0 for any small move of ``v_1``, so the true ``dC/dv_1`` has no term from them,
+      but the mirrored segment would count them all (2.2-3.5x the finite difference on
+      ``ReLU(N(0, 1))``, N = 3..7; see docs/schemes-pa.md, "The first segment and ReLU zeros").
     * ``lambda_delta=None``: mirror the rule for ``t_0`` at the top, ``t_N = 2 v_N - t_{N-1}``
       (``lambda_Delta = (v_N - v_{N-1}) / 2``); for ``N = 1``, ``lambda_Delta = |v_1|``
       (segment ``[0, 2 v_1)``).
@@ -510,6 +516,9 @@ def activation_surrogate(
     t_top = (v[-1] + delta).reshape(1)
     t_first = mids[:1] if n >= 2 else t_top
     t_zero = 2.0 * v[:1] - t_first
+    if zero_piece == 0:  # eq. 10 layout: the first segment stops at 0 (exclusive)
+        floor = torch.minimum(v[:1], torch.full_like(t_zero, torch.finfo(v.dtype).tiny))
+        t_zero = torch.where(v[:1] > 0, torch.maximum(t_zero, floor), t_zero)
     t = torch.cat([t_zero, mids, t_top])
     if lambda_a is None:
         width = t[-1] - t[0]

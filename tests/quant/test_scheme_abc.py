@@ -322,6 +322,29 @@ def test_gradients_reach_v_and_beta_after_calibration() -> None:
     assert (q.v.grad[data_planes].abs() > 0).all()
 
 
+def test_the_offset_plane_shift_is_frozen_because_its_true_gradient_is_zero() -> None:
+    # On post-ReLU data calibration picks a plane below all data: A_n = +1 everywhere, the
+    # offset that maps the zero mass to ~0. Its v gets no gradient, and that is the exact
+    # answer: no sample crosses its threshold, so moving it changes nothing. The offset
+    # itself trains through its beta, whose gradient is the full sum of the upstream gradient.
+    x = torch.relu(torch.randn(20000, dtype=torch.float64))
+    q = ABCActivationQuantizer(5).double()
+    q.calibrate(x)
+    thresholds = 0.5 - q.v.detach()
+    offset = thresholds < float(x.min())
+    assert int(offset.sum()) == 1
+    g = torch.randn_like(x)
+    (g * q(x)).sum().backward()
+    assert float(q.v.grad[offset]) == 0.0
+    assert float(q.beta.grad[offset]) == pytest.approx(float(g.sum()), rel=1e-12)
+    for h in (1e-3, 0.1):  # finite differences of the forward itself, in the offset's v
+        step = offset.to(torch.float64) * h
+        with torch.no_grad():
+            up = (g * abc_activation(x, q.v + step, q.beta)).sum()
+            down = (g * abc_activation(x, q.v - step, q.beta)).sum()
+        assert float(up - down) == 0.0
+
+
 def test_calibration_rejects_bad_samples() -> None:
     q = ABCActivationQuantizer(2)
     with pytest.raises(BadInputError):
