@@ -308,6 +308,14 @@ _Recipe = Annotated[
 
 _Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=str(_DEFAULTS.seed))]
 
+_BaselineSeed = Annotated[
+    int | None,
+    option(
+        help="Seed of the baseline's training (reuse one cached baseline across --seed values).",
+        default="--seed",
+    ),
+]
+
 _Keep = Annotated[
     list[str] | None,
     option(
@@ -404,6 +412,7 @@ def convert(
     epochs: _Epochs = None,
     baseline_epochs: _BaselineEpochs = None,
     baseline_lr: _BaselineLr = None,
+    baseline_seed: _BaselineSeed = None,
     batch_size: _BatchSize = None,
     lr: _Lr = None,
     calib_batches: _CalibBatches = None,
@@ -442,6 +451,7 @@ def convert(
             "epochs": epochs,
             "baseline_epochs": baseline_epochs,
             "baseline_lr": baseline_lr,
+            "baseline_seed": baseline_seed,
             "batch_size": batch_size,
             "lr": lr,
             "calib_batches": calib_batches,

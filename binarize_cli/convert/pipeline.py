@@ -100,6 +100,7 @@ RESUME_KEYS = (
     "scheme_options",
     "batch_size",
     "seed",
+    "baseline_seed",
     "baseline_epochs",
     "baseline_lr",
     "weight_decay",
@@ -256,6 +257,8 @@ def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
         raise BadInputError(f"temperature must be > 0 (got {settings.temperature})")
     if not 0 <= settings.seed < 2**63:
         raise BadInputError(f"--seed must be in [0, 2**63) (got {settings.seed})")
+    if settings.baseline_seed is not None and not 0 <= settings.baseline_seed < 2**63:
+        raise BadInputError(f"--baseline-seed must be in [0, 2**63) (got {settings.baseline_seed})")
     if settings.input_size is not None and settings.input_size < 1:
         raise BadInputError(f"--input-size must be a positive integer (got {settings.input_size})")
     LayerPolicy(keep_patterns=tuple(settings.keep))  # compiles every --keep regex
@@ -581,7 +584,7 @@ def build_reference(
             epochs=settings.baseline_epochs,
             batch_size=settings.batch_size,
             lr=settings.baseline_lr,
-            seed=settings.seed,
+            seed=settings.seed if settings.baseline_seed is None else settings.baseline_seed,
             progress=bar,
         )
 

@@ -65,6 +65,7 @@ class ConvertSettings:
     weight_decay: float = 0.0
     calib_batches: int = 8
     seed: int = 0
+    baseline_seed: int | None = None
     keep: list[str] = field(default_factory=list)
     distill: bool = True
     distill_weight: float = 0.5
@@ -97,6 +98,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "weight_decay": (int, float),
     "calib_batches": (int,),
     "seed": (int,),
+    "baseline_seed": (int,),
     "keep": (list,),
     "distill": (bool,),
     "distill_weight": (int, float),

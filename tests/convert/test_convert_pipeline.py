@@ -9,13 +9,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from binarize_cli.cli import app
 from binarize_cli.convert.finetune import load_checkpoint
-from binarize_cli.convert.pipeline import run_convert, work_dir_for
+from binarize_cli.convert.pipeline import run_convert, validate_settings, work_dir_for
 from binarize_cli.convert.rebuild import load_run
+from binarize_cli.core.errors import BadInputError
 from binarize_cli.core.settings import merge_settings
 from binarize_cli.load.data import load_data, make_loader
 
@@ -233,3 +235,22 @@ def test_torchrun_two_processes_matches_one_process_shape(tmp_path):
     meta = json.loads((tmp_path / "two" / "binarize.json").read_text())
     assert meta["world_size"] == 2
     assert len(meta["timings"]["finetune_epoch_s"]) == 1
+
+
+def test_baseline_seed_reuses_one_cached_baseline_across_seeds():
+    from binarize_cli.convert.distributed import DistContext
+    from binarize_cli.convert.pipeline import build_reference, load_inputs
+
+    def reference(**over):
+        settings = merge_settings(None, {**FAST, "model": "timm:test_resnet", **over})
+        return build_reference(settings, load_inputs(settings), DistContext())
+
+    first = reference(seed=11)
+    shared = reference(seed=12, baseline_seed=11)
+    own = reference(seed=12)
+    assert shared.baseline.cache_hit and not own.baseline.cache_hit
+    weights = [dict(r.model.state_dict()) for r in (first, shared, own)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    with pytest.raises(BadInputError, match="--baseline-seed"):
+        validate_settings(merge_settings(None, {**FAST, "baseline_seed": -1}))
