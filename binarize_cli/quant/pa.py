@@ -529,7 +529,7 @@ def activation_surrogate(
     beta: torch.Tensor,
     lambda_a: float | None,
     lambda_delta: float | None,
-    zero_piece: int = 0,
+    zero_piece: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward segments and slopes of eq. 11-12 for sorted endpoints ``v``.
 
@@ -563,9 +563,10 @@ def activation_surrogate(
     t_top = (v[-1] + delta).reshape(1)
     t_first = mids[:1] if n >= 2 else t_top
     t_zero = 2.0 * v[:1] - t_first
-    if zero_piece == 0:  # eq. 10 layout: the first segment stops at 0 (exclusive)
-        floor = torch.minimum(v[:1], torch.full_like(t_zero, torch.finfo(v.dtype).tiny))
-        t_zero = torch.where(v[:1] > 0, torch.maximum(t_zero, floor), t_zero)
+    # eq. 10 layout: the first segment stops at 0 (exclusive); a tensor test, no host read
+    eq10 = torch.as_tensor(zero_piece, device=v.device) == 0
+    floor = torch.minimum(v[:1], torch.full_like(t_zero, torch.finfo(v.dtype).tiny))
+    t_zero = torch.where(eq10 & (v[:1] > 0), torch.maximum(t_zero, floor), t_zero)
     t = torch.cat([t_zero, mids, t_top])
     if lambda_a is None:
         width = t[-1] - t[0]
