@@ -50,7 +50,7 @@ from binarize_cli.convert.training import Accuracy
 from binarize_cli.core.errors import BadInputError
 from binarize_cli.core.modes import evaluating
 from binarize_cli.core.preprocess import Preprocessing
-from binarize_cli.core.settings import ConvertSettings
+from binarize_cli.core.settings import CALIBRATION_RULES, ConvertSettings
 from binarize_cli.quant.layers import BinarizedConv2d
 
 __all__ = [
@@ -249,6 +249,7 @@ def binarize(
     budget_bops: float | None = None,
     policy: str | None = None,
     layer_bases: Mapping[str, Any] | None = None,
+    calibration: str = _DEFAULTS.calibration,
 ) -> Binarized:
     """Convert a copy of ``model`` into a multiple-binary network; ``model`` is not modified.
 
@@ -275,11 +276,14 @@ def binarize(
             when a budget is given, else ``"uniform"``.
         layer_bases: per-layer choices by layer name, ``(M, N)`` or ``None`` for full
             precision (a run's ``layer_bases``); layers not named take (M, N).
+        calibration: the calibration rule (``convert --calibration``): ``"tensor"`` fits
+            each activation quantizer to its own input, ``"output"`` then refines it to
+            minimise each layer's output error (docs/sensitivity.md).
 
     Raises:
         SchemeError: unknown scheme or invalid (M, N). BadInputError: a bad ``keep`` regex,
         ``calibration_data`` that yields no tensors, a budget without labelled
-        ``calibration_data`` or below the cheapest configuration.
+        ``calibration_data`` or below the cheapest configuration, an unknown ``calibration``.
     """
     from binarize_cli.convert.calibrate import calibrate_model
     from binarize_cli.convert.surgery import binarize_model
@@ -293,6 +297,10 @@ def binarize(
         raise BadInputError(f"policy must be 'uniform' or 'auto' (got {policy!r})")
     if chosen == "uniform" and (budget is not None or budget_bops is not None):
         raise BadInputError("a budget chooses per-layer bases: use policy='auto'")
+    if calibration not in CALIBRATION_RULES:
+        raise BadInputError(
+            f"calibration must be one of {', '.join(CALIBRATION_RULES)} (got {calibration!r})"
+        )
     items = (
         None
         if calibration_data is None
@@ -334,7 +342,11 @@ def binarize(
         example_input=None if batches is None else batches[0][:1].to(device),
         layer_bases=layer_bases,
     )
-    stats = None if batches is None else calibrate_model(result.model, model, batches, seed=seed)
+    stats = (
+        None
+        if batches is None
+        else calibrate_model(result.model, model, batches, seed=seed, rule=calibration)
+    )
     result.model.eval()
     return Binarized(result.model, sch.name, m, n, result, stats, table, allocation)
 

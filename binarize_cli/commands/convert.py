@@ -393,6 +393,16 @@ _Sensitivity = Annotated[
     ),
 ]
 
+_Calibration = Annotated[
+    str | None,
+    option(
+        help="tensor: fit each activation quantizer to its own input | output: then refine "
+        "it to minimise each layer's output error (docs/sensitivity.md; any case).",
+        default=_DEFAULTS.calibration,
+        callback=lower_choice,
+    ),
+]
+
 _Output = Annotated[
     Path | None,
     option("-o", "--output", help="Run directory.", default="runs/<model>-<scheme>-M<M>N<N>"),
@@ -425,6 +435,7 @@ def convert(
     budget_mbit: _BudgetMbit = None,
     budget_bops: _BudgetBops = None,
     sensitivity: _Sensitivity = None,
+    calibration: _Calibration = None,
     resume: _Resume = False,
     overwrite: _Overwrite = False,
     output: _Output = None,
@@ -462,6 +473,7 @@ def convert(
             "budget_mbit": budget_mbit,
             "budget_bops": budget_bops,
             "sensitivity": sensitivity,
+            "calibration": calibration,
             "scheme_options": None if endpoints is None else {"weight_endpoints": endpoints},
         },
     )

@@ -697,7 +697,8 @@ def calibrate_student(
     reporter: Reporter | None = None,
 ) -> Calibration:
     """Activation endpoints/levels from ``calib_batches`` shuffled training batches, then
-    batch-norm statistics; evaluated on the validation split. A resumed run takes the record
+    batch-norm statistics, by the ``calibration`` rule's (``tensor`` or ``output``);
+    evaluated on the validation split. A resumed run takes the record
     from its checkpoint instead (the checkpoint holds the calibrated and trained weights)."""
     from binarize_cli.convert.calibrate import calibrate_model
     from binarize_cli.convert.training import evaluate
@@ -722,8 +723,17 @@ def calibrate_student(
         )
     )
     stats = calibrate_model(
-        student, reference.model, [images for images, _ in batches], seed=settings.seed
+        student,
+        reference.model,
+        [images for images, _ in batches],
+        seed=settings.seed,
+        rule=settings.calibration,
     )
+    if stats.reconstructed:
+        rep.stage(
+            f"output-aware calibration: {stats.reconstructed} layers, summed layer output "
+            f"error {stats.output_error_before:.4f} -> {stats.output_error_after:.4f}"
+        )
     rep.stage("evaluating the calibrated model")
     accuracy = evaluate(student, reference.val_loader, device=device).to_dict()
     return Calibration(accuracy, stats.seconds)
