@@ -13,8 +13,10 @@ file's order): ``"fp"`` keeps a layer full precision, ``[M, N]`` gives it its ow
     "layer1\\." = [2, 3]
 
 ``policy`` (``"uniform"`` or ``"auto"``), ``budget_mbit`` and ``budget_bops`` choose the
-per-layer bases of the other layers (docs/sensitivity.md). Unknown keys and wrong types are
-errors, never ignored.
+per-layer bases of the other layers (docs/sensitivity.md). ``device`` (``"auto"``, ``"cpu"``,
+``"cuda"``, ``"cuda:N"``), ``workers``, ``amp`` (:data:`AMP_MODES`) and ``compile`` say where
+and how the run trains (docs/devices.md). Unknown keys and wrong types are errors, never
+ignored.
 
 Example (``recipes/pa-resnet18-m4n5.toml``)::
 
@@ -75,6 +77,10 @@ class ConvertSettings:
     budget_mbit: float | None = None
     budget_bops: float | None = None
     sensitivity: bool = False
+    device: str = "auto"
+    workers: int = 0
+    amp: str = "off"
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,11 +113,17 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "budget_mbit": (int, float),
     "budget_bops": (int, float),
     "sensitivity": (bool,),
+    "device": (str,),
+    "workers": (int,),
+    "amp": (str,),
+    "compile": (bool,),
 }
 
 #: The ``--policy`` choices: one (M, N) for every layer, or per-layer bases chosen from the
 #: measured sensitivity within a budget.
 POLICIES = ("uniform", "auto")
+#: The ``--amp`` choices: float32 training, or convolutions in bfloat16 / float16.
+AMP_MODES = ("off", "bf16", "fp16")
 
 
 def _check_type(where: str, key: str, value: Any, types: tuple[type, ...]) -> None:
