@@ -365,6 +365,8 @@ def finetune(
     distill_weight: float = _DEFAULTS.distill_weight,
     temperature: float = _DEFAULTS.temperature,
     device: str | torch.device | None = None,
+    amp: str = _DEFAULTS.amp,
+    compile: bool = _DEFAULTS.compile,
 ) -> FinetuneState:
     """Fine-tune ``model`` in place (``binarize convert``'s fine-tune); returns it in eval mode.
 
@@ -378,12 +380,17 @@ def finetune(
             ``T = temperature``.
         device: where the batches go (the model must be there already); default the
             model's device.
+        amp: ``"off"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the training steps under
+            autocast, the quantizers in float32 (``convert --amp``, docs/devices.md).
+        compile: run the training steps through ``torch.compile`` (``convert --compile``).
 
     Returns:
         ``epochs_done``, ``epoch_seconds`` and per-epoch ``epoch_stats`` (loss, running
         top-1, images/s). Raises TrainingDivergedError on a non-finite loss.
     """
     from binarize_cli.convert.finetune import finetune as run_finetune
+    from binarize_cli.convert.training import compiled
+    from binarize_cli.core.settings import AMP_MODES
 
     if not (math.isfinite(epochs) and epochs >= 0):
         raise BadInputError(f"epochs must be >= 0 (got {epochs})")
@@ -391,6 +398,9 @@ def finetune(
         raise BadInputError(f"lr must be > 0 (got {lr})")
     if not 0.0 <= distill_weight <= 1.0:
         raise BadInputError(f"distill_weight must be in [0, 1] (got {distill_weight})")
+    where = str(device if device is not None else _device_of(model))
+    if amp not in AMP_MODES or (amp == "fp16" and not where.startswith("cuda")):
+        raise BadInputError(f"amp must be off, bf16 or fp16 on CUDA (got {amp!r} on {where})")
     if not hasattr(train_data, "__len__") or iter(train_data) is train_data:
         raise BadInputError(
             "train_data must be re-iterable with a length (a DataLoader or a list of "
@@ -405,7 +415,9 @@ def finetune(
         teacher=teacher,
         distill_weight=distill_weight,
         temperature=temperature,
-        device=str(device if device is not None else _device_of(model)),
+        device=where,
+        train_module=compiled(model, compile),
+        amp=amp,
     )
     model.eval()
     return state

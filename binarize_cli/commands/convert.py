@@ -403,6 +403,43 @@ _Calibration = Annotated[
     ),
 ]
 
+_Device = Annotated[
+    str | None,
+    option(
+        help="Where every stage runs (baseline, calibration, fine-tuning, evaluation): "
+        "auto | cpu | cuda | cuda:N; auto is cuda when available (docs/devices.md).",
+        default=_DEFAULTS.device,
+        callback=lower_choice,
+    ),
+]
+
+_Workers = Annotated[
+    int | None,
+    option(
+        help="Data-loading worker processes (0: load in the main process).",
+        default=str(_DEFAULTS.workers),
+    ),
+]
+
+_Amp = Annotated[
+    str | None,
+    option(
+        help="Mixed-precision training: off | bf16 | fp16 (fp16 on CUDA only); the "
+        "quantizers stay float32, accuracies are measured in float32.",
+        default=_DEFAULTS.amp,
+        callback=lower_choice,
+    ),
+]
+
+_Compile = Annotated[
+    bool | None,
+    option(
+        "--compile/--no-compile",
+        help="torch.compile the training steps (baseline and fine-tune; the first steps compile).",
+        default="--compile" if _DEFAULTS.compile else "--no-compile",
+    ),
+]
+
 _Output = Annotated[
     Path | None,
     option("-o", "--output", help="Run directory.", default="runs/<model>-<scheme>-M<M>N<N>"),
@@ -436,6 +473,10 @@ def convert(
     budget_bops: _BudgetBops = None,
     sensitivity: _Sensitivity = None,
     calibration: _Calibration = None,
+    device: _Device = None,
+    workers: _Workers = None,
+    amp: _Amp = None,
+    compile: _Compile = None,
     resume: _Resume = False,
     overwrite: _Overwrite = False,
     output: _Output = None,
@@ -474,6 +515,10 @@ def convert(
             "budget_bops": budget_bops,
             "sensitivity": sensitivity,
             "calibration": calibration,
+            "device": device,
+            "workers": workers,
+            "amp": amp,
+            "compile": compile,
             "scheme_options": None if endpoints is None else {"weight_endpoints": endpoints},
         },
     )

@@ -14,8 +14,10 @@ file's order): ``"fp"`` keeps a layer full precision, ``[M, N]`` gives it its ow
 
 ``policy`` (``"uniform"`` or ``"auto"``), ``budget_mbit`` and ``budget_bops`` choose the
 per-layer bases of the other layers (docs/sensitivity.md); ``calibration`` (``"tensor"`` or
-``"output"``) is the calibration rule (:mod:`binarize_cli.convert.calibrate`). Unknown keys and wrong types are
-errors, never ignored.
+``"output"``) is the calibration rule (:mod:`binarize_cli.convert.calibrate`). ``device`` (``"auto"``, ``"cpu"``,
+``"cuda"``, ``"cuda:N"``), ``workers``, ``amp`` (:data:`AMP_MODES`) and ``compile`` say where
+and how the run trains (docs/devices.md). Unknown keys and wrong types are errors, never
+ignored.
 
 Example (``recipes/pa-resnet18-m4n5.toml``)::
 
@@ -78,6 +80,10 @@ class ConvertSettings:
     budget_bops: float | None = None
     sensitivity: bool = False
     calibration: str = "tensor"
+    device: str = "auto"
+    workers: int = 0
+    amp: str = "off"
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,11 +118,17 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "budget_bops": (int, float),
     "sensitivity": (bool,),
     "calibration": (str,),
+    "device": (str,),
+    "workers": (int,),
+    "amp": (str,),
+    "compile": (bool,),
 }
 
 #: The ``--policy`` choices: one (M, N) for every layer, or per-layer bases chosen from the
 #: measured sensitivity within a budget.
 POLICIES = ("uniform", "auto")
+#: The ``--amp`` choices: float32 training, or convolutions in bfloat16 / float16.
+AMP_MODES = ("off", "bf16", "fp16")
 
 #: The ``--calibration`` rules: each activation quantizer fitted to its own input (tensor), or
 #: that fit refined to minimise each layer's output error (output; docs/sensitivity.md).
