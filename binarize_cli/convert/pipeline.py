@@ -1141,8 +1141,8 @@ def run_convert(
     torch.backends.mkldnn.deterministic = True
     created: list[Path] = []
     try:
-        rep.stage(describe_execution(execution(settings, ctx)))
         inputs = _load_and_say(settings, plan, rep)
+        rep.stage(describe_execution(execution(settings, ctx)))  # after bad input is ruled out
         rep.stage("full-precision baseline")
         reference = build_reference(settings, inputs, ctx, progress=progress_console)
         bases = (
