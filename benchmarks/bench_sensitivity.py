@@ -182,6 +182,12 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values)
 
 
+def spread(values: list[float]) -> str:
+    """One value, or ``min-max`` when the seeds chose differently (``auto``)."""
+    lo, hi = min(values), max(values)
+    return f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}-{hi:.3f}"
+
+
 def fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -322,7 +328,8 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str, secon
         gaps = [c - r["top1"] for c, r in zip(control_top1, rs, strict=False)]
         ratios = [r["step_ratio"] for r in rs if r["step_ratio"]]
         lines.append(
-            f"| {title} | {rs[0]['memory_bits'] / 1e6:.3f} | {rs[0]['bops'] / 1e9:.3f} | "
+            f"| {title} | {spread([r['memory_bits'] / 1e6 for r in rs])} | "
+            f"{spread([r['bops'] / 1e9 for r in rs])} | "
             f"{fmt([r['calibrated'] for r in rs])} | {fmt([r['top1'] for r in rs])} | "
             f"{fmt(gaps)} | {fmt(ratios)} |"
         )

@@ -311,8 +311,9 @@ _Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=str
 _BaselineSeed = Annotated[
     int | None,
     option(
-        help="Seed of the baseline's training (reuse one cached baseline across --seed values).",
-        default="--seed",
+        help="Seed of the baseline's training; one value reuses one cached baseline for "
+        "conversions with different seeds.",
+        default="the run's seed",
     ),
 ]
 
