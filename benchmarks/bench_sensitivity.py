@@ -302,7 +302,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str, secon
         f"- date: {dt.date.today().isoformat()}",
         f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, {platform.platform()}",
-        f"- command: `{command}` ({seconds / 60:.0f} min for the runs this invocation made)",
+        f"- command: `{command}` ({seconds / 60:.0f} min: the runs' wall times, summed)",
         f"- protocol: timm {args.model}, random init, data `{args.data}` (its full train/val "
         "split, at the model's input size); one baseline "
         f"trained {args.baseline_epochs} epochs (lr {args.baseline_lr}, seed {args.baseline_seed}); "
@@ -437,12 +437,12 @@ def main() -> None:
         )
     }
     results = Results(args.runs_dir / "results.jsonl", protocol)
-    start = time.perf_counter()
     data = measure(args, results)
     command = "python " + " ".join([sys.argv[0], *shown_args(None)])
     if args.plot:
         plot(args, data, Path(args.plot))
-    text = markdown(args, data, command, time.perf_counter() - start)
+    run_seconds = sum(float(row.get("seconds", 0.0)) for row in results.rows.values())
+    text = markdown(args, data, command, run_seconds)
     if args.out:
         Path(args.out).write_text(text)
     print(text)

@@ -57,6 +57,7 @@ def test_output_rule_lowers_the_layers_output_error():
     assert sum(after.values()) < 0.95 * sum(before.values()), (before, after)
 
 
+@pytest.mark.slow  # three calibrations of the output rule (about a minute alone)
 def test_output_rule_is_deterministic_and_moves_only_activation_parameters():
     batches = _batches()
     fp, a = _converted("abc", 3, 3)
