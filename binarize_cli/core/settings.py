@@ -42,6 +42,7 @@ SCHEME_OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "signed_activations": (bool,),
     "weight_endpoints": (list,),
     "weight_clip_std": (int, float),
+    "ttq_threshold": (int, float),
 }
 
 
