@@ -3,11 +3,17 @@
 A training step is forward + backward + Adam update on a random batch. Each configuration
 is timed in the same process, interleaved round by round so slow drifts of a shared machine
 hit every configuration alike; the reported figure is the median step time and its ratio to
-the full-precision median. Target (schemes issue): binarized step <= 1.3x full precision.
+the full-precision median. Targets (issue 16): PA <= 1.3x, ABC <= 1.5x full precision.
+
+``--compile`` adds a ``torch.compile`` (inductor, ``fullgraph=True``, ``dynamic=False``) row
+beside each eager one, the full-precision model compiled too: compiled rows are compared
+with compiled full precision, eager with eager. ``--device cuda`` (or ``cuda:N``) runs on a
+GPU, synchronising around every timed step; the default is the CPU.
 
 Usage::
 
-    python benchmarks/bench_step_time.py [--sizes 32 224] [--batch 64] [--rounds 5] [--out FILE]
+    python benchmarks/bench_step_time.py [--sizes 32 224] [--batch 64] [--rounds 5]
+        [--warmup 2] [--device cpu|cuda|cuda:N] [--compile] [--out FILE]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import timm
 import torch
@@ -28,10 +35,36 @@ from binarize_cli.convert.calibrate import calibrate_model
 from binarize_cli.convert.surgery import binarize_model
 
 CONFIGS = (("full precision", None, 0, 0), ("PA", "pa", 4, 5), ("ABC", "abc", 5, 5))
-TARGET = 1.3
+TARGETS = {"pa": 1.3, "abc": 1.5}
+
+
+def device_of(name: str) -> torch.device:
+    """The benchmark's device; one clear line (SystemExit) when CUDA is asked but absent."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(
+            f"bench_step_time: unknown --device {name!r}; use cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"bench_step_time: --device {name} needs a GPU, but torch.cuda.is_available() is "
+                f"False (torch {torch.__version__}); run on a CUDA machine or use --device cpu"
+            )
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise SystemExit(
+                f"bench_step_time: --device {name}: only {torch.cuda.device_count()} GPU(s) visible"
+            )
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise SystemExit(f"bench_step_time: unknown --device {name!r}; use cpu, cuda or cuda:N")
+    return device
 
 
 def build(scheme: str | None, m: int, n: int, size: int, batch: int) -> torch.nn.Module:
+    """resnet18 (10 classes), binarized and calibrated on the CPU when ``scheme`` is given."""
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     if scheme is None:
@@ -42,56 +75,96 @@ def build(scheme: str | None, m: int, n: int, size: int, batch: int) -> torch.nn
     return result.model
 
 
-def step_fn(model: torch.nn.Module, size: int, batch: int):
+def step_fn(
+    model: torch.nn.Module, size: int, batch: int, device: torch.device, compiled: bool
+) -> Callable[[], float]:
+    """A timed training step (seconds) of ``model`` on a fixed random batch on ``device``."""
+    model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 10, (batch,))
-    model.train()
+    forward = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def step() -> float:
+        sync()
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - start
 
     return step
 
 
-def measure(size: int, batch: int, rounds: int, warmup: int) -> dict[str, float]:
-    steps = {name: step_fn(build(s, m, n, size, batch), size, batch) for name, s, m, n in CONFIGS}
+def rows(compile_too: bool) -> list[tuple[str, str | None, int, int, bool]]:
+    """``(label, scheme, M, N, compiled)`` for every timed configuration."""
+    out = []
+    for compiled in (False, True) if compile_too else (False,):
+        for name, scheme, m, n in CONFIGS:
+            label = name if scheme is None else f"{name} (M={m}, N={n})"
+            out.append((label + (", compiled" if compiled else ""), scheme, m, n, compiled))
+    return out
+
+
+def measure(
+    size: int, batch: int, rounds: int, warmup: int, device: torch.device, compile_too: bool
+) -> dict[str, float]:
+    """Median step time per configuration label (warm-up steps also compile)."""
+    steps = {
+        label: step_fn(build(s, m, n, size, batch), size, batch, device, compiled)
+        for label, s, m, n, compiled in rows(compile_too)
+    }
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(step())
-    return {name: statistics.median(t) for name, t in times.items()}
+        for label, step in steps.items():
+            times[label].append(step())
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
-def markdown(results: dict[int, dict[str, float]], batch: int, command: str) -> str:
+def machine(device: torch.device) -> str:
+    cpu = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device}); host {cpu}"
+    return f"{cpu}, {platform.processor() or platform.platform()}"
+
+
+def markdown(
+    results: dict[int, dict[str, float]],
+    batch: int,
+    command: str,
+    device: torch.device,
+    compile_too: bool,
+) -> str:
     lines = [
-        "## Training step time (schemes issue)",
+        "## Training step time (issue 16)",
         "",
         f"- date: {dt.date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, {platform.processor() or platform.platform()}",
+        f"- machine: {machine(device)}",
         f"- command: `{command}`",
-        f"- target: binarized step <= {TARGET}x the full-precision step (same process, interleaved)",
+        "- target: binarized step <= 1.3x (PA) / 1.5x (ABC) the full-precision step, same "
+        "process, interleaved; compiled rows against compiled full precision",
         "",
         "| input | batch | configuration | median step (s) | ratio to FP | target met |",
         "|---|---|---|---|---|---|",
     ]
     for size, res in results.items():
-        fp = res["full precision"]
-        for name, _s, m, n in CONFIGS:
-            label = name if _s is None else f"{name} (M={m}, N={n})"
-            ratio = res[name] / fp
-            met = "" if _s is None else ("yes" if ratio <= TARGET else "no")
+        for label, scheme, _m, _n, compiled in rows(compile_too):
+            fp = res["full precision" + (", compiled" if compiled else "")]
+            ratio = res[label] / fp
+            met = "" if scheme is None else ("yes" if ratio <= TARGETS[scheme] else "no")
             lines.append(
-                f"| {size}x{size} | {batch} | {label} | {res[name]:.3f} | {ratio:.2f}x | {met} |"
+                f"| {size}x{size} | {batch} | {label} | {res[label]:.3f} | {ratio:.2f}x | {met} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -101,11 +174,25 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps (at least 1).")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--compile", action="store_true", help="Add torch.compile rows beside the eager ones."
+    )
     parser.add_argument("--out", default=None, help="Write the markdown section here.")
     args = parser.parse_args()
-    results = {size: measure(size, args.batch, args.rounds, args.warmup) for size in args.sizes}
-    text = markdown(results, args.batch, "python " + " ".join([sys.argv[0], *shown_args(None)]))
+    device = device_of(args.device)
+    results = {
+        size: measure(size, args.batch, args.rounds, max(args.warmup, 1), device, args.compile)
+        for size in args.sizes
+    }
+    text = markdown(
+        results,
+        args.batch,
+        "python " + " ".join([sys.argv[0], *shown_args(None)]),
+        device,
+        args.compile,
+    )
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)

@@ -26,15 +26,32 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 
 #: name -> commands (each writes one section via --out / --output; several are concatenated).
 BENCHMARKS: dict[str, list[list[str]]] = {
-    "step_time": [["benchmarks/bench_step_time.py", "--sizes", "32", "224", "--batch", "64"]],
+    "step_time": [
+        ["benchmarks/bench_step_time.py", "--sizes", "32", "224", "--batch", "64", "--compile"]
+    ],
     "accuracy": [["benchmarks/bench_accuracy.py", "--baseline-epochs", "8", "--epochs", "2"]],
     "runtime": [
         ["benchmarks/bench_runtime.py", "--threads", "1", "--numpy", "--repeats", "30"],
         ["benchmarks/bench_runtime.py", "--threads", "2", "--repeats", "30"],
     ],
     "onnx": [["benchmarks/bench_onnx.py", "--runs", "50"]],
+    "sensitivity": [
+        [
+            "benchmarks/bench_sensitivity.py",
+            *("--model", "resnet18", "--baseline-epochs", "8", "--epochs", "1"),
+            *("--configs", "pa:4:5", "pa:8:7", "abc:5:5", "--auto-at", "pa:4:5"),
+            *("--frontier", "pa:2:5", "pa:4:5", "pa:6:5", "pa:8:7"),
+            *("--plot", "docs/figures/sensitivity-resnet18.png"),
+        ],
+        [
+            "benchmarks/bench_sensitivity.py",
+            *("--model", "mobilenetv2_100", "--baseline-epochs", "10"),
+            *("--epochs", "1", "--configs", "pa:8:7", "--auto-at", "pa:8:7"),
+            *("--plot", "docs/figures/sensitivity-mobilenetv2_100.png"),
+        ],
+    ],
 }
-ORDER = ("accuracy", "step_time", "runtime", "onnx")
+ORDER = ("accuracy", "sensitivity", "step_time", "runtime", "onnx")
 OUT_FLAG = {"runtime": "--output"}
 
 HEADER = """# Benchmarks

@@ -50,7 +50,7 @@ from binarize_cli.convert.training import Accuracy
 from binarize_cli.core.errors import BadInputError
 from binarize_cli.core.modes import evaluating
 from binarize_cli.core.preprocess import Preprocessing
-from binarize_cli.core.settings import ConvertSettings
+from binarize_cli.core.settings import CALIBRATION_RULES, ConvertSettings
 from binarize_cli.quant.layers import BinarizedConv2d
 
 __all__ = [
@@ -249,6 +249,7 @@ def binarize(
     budget_bops: float | None = None,
     policy: str | None = None,
     layer_bases: Mapping[str, Any] | None = None,
+    calibration: str = _DEFAULTS.calibration,
 ) -> Binarized:
     """Convert a copy of ``model`` into a multiple-binary network; ``model`` is not modified.
 
@@ -276,11 +277,14 @@ def binarize(
             when a budget is given, else ``"uniform"``.
         layer_bases: per-layer choices by layer name, ``(M, N)`` or ``None`` for full
             precision (a run's ``layer_bases``); layers not named take (M, N).
+        calibration: the calibration rule (``convert --calibration``): ``"tensor"`` fits
+            each activation quantizer to its own input, ``"output"`` then refines it to
+            minimise each layer's output error (docs/sensitivity.md).
 
     Raises:
         SchemeError: unknown scheme or invalid (M, N). BadInputError: a bad ``keep`` regex,
         ``calibration_data`` that yields no tensors, a budget without labelled
-        ``calibration_data`` or below the cheapest configuration.
+        ``calibration_data`` or below the cheapest configuration, an unknown ``calibration``.
     """
     from binarize_cli.convert.calibrate import calibrate_model
     from binarize_cli.convert.surgery import binarize_model
@@ -294,6 +298,10 @@ def binarize(
         raise BadInputError(f"policy must be 'uniform' or 'auto' (got {policy!r})")
     if chosen == "uniform" and (budget is not None or budget_bops is not None):
         raise BadInputError("a budget chooses per-layer bases: use policy='auto'")
+    if calibration not in CALIBRATION_RULES:
+        raise BadInputError(
+            f"calibration must be one of {', '.join(CALIBRATION_RULES)} (got {calibration!r})"
+        )
     items = (
         None
         if calibration_data is None
@@ -335,7 +343,11 @@ def binarize(
         example_input=None if batches is None else batches[0][:1].to(device),
         layer_bases=layer_bases,
     )
-    stats = None if batches is None else calibrate_model(result.model, model, batches, seed=seed)
+    stats = (
+        None
+        if batches is None
+        else calibrate_model(result.model, model, batches, seed=seed, rule=calibration)
+    )
     result.model.eval()
     return Binarized(result.model, sch.name, m, n, result, stats, table, allocation)
 
@@ -354,6 +366,8 @@ def finetune(
     distill_weight: float = _DEFAULTS.distill_weight,
     temperature: float = _DEFAULTS.temperature,
     device: str | torch.device | None = None,
+    amp: str = _DEFAULTS.amp,
+    compile: bool = _DEFAULTS.compile,
 ) -> FinetuneState:
     """Fine-tune ``model`` in place (``binarize convert``'s fine-tune); returns it in eval mode.
 
@@ -367,12 +381,17 @@ def finetune(
             ``T = temperature``.
         device: where the batches go (the model must be there already); default the
             model's device.
+        amp: ``"off"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the training steps under
+            autocast, the quantizers in float32 (``convert --amp``, docs/devices.md).
+        compile: run the training steps through ``torch.compile`` (``convert --compile``).
 
     Returns:
         ``epochs_done``, ``epoch_seconds`` and per-epoch ``epoch_stats`` (loss, running
         top-1, images/s). Raises TrainingDivergedError on a non-finite loss.
     """
     from binarize_cli.convert.finetune import finetune as run_finetune
+    from binarize_cli.convert.training import compiled
+    from binarize_cli.core.settings import AMP_MODES
 
     if not (math.isfinite(epochs) and epochs >= 0):
         raise BadInputError(f"epochs must be >= 0 (got {epochs})")
@@ -380,6 +399,9 @@ def finetune(
         raise BadInputError(f"lr must be > 0 (got {lr})")
     if not 0.0 <= distill_weight <= 1.0:
         raise BadInputError(f"distill_weight must be in [0, 1] (got {distill_weight})")
+    where = str(device if device is not None else _device_of(model))
+    if amp not in AMP_MODES or (amp == "fp16" and not where.startswith("cuda")):
+        raise BadInputError(f"amp must be off, bf16 or fp16 on CUDA (got {amp!r} on {where})")
     if not hasattr(train_data, "__len__") or iter(train_data) is train_data:
         raise BadInputError(
             "train_data must be re-iterable with a length (a DataLoader or a list of "
@@ -394,7 +416,9 @@ def finetune(
         teacher=teacher,
         distill_weight=distill_weight,
         temperature=temperature,
-        device=str(device if device is not None else _device_of(model)),
+        device=where,
+        train_module=compiled(model, compile),
+        amp=amp,
     )
     model.eval()
     return state

@@ -206,6 +206,20 @@ def test_finetune_bad_input() -> None:
         binarize_cli.finetune(model, batches(1), lr=math.nan)
 
 
+def test_finetune_with_amp_and_compile_trains_float32_weights(monkeypatch) -> None:
+    from binarize_cli.convert import training
+
+    monkeypatch.setattr(training, "COMPILE_BACKEND", "eager")
+    model = binarize_cli.binarize(TinyNet(), "pa", 4, 5, batches(2)).model
+    latent = model.down.weight.detach().clone()
+    state = binarize_cli.finetune(model, batches(2), epochs=1, amp="bf16", compile=True)
+    assert state.epochs_done == 1 and not model.training
+    assert not torch.equal(latent, model.down.weight)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(BadInputError, match="amp must be off, bf16 or fp16 on CUDA"):
+        binarize_cli.finetune(model, batches(1), amp="fp16")  # a CPU model
+
+
 def test_export_derives_and_checks_its_metadata(tmp_path: Path) -> None:
     from binarize_cli.runtime import load_packed
 

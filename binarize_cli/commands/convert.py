@@ -312,8 +312,9 @@ _Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=str
 _BaselineSeed = Annotated[
     int | None,
     option(
-        help="Seed of the baseline's training (reuse one cached baseline across --seed values).",
-        default="--seed",
+        help="Seed of the baseline's training; one value reuses one cached baseline for "
+        "conversions with different seeds.",
+        default="the run's seed",
     ),
 ]
 
@@ -394,6 +395,53 @@ _Sensitivity = Annotated[
     ),
 ]
 
+_Calibration = Annotated[
+    str | None,
+    option(
+        help="tensor: fit each activation quantizer to its own input | output: then refine "
+        "it to minimise each layer's output error (docs/sensitivity.md; any case).",
+        default=_DEFAULTS.calibration,
+        callback=lower_choice,
+    ),
+]
+
+_Device = Annotated[
+    str | None,
+    option(
+        help="Where every stage runs (baseline, calibration, fine-tuning, evaluation): "
+        "auto | cpu | cuda | cuda:N; auto is cuda when available (docs/devices.md).",
+        default=_DEFAULTS.device,
+        callback=lower_choice,
+    ),
+]
+
+_Workers = Annotated[
+    int | None,
+    option(
+        help="Data-loading worker processes (0: load in the main process).",
+        default=str(_DEFAULTS.workers),
+    ),
+]
+
+_Amp = Annotated[
+    str | None,
+    option(
+        help="Mixed-precision training: off | bf16 | fp16 (fp16 on CUDA only); the "
+        "quantizers stay float32, accuracies are measured in float32.",
+        default=_DEFAULTS.amp,
+        callback=lower_choice,
+    ),
+]
+
+_Compile = Annotated[
+    bool | None,
+    option(
+        "--compile/--no-compile",
+        help="torch.compile the training steps (baseline and fine-tune; the first steps compile).",
+        default="--compile" if _DEFAULTS.compile else "--no-compile",
+    ),
+]
+
 _Output = Annotated[
     Path | None,
     option("-o", "--output", help="Run directory.", default="runs/<model>-<scheme>-M<M>N<N>"),
@@ -426,6 +474,11 @@ def convert(
     budget_mbit: _BudgetMbit = None,
     budget_bops: _BudgetBops = None,
     sensitivity: _Sensitivity = None,
+    calibration: _Calibration = None,
+    device: _Device = None,
+    workers: _Workers = None,
+    amp: _Amp = None,
+    compile: _Compile = None,
     resume: _Resume = False,
     overwrite: _Overwrite = False,
     output: _Output = None,
@@ -463,6 +516,11 @@ def convert(
             "budget_mbit": budget_mbit,
             "budget_bops": budget_bops,
             "sensitivity": sensitivity,
+            "calibration": calibration,
+            "device": device,
+            "workers": workers,
+            "amp": amp,
+            "compile": compile,
             "scheme_options": None if endpoints is None else {"weight_endpoints": endpoints},
         },
     )

@@ -20,7 +20,10 @@ Cache: ``$BINARIZE_CACHE`` (default ``~/.cache/binarize``) ``/baselines/<arch>-<
 hex digits of the SHA-256 of the sorted-JSON of: model spec, weights identity, data spec,
 input size, mean, std, num_classes, whether it trains and, if so, epochs, batch size, lr and
 seed (plus a format version); for a user's ``MODULE:CLASS`` model also the SHA-256 of the
-file defining the class, so an edited class is not served a stale baseline. Files are written atomically (:mod:`binarize_cli.core.files`),
+file defining the class, so an edited class is not served a stale baseline; and, for a
+trained baseline, how it trained when that is not the CPU in float32 eager mode (the device
+type, ``amp``, ``compile``: each gives other weights), so a CPU run never reads a baseline a GPU
+trained. Files are written atomically (:mod:`binarize_cli.core.files`),
 the json last, so a crashed run never leaves an entry that looks complete; an unreadable
 entry is ignored and rebuilt.
 
@@ -43,7 +46,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize_cli.convert.training import Accuracy, evaluate, progress_bar, train_one_epoch
+from binarize_cli.convert.finetune import check_finite_state
+from binarize_cli.convert.training import (
+    Accuracy,
+    Execution,
+    compiled,
+    evaluate,
+    progress_bar,
+    train_one_epoch,
+)
 from binarize_cli.core.errors import TrainingDivergedError
 from binarize_cli.core.files import atomic_write_bytes, atomic_write_json
 from binarize_cli.load.data import DataBundle, make_loader
@@ -104,8 +115,11 @@ def baseline_key(
     batch_size: int,
     lr: float,
     seed: int,
+    execution: Execution | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The cache key (16 hex digits) and the fields it hashes."""
+    """The cache key (16 hex digits) and the fields it hashes; ``execution`` (default: the
+    CPU, float32, eager) adds its device type, ``amp`` and ``compile`` where they differ from
+    that default (so keys of CPU runs are unchanged)."""
     fields: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "model": loaded.spec,
@@ -128,6 +142,14 @@ def baseline_key(
                 "seed": int(seed),
             }
         )
+        run = execution or Execution()
+        device_type = torch.device(run.device).type
+        if device_type != "cpu":
+            fields["device"] = device_type
+        if run.amp != "off":
+            fields["amp"] = run.amp
+        if run.compile:
+            fields["compile"] = True
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16], fields
 
@@ -186,9 +208,8 @@ class _Recipe:
     batch_size: int
     lr: float
     seed: int
-    device: str
+    execution: Execution
     progress: Any
-    num_workers: int
 
 
 def _train(
@@ -197,8 +218,10 @@ def _train(
     """``recipe.epochs`` of Adam with a per-step cosine schedule to 0; the epoch times and
     :meth:`EpochStats.summary` records."""
     epochs, batch_size, lr, seed = recipe.epochs, recipe.batch_size, recipe.lr, recipe.seed
-    device, progress, num_workers = recipe.device, recipe.progress, recipe.num_workers
+    run, progress = recipe.execution, recipe.progress
     model = loaded.model
+    net = compiled(model, run.compile)  # the training steps' module; shares model's weights
+    scaler = run.grad_scaler()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     n_train = len(data.train)  # type: ignore[arg-type]
     drop_last = n_train > batch_size  # no BatchNorm-breaking batch of 1 at the end
@@ -218,7 +241,7 @@ def _train(
                 shuffle=True,
                 seed=seed + epoch,
                 drop_last=drop_last,
-                num_workers=num_workers,
+                **run.loader_options,
             )
             on_step = None
             if bar is not None:
@@ -240,19 +263,23 @@ def _train(
 
             try:
                 stats = train_one_epoch(
-                    model,
+                    net,
                     loader,
                     optimizer,
                     scheduler=scheduler,
-                    device=device,
+                    device=run.device,
                     on_step=on_step,
                     epoch=epoch,
+                    amp=run.amp,
+                    scaler=scaler,
                 )
+                check_finite_state(model)
             except TrainingDivergedError as exc:
                 head = str(exc).split(";")[0].strip()
+                hint = " or train without --amp" if run.amp != "off" else ""
                 raise TrainingDivergedError(
                     f"full-precision baseline {head.removeprefix('training ')}; "
-                    "lower --baseline-lr or check the data (nothing was cached)"
+                    f"lower --baseline-lr{hint} or check the data (nothing was cached)"
                 ) from None
             times.append(float(stats.seconds))
             stats_list.append(stats.summary())
@@ -297,7 +324,7 @@ def _fit(
 ) -> tuple[Accuracy, list[float], list[dict[str, float]]]:
     """Train (when ``train``) from the seeded initialisation of the module doc, under a forked
     RNG, then evaluate; ``loaded.model`` ends on ``device`` in eval mode."""
-    seed, device = recipe.seed, recipe.device
+    seed, device = recipe.seed, recipe.execution.device
     model = loaded.model
     times: list[float] = []
     stats: list[dict[str, float]] = []
@@ -361,15 +388,16 @@ def ensure_baseline(
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Any = None,
-    device: str = "cpu",
+    execution: Execution | None = None,
     use_cache: bool = True,
-    num_workers: int = 0,
 ) -> Baseline:
     """Adapt (if needed), evaluate and cache the full-precision model; see the module doc.
 
     ``loaded.model`` is modified in place (classifier reset, trained weights) and returned
-    as ``Baseline.model``, on ``device``, in eval mode. ``progress`` (a rich ``Console`` or
-    ``Progress``) shows a bar per training epoch; without it nothing is displayed.
+    as ``Baseline.model``, on ``execution.device``, in eval mode. ``execution`` (default: the
+    CPU, float32, eager, no loader workers) is where and how it trains and is evaluated
+    (evaluation is always float32 eager). ``progress`` (a rich ``Console`` or ``Progress``)
+    shows a bar per training epoch; without it nothing is displayed.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -380,22 +408,30 @@ def ensure_baseline(
         reset_classifier(loaded, data.num_classes)
         notes.append(f"classifier reset to {data.num_classes} classes for {data.name}")
     train = loaded.weights == "random" or loaded.classifier_reset
+    run = execution or Execution()
     key, fields = baseline_key(
-        loaded, data, train=train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+        loaded,
+        data,
+        train=train,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        execution=run,
     )
     directory = cache_root(cache_dir) / "baselines" / f"{_slug(loaded.arch)}-{key}"
     model = loaded.model
     val_loader = make_loader(
-        data.val, batch_size=max(batch_size, 128), shuffle=False, seed=seed, num_workers=num_workers
+        data.val, batch_size=max(batch_size, 128), shuffle=False, seed=seed, **run.loader_options
     )
 
     cached = None
     if use_cache:
-        cached = _from_cache(directory, key, model, train=train, device=device, notes=notes)
+        cached = _from_cache(directory, key, model, train=train, device=run.device, notes=notes)
     if cached is not None:
         (acc, times, stats), path = cached, directory
     else:
-        recipe = _Recipe(epochs, batch_size, lr, seed, device, progress, num_workers)
+        recipe = _Recipe(epochs, batch_size, lr, seed, run, progress)
         acc, times, stats = _fit(loaded, data, val_loader, train=train, recipe=recipe)
         record = (acc, times, stats)
         path = None

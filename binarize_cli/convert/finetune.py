@@ -315,23 +315,26 @@ def finetune(
     resume_state: dict[str, Any] | None = None,
     validate: Callable[[nn.Module], dict[str, float]] | None = None,
     select: Callable[[nn.Module], float] | None = None,
+    amp: str = "off",
 ) -> FinetuneState:
     """Fine-tune ``model`` in place; with ``select``, end on the best epoch's weights.
 
     Args:
         make_train_loader: ``epoch -> DataLoader`` (seeded per epoch for reproducible resume).
-        train_module: what the forward pass calls (a DDP wrapper of ``model``; default
-            ``model``). Checkpoints always hold ``model``'s own state dict.
+        train_module: what the forward pass calls (a DDP wrapper or a ``torch.compile`` d
+            ``model``; default ``model``). Checkpoints always hold ``model``'s own state dict.
         on_epoch_start, on_step: progress callbacks (``(epoch, num_epochs, steps)``; see
             :func:`~binarize_cli.convert.training.train_one_epoch`).
         resume_state: a checkpoint read by :func:`load_checkpoint` (else ``resume`` reads it).
         validate, select: called after every epoch: ``{"val_top1", "val_top5"}`` (recorded)
             and a score; the best-scoring epoch is kept (ties: the later; across a resume).
+        amp: the training steps' mixed precision (:class:`~binarize_cli.convert.training.
+            Execution`); ``"fp16"`` scales the loss (the scaler starts afresh on resume).
 
     Raises:
         TrainingDivergedError: non-finite loss or weights; the last good checkpoint is kept.
     """
-    from binarize_cli.convert.training import train_one_epoch
+    from binarize_cli.convert.training import Execution, train_one_epoch
 
     net = model if train_module is None else train_module
     first_loader = make_train_loader(0)
@@ -342,6 +345,7 @@ def finetune(
     if resume_state is None and resume and work_dir is not None:
         resume_state = load_checkpoint(work_dir)
     state, best = _start(resume_state, model, optimizer, scheduler, lr, total_steps, work_dir)
+    scaler = Execution(device, amp=amp).grad_scaler()
     for epoch in range(state.epochs_done, len(plan)):
         loader = first_loader if epoch == 0 else make_train_loader(epoch)
         if on_epoch_start is not None:
@@ -358,6 +362,8 @@ def finetune(
                 temperature=temperature,
                 device=device,
                 on_step=on_step,
+                amp=amp,
+                scaler=scaler,
             )
             check_finite_state(model)
         except TrainingDivergedError as exc:

@@ -31,6 +31,12 @@ Reliability contract (docs/reliability.md):
 * **Divergence.** A non-finite loss or weights stops with
   :class:`~binarize_cli.core.errors.TrainingDivergedError` (exit 1) naming the kept checkpoint;
   no run directory is written.
+* **One device.** ``--device`` is resolved once (:func:`~binarize_cli.convert.distributed.
+  resolve_device`, checked with the other settings) and every stage runs there: the
+  baseline's training and evaluation, the sensitivity measure, calibration, fine-tuning and
+  every evaluation (:func:`execution`; ``binarize.json`` records it as ``device``).
+  ``--workers``, ``--amp`` and ``--compile`` apply to the loaders and the training steps
+  (docs/devices.md).
 * **Determinism.** The same settings and seed on the same machine (CPU, same torch and
   thread count) give a bit-identical ``model.safetensors``: all randomness comes from
   ``torch.manual_seed(seed)`` and seeded ``torch.Generator`` s (loaders per epoch,
@@ -80,6 +86,7 @@ if TYPE_CHECKING:
     from binarize_cli.convert.finetune import FinetuneState
     from binarize_cli.convert.sensitivity import SensitivityTable
     from binarize_cli.convert.surgery import SurgeryResult
+    from binarize_cli.convert.training import Execution
     from binarize_cli.load.data import DataBundle
     from binarize_cli.load.models import LoadedModel
     from binarize_cli.quant import Scheme
@@ -216,6 +223,24 @@ def _check_policy(settings: ConvertSettings) -> None:
             )
 
 
+def _check_execution(settings: ConvertSettings) -> None:
+    """``--device`` (a known form, CUDA only where there is CUDA), ``--workers`` (>= 0) and
+    ``--amp`` (a known mode; ``fp16`` only on CUDA)."""
+    from binarize_cli.convert.distributed import resolve_device
+    from binarize_cli.core.settings import AMP_MODES
+
+    device = resolve_device(settings.device)
+    if settings.workers < 0:
+        raise BadInputError(f"--workers must be >= 0 (got {settings.workers})")
+    if settings.amp not in AMP_MODES:
+        raise BadInputError(f"--amp must be one of {', '.join(AMP_MODES)} (got {settings.amp!r})")
+    if settings.amp == "fp16" and not device.startswith("cuda"):
+        raise BadInputError(
+            f"--amp fp16 needs a CUDA device (it scales the loss against float16 underflow "
+            f"there); the run is on {device}: use --amp bf16"
+        )
+
+
 def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
     """Check every setting that needs no loading; returns ``(scheme, M, N)``.
 
@@ -264,6 +289,7 @@ def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
     LayerPolicy(keep_patterns=tuple(settings.keep))  # compiles every --keep regex
     compiled_rules(settings.layers, scheme)  # every [layers] regex and choice
     _check_policy(settings)
+    _check_execution(settings)
     options = dict(settings.scheme_options)
     scheme.weight_quantizer(m, options)  # each factory rejects bad or unknown options
     if n > 0:
@@ -360,7 +386,39 @@ def _calibration_loader(settings: ConvertSettings, data: DataBundle) -> Any:
     """The shuffled training loader calibration (and the sensitivity measure) read, seeded."""
     from binarize_cli.load.data import make_loader
 
-    return make_loader(data.train, batch_size=settings.batch_size, shuffle=True, seed=settings.seed)
+    return make_loader(
+        data.train,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        seed=settings.seed,
+        num_workers=settings.workers,
+    )
+
+
+def execution(settings: ConvertSettings, ctx: DistContext) -> Execution:
+    """Where and how this process trains and evaluates: ``ctx.device`` (the resolved
+    ``--device``) with ``--workers``, ``--amp`` and ``--compile``."""
+    from binarize_cli.convert.training import Execution
+
+    return Execution(
+        device=ctx.device, workers=settings.workers, amp=settings.amp, compile=settings.compile
+    )
+
+
+def describe_execution(run: Execution) -> str:
+    """One line for the progress: the device (with the GPU's name), then ``amp``,
+    ``compile`` and the loader workers where set."""
+    where = run.device
+    if where.startswith("cuda"):
+        where += f" ({torch.cuda.get_device_name(torch.device(where))})"
+    parts = [f"device {where}"]
+    if run.amp != "off":
+        parts.append(f"mixed precision {run.amp}")
+    if run.compile:
+        parts.append("torch.compile")
+    if run.workers:
+        parts.append(f"{run.workers} loader worker{'s' if run.workers != 1 else ''}")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- stages
@@ -573,9 +631,12 @@ def build_reference(
     progress: Any = None,
 ) -> Reference:
     """The full-precision baseline (adapted and cached when needed; rank 0 trains first and
-    the other ranks then read its cache), moved to ``ctx.device`` in eval mode."""
+    the other ranks then read its cache) trained and evaluated on ``ctx.device``
+    (:func:`execution`), in eval mode."""
     from binarize_cli.convert.baseline import ensure_baseline
     from binarize_cli.load.data import make_loader
+
+    run = execution(settings, ctx)
 
     def baseline_with(bar: Any) -> Baseline:
         return ensure_baseline(
@@ -586,6 +647,7 @@ def build_reference(
             lr=settings.baseline_lr,
             seed=settings.seed if settings.baseline_seed is None else settings.baseline_seed,
             progress=bar,
+            execution=run,
         )
 
     baseline = baseline_with(progress) if ctx.is_main else None
@@ -598,6 +660,7 @@ def build_reference(
         batch_size=max(settings.batch_size, 128),
         shuffle=False,
         seed=settings.seed,
+        **run.loader_options,
     )
     return Reference(baseline, fp_model, val_loader)
 
@@ -697,7 +760,8 @@ def calibrate_student(
     reporter: Reporter | None = None,
 ) -> Calibration:
     """Activation endpoints/levels from ``calib_batches`` shuffled training batches, then
-    batch-norm statistics; evaluated on the validation split. A resumed run takes the record
+    batch-norm statistics, by the ``calibration`` rule's (``tensor`` or ``output``);
+    evaluated on the validation split. A resumed run takes the record
     from its checkpoint instead (the checkpoint holds the calibrated and trained weights)."""
     from binarize_cli.convert.calibrate import calibrate_model
     from binarize_cli.convert.training import evaluate
@@ -722,8 +786,17 @@ def calibrate_student(
         )
     )
     stats = calibrate_model(
-        student, reference.model, [images for images, _ in batches], seed=settings.seed
+        student,
+        reference.model,
+        [images for images, _ in batches],
+        seed=settings.seed,
+        rule=settings.calibration,
     )
+    if stats.reconstructed:
+        rep.stage(
+            f"output-aware calibration: {stats.reconstructed} layers, summed layer output "
+            f"error {stats.output_error_before:.4f} -> {stats.output_error_after:.4f}"
+        )
     rep.stage("evaluating the calibrated model")
     accuracy = evaluate(student, reference.val_loader, device=device).to_dict()
     return Calibration(accuracy, stats.seconds)
@@ -753,14 +826,19 @@ def finetune_student(
     recorded step-time ratio (``FinetuneState.fp_step_s``).
     With ``work_dir`` (and ``epochs > 0``) a checkpoint is written there after each epoch;
     Ctrl-C becomes :class:`ConvertInterrupted`, saying whether one was kept.
+    Training steps run as :func:`execution` says (``--amp``; with ``--compile``, a
+    ``torch.compile`` d student and reference); the per-epoch scores are float32 eager.
     """
     from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune
+    from binarize_cli.convert.training import compiled
     from binarize_cli.load.data import make_loader
 
     rep: Reporter = reporter or _Silent()
+    run = execution(settings, ctx)
     train_module: nn.Module = student
     if ctx.enabled:
         train_module = torch.nn.parallel.DistributedDataParallel(student)
+    train_module = compiled(train_module, run.compile)
 
     def make_train_loader(epoch: int) -> Any:
         return make_loader(
@@ -770,6 +848,7 @@ def finetune_student(
             seed=settings.seed + epoch,
             drop_last=True,
             distributed=ctx.enabled,
+            **run.loader_options,
         )
 
     validate, select = _epoch_scores(settings, data, ctx, val_loader)
@@ -798,6 +877,7 @@ def finetune_student(
             resume_state=resume_state,
             validate=validate,
             select=select,
+            amp=run.amp,
         )
         state.fp_step_s = fp_step_s
         return state
@@ -819,10 +899,12 @@ def _reference_step_s(
     ctx: DistContext,
 ) -> float | None:
     """Seconds per training step of a copy of the full-precision model: :data:`REFERENCE_STEPS`
-    steps after 2 untimed ones, with the fine-tune's loss, distillation, data and device."""
+    steps after 2 untimed ones, with the fine-tune's loss, distillation, data, device,
+    ``--amp`` and ``--compile``."""
     from binarize_cli.convert.finetune import LimitedLoader
     from binarize_cli.convert.training import time_training_steps
 
+    run = execution(settings, ctx)
     return time_training_steps(
         fp_model,
         LimitedLoader(loader, REFERENCE_STEPS + 2),
@@ -830,7 +912,9 @@ def _reference_step_s(
         teacher=teacher,
         distill_weight=settings.distill_weight,
         temperature=settings.temperature,
-        device=ctx.device,
+        device=run.device,
+        amp=run.amp,
+        compile=run.compile,
     )
 
 
@@ -851,6 +935,7 @@ def _epoch_scores(
         batch_size=max(settings.batch_size, 128),
         shuffle=False,
         seed=settings.seed,
+        **execution(settings, ctx).loader_options,
     )
 
     def validate(model: nn.Module) -> dict[str, float]:
@@ -873,9 +958,10 @@ def run_metadata(
     final_acc: dict[str, Any],
     world_size: int,
     allocation: Allocation | None = None,
+    device: str | None = None,
 ) -> RunMetadata:
     """The ``binarize.json`` of a run (BRIEF section 2 keys plus provenance, the per-layer
-    table and, for ``--policy auto``, the allocation)."""
+    table, for ``--policy auto`` the allocation, and the resolved ``device`` it ran on)."""
     settings, data, baseline = plan.settings, inputs.data, reference.baseline
     loaded, fp_acc, cal_acc = inputs.loaded, baseline.accuracy, calibration.accuracy
     weights_file, weights_sha256 = weights_provenance(loaded)
@@ -913,6 +999,7 @@ def run_metadata(
         std=list(data.std),
         preprocessing=data.preprocessing.to_dict(),
         world_size=world_size,
+        device=device,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         binarize_version=__version__,
         weights_file=weights_file,
@@ -1046,7 +1133,7 @@ def run_convert(
 
     rep: Reporter = reporter or _Silent()
     plan = prepare(settings, out_dir=out_dir, resume=resume, overwrite=overwrite)
-    ctx = distributed.setup()
+    ctx = distributed.setup(settings.device)
     torch.manual_seed(settings.seed)
     # oneDNN's CPU convolution backward may reduce over threads in a run-dependent order
     # unless asked to be deterministic (same results otherwise; restored on exit).
@@ -1055,6 +1142,7 @@ def run_convert(
     created: list[Path] = []
     try:
         inputs = _load_and_say(settings, plan, rep)
+        rep.stage(describe_execution(execution(settings, ctx)))  # after bad input is ruled out
         rep.stage("full-precision baseline")
         reference = build_reference(settings, inputs, ctx, progress=progress_console)
         bases = (
@@ -1108,6 +1196,7 @@ def run_convert(
             final_acc,
             ctx.world_size,
             allocation,
+            ctx.device,
         )
         return ConvertResult(
             run_dir=write_result(

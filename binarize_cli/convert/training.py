@@ -4,6 +4,17 @@
   ``k = min(5, num_classes)`` so that sets with fewer than five classes still report).
 * :func:`time_training_steps`: seconds per step of that same step on a copy of a model (the
   same-process full-precision reference of the fine-tune's step time).
+* :class:`Execution`: where and how training runs (``convert --device/--workers/--amp/
+  --compile``): the device, the loaders' worker processes, mixed precision and
+  ``torch.compile``.
+
+Mixed precision (``amp="bf16"`` or ``"fp16"``): the training step's forward passes (the
+model's and the teacher's) run under :func:`torch.autocast`, so convolutions and linear
+layers compute in the reduced type while the parameters, the optimizer state and the loss stay
+float32; a binarized layer hands its quantizers float32 inputs with autocast off
+(:class:`~binarize_cli.quant.layers.BinarizedConv2d`), so thresholds and scales never leave
+float32. ``fp16`` scales the loss (:class:`torch.amp.GradScaler`) and needs CUDA.
+Evaluation never uses autocast: every recorded accuracy is the float32 model's.
 * :func:`train_one_epoch` -> :class:`EpochStats`: one pass of cross-entropy training,
   optionally with knowledge distillation (Hinton et al.) from a teacher's logits::
 
@@ -21,6 +32,7 @@ loader yielding ``(images, labels)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -35,8 +47,12 @@ from binarize_cli.core.errors import TrainingDivergedError
 from binarize_cli.core.modes import evaluating
 
 __all__ = [
+    "AMP_DTYPES",
     "Accuracy",
     "EpochStats",
+    "Execution",
+    "autocast",
+    "compiled",
     "distillation_loss",
     "evaluate",
     "time_training_steps",
@@ -46,6 +62,65 @@ __all__ = [
 
 #: ``on_step(step, total, loss, acc, images_per_s)``; ``step`` is 1-based, ``total`` may be None.
 StepCallback = Callable[[int, int | None, float, float, float], None]
+
+#: ``--amp`` values and the autocast type each runs convolutions in (``"off"``: float32).
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "off": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+#: The backend :func:`compiled` hands to ``torch.compile`` (tests set a cheaper one).
+COMPILE_BACKEND = "inductor"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how the training and evaluation loops run (``convert --device``,
+    ``--workers``, ``--amp``, ``--compile``).
+
+    ``device`` is a resolved torch device string (``"cpu"``, ``"cuda:0"``); ``workers`` the
+    DataLoader worker processes (0: load in the main process); ``amp`` a key of
+    :data:`AMP_DTYPES`; ``compile``: training steps run a ``torch.compile`` d model
+    (:func:`compiled`).
+    """
+
+    device: str = "cpu"
+    workers: int = 0
+    amp: str = "off"
+    compile: bool = False
+
+    @property
+    def loader_options(self) -> dict[str, Any]:
+        """``make_loader`` keyword arguments: the workers, and pinned memory on CUDA."""
+        return {
+            "num_workers": self.workers,
+            "pin_memory": torch.device(self.device).type == "cuda",
+        }
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The loss scaler ``fp16`` training needs (``None`` otherwise)."""
+        if self.amp != "fp16":
+            return None
+        return torch.amp.GradScaler(torch.device(self.device).type)
+
+
+def autocast(device: str | torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to :data:`AMP_DTYPES` ``[amp]`` on ``device``'s type; a no-op for
+    ``"off"``."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def compiled(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """``torch.compile(module)`` (with :data:`COMPILE_BACKEND`) when ``enabled``, else
+    ``module``. The compiled wrapper shares ``module``'s parameters, so an optimizer built on
+    ``module`` trains it; call the wrapper for training steps only."""
+    if not enabled:
+        return module
+    return torch.compile(module, backend=COMPILE_BACKEND)  # type: ignore[return-value]
 
 
 @dataclass
@@ -156,12 +231,15 @@ def train_one_epoch(
     on_step: StepCallback | None = None,
     epoch: int | None = None,
     max_grad_norm: float | None = None,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
     """One epoch of training (see the module docstring for the loss).
 
     ``epoch``, when given, is passed to ``loader.sampler.set_epoch`` (DistributedSampler).
-    ``max_grad_norm`` clips the global gradient norm. Raises TrainingDivergedError on a
-    non-finite loss.
+    ``max_grad_norm`` clips the global gradient norm. ``amp`` runs the forward passes under
+    :func:`autocast`; ``scaler`` (``fp16``) scales the loss before the backward pass. Raises
+    TrainingDivergedError on a non-finite loss.
     """
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
@@ -182,11 +260,13 @@ def train_one_epoch(
     start = time.perf_counter()
     for batch in loader:
         x, y = _to(batch, device)
-        logits = model(x)
+        with autocast(device, amp):
+            logits = model(x)
+            if use_teacher:
+                with torch.no_grad():
+                    t_logits = teacher(x)  # type: ignore[misc]
         loss = F.cross_entropy(logits.float(), y)
         if use_teacher:
-            with torch.no_grad():
-                t_logits = teacher(x)  # type: ignore[misc]
             loss = (1.0 - distill_weight) * loss + distill_weight * distillation_loss(
                 logits, t_logits, temperature
             )
@@ -197,10 +277,7 @@ def train_one_epoch(
                 f"training diverged: loss is {value} at {where}step {steps + 1}; lower --lr or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+        _step(model, optimizer, loss, scaler, max_grad_norm)
         if scheduler is not None:
             scheduler.step()
         n = int(y.shape[0])
@@ -224,6 +301,29 @@ def train_one_epoch(
     )
 
 
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float | None,
+) -> None:
+    """Backward pass and optimizer step, through ``scaler`` when there is one (which skips
+    the step when the scaled gradients overflowed)."""
+    if scaler is None:
+        loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if max_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def time_training_steps(
     model: nn.Module,
     loader: Iterable[Any],
@@ -234,10 +334,13 @@ def time_training_steps(
     distill_weight: float = 0.0,
     temperature: float = 1.0,
     device: str | torch.device = "cpu",
+    amp: str = "off",
+    compile: bool = False,
 ) -> float | None:
     """Seconds per training step of a copy of ``model``: :func:`train_one_epoch`'s step (the
     same loss, distillation and Adam update) over ``loader``, the first ``warmup`` steps
-    untimed. ``None`` when ``loader`` has no step after the warm-up.
+    untimed (with ``compile``, they also compile). ``None`` when ``loader`` has no step after
+    the warm-up. ``amp`` and ``compile`` as in :class:`Execution`.
 
     This is the full-precision reference the fine-tune's step time is divided by: the same
     code, data and process, only without binarization. ``model`` itself is not touched and
@@ -255,8 +358,9 @@ def time_training_steps(
     work = copy.deepcopy(model).to(device)
     try:
         optimizer = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=lr)
+        scaler = Execution(str(device), amp=amp).grad_scaler()
         stats = train_one_epoch(
-            work,
+            compiled(work, compile),
             loader,
             optimizer,
             teacher=teacher,
@@ -264,6 +368,8 @@ def time_training_steps(
             temperature=temperature,
             device=device,
             on_step=on_step if warmup > 0 else None,
+            amp=amp,
+            scaler=scaler,
         )
         end = time.perf_counter()
     finally:

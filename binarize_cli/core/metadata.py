@@ -24,6 +24,10 @@ the bytes ``convert`` always wrote: 2-space indented JSON and a final newline):
   images into the model's input (:class:`~binarize_cli.core.preprocess.Preprocessing`'s
   JSON form, checked on reading). A file without it is written back without it, so an
   older file's round trip changes no byte either.
+* ``device`` (optional, after ``world_size``; absent from older files and written only when
+  known): the torch device the run trained and evaluated on (``"cpu"``, ``"cuda:0"``), the
+  resolved ``convert --device``; ``recipe`` holds what was asked (``device``, ``workers``,
+  ``amp``, ``compile``).
 * per-layer bases (optional, absent from older files, which rebuild with the run-level ``M``,
   ``N`` everywhere): ``layer_bases`` maps every layer the policy binarizes to its ``[M, N]``,
   or to null where a per-layer choice keeps it full precision; ``allocation`` records how
@@ -231,6 +235,7 @@ _CHECKS: dict[str, tuple[Check, str]] = {
     "std": (_or_null(_list_of(_is_number)), "a list of numbers or null"),
     "preprocessing": (_or_null(_is_object), "an object or null"),
     "world_size": (_is_int, "an integer"),
+    "device": (_or_null(_is_str), "a string or null"),
     "created": (_or_null(_is_str), "a string or null"),
     "binarize_version": (_or_null(_is_str), "a string or null"),
     "weights_file": (_or_null(_is_str), "a string or null"),
@@ -338,6 +343,7 @@ class RunMetadata:
     std: list[float] | None = None
     preprocessing: dict[str, Any] | None = None
     world_size: int = 1
+    device: str | None = None
     created: str | None = None
     binarize_version: str | None = None
     weights_file: str | None = None
@@ -355,10 +361,11 @@ class RunMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``binarize.json`` mapping (a deep copy), keys in file order; ``preprocessing``
-        only when recorded (older files have no such key)."""
+        and ``device`` only when recorded (older files have no such keys)."""
         out = asdict(self)
-        if out["preprocessing"] is None:
-            del out["preprocessing"]
+        for key in ("preprocessing", "device"):
+            if out[key] is None:
+                del out[key]
         return out
 
     def preprocessing_record(self) -> Preprocessing | None:

@@ -13,8 +13,11 @@ file's order): ``"fp"`` keeps a layer full precision, ``[M, N]`` gives it its ow
     "layer1\\." = [2, 3]
 
 ``policy`` (``"uniform"`` or ``"auto"``), ``budget_mbit`` and ``budget_bops`` choose the
-per-layer bases of the other layers (docs/sensitivity.md). Unknown keys and wrong types are
-errors, never ignored.
+per-layer bases of the other layers (docs/sensitivity.md); ``calibration`` (``"tensor"`` or
+``"output"``) is the calibration rule (:mod:`binarize_cli.convert.calibrate`). ``device`` (``"auto"``, ``"cpu"``,
+``"cuda"``, ``"cuda:N"``), ``workers``, ``amp`` (:data:`AMP_MODES`) and ``compile`` say where
+and how the run trains (docs/devices.md). Unknown keys and wrong types are errors, never
+ignored.
 
 Example (``recipes/pa-resnet18-m4n5.toml``)::
 
@@ -77,6 +80,11 @@ class ConvertSettings:
     budget_mbit: float | None = None
     budget_bops: float | None = None
     sensitivity: bool = False
+    calibration: str = "tensor"
+    device: str = "auto"
+    workers: int = 0
+    amp: str = "off"
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,11 +118,22 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "budget_mbit": (int, float),
     "budget_bops": (int, float),
     "sensitivity": (bool,),
+    "calibration": (str,),
+    "device": (str,),
+    "workers": (int,),
+    "amp": (str,),
+    "compile": (bool,),
 }
 
 #: The ``--policy`` choices: one (M, N) for every layer, or per-layer bases chosen from the
 #: measured sensitivity within a budget.
 POLICIES = ("uniform", "auto")
+#: The ``--amp`` choices: float32 training, or convolutions in bfloat16 / float16.
+AMP_MODES = ("off", "bf16", "fp16")
+
+#: The ``--calibration`` rules: each activation quantizer fitted to its own input (tensor), or
+#: that fit refined to minimise each layer's output error (output; docs/sensitivity.md).
+CALIBRATION_RULES = ("tensor", "output")
 
 
 def _check_type(where: str, key: str, value: Any, types: tuple[type, ...]) -> None:
@@ -154,6 +173,8 @@ def validate_recipe(data: dict[str, Any], where: str = "recipe") -> dict[str, An
             )
     if data.get("policy", "uniform") not in POLICIES:
         raise RecipeError(f"{where}: policy must be one of {', '.join(POLICIES)}")
+    if data.get("calibration", "tensor") not in CALIBRATION_RULES:
+        raise RecipeError(f"{where}: calibration must be one of {', '.join(CALIBRATION_RULES)}")
     for item in options.get("weight_endpoints", []):
         _check_type(where, "weight_endpoints item", item, (int, float))
     return data

@@ -890,7 +890,9 @@ def make_loader(
     ``distributed=True`` a ``DistributedSampler(shuffle, seed, drop_last)`` shards the data
     over ranks; call ``loader.sampler.set_epoch(epoch)`` each epoch
     (:func:`binarize_cli.convert.training.train_one_epoch` does it when given ``epoch``).
-    ``num_replicas``/``rank`` default to the initialised process group's.
+    ``num_replicas``/``rank`` default to the initialised process group's. With
+    ``num_workers > 0`` the workers persist across passes over the loader (an evaluation
+    loader read every epoch starts them once).
     """
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1 (got {batch_size})")
@@ -905,6 +907,7 @@ def make_loader(
         "generator": generator,
         "pin_memory": pin_memory,
         "worker_init_fn": _seed_worker if num_workers > 0 else None,
+        "persistent_workers": num_workers > 0,
     }
     if distributed:
         from torch.utils.data.distributed import DistributedSampler

@@ -54,8 +54,8 @@ through ``h_v = clip(R + v, 0, 1)``)::
 the exact gradient of the ramp surrogate ``sum_n beta_n clip(R + v_n, 0, 1)`` for ``R`` and
 ``v`` (slope 1, as in the paper; a ramp matching the step's height 2 would have slope 2),
 and the exact gradient of the forward for ``beta``. Forward and backward are per-bucket
-table lookups over the sorted thresholds and window ends: one ``bucketize`` pass instead
-of ``N`` compare/multiply/add passes.
+table lookups over the sorted thresholds and window ends: one comparison pass per edge
+(:func:`~binarize_cli.quant.base.threshold_scan`), the bucket saved as one byte per input.
 
 **Calibration** (the cure for the seeds' random initialisation of ``v`` and ``beta``).
 Note the levels of ``sum_n beta_n A_n`` always satisfy ``L_lowest = -L_highest``: without
@@ -94,7 +94,10 @@ from binarize_cli.quant.base import (
     mean_std,
     needs_autograd,
     register_scheme,
+    scratch,
     search_samples,
+    take,
+    threshold_scan,
 )
 
 __all__ = [
@@ -183,16 +186,18 @@ def _plane_table(cuts: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return buckets[None, :] >= first[:, None]
 
 
-def _bucket_sums(bucket: torch.Tensor, values: torch.Tensor | None, size: int) -> torch.Tensor:
-    """float64 ``[size]``: per-bucket sums of ``values`` (counts when ``None``).
+def _bucket_sums(bucket: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """float64 ``[size]``: per-bucket sums of ``values``, accumulated in float64.
 
-    ``index_add_`` rather than ``bincount``, which scans for min/max first.
+    CPU eager: one ``bincount`` pass (the values widened in a scratch buffer); elsewhere
+    ``index_add_``.
     """
-    out = torch.zeros(size, dtype=torch.float64, device=bucket.device)
-    if values is None:
-        ones = torch.ones((), dtype=torch.float64, device=bucket.device)
-        return out.index_add_(0, bucket, ones.expand(bucket.numel()))
-    return out.index_add_(0, bucket, values.to(torch.float64))
+    flat = bucket.reshape(-1)
+    wide = scratch(flat, "abc_sums", torch.float64)
+    if wide is None:
+        out = torch.zeros(size, dtype=torch.float64, device=flat.device)
+        return out.index_add_(0, flat.long(), values.reshape(-1).to(torch.float64))
+    return torch.bincount(flat, weights=wide.copy_(values.reshape(-1)), minlength=size)
 
 
 def _table_levels(scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -211,30 +216,33 @@ class _WeightDecomposition:
     The planes are nested thresholds of ``W_c = W - mean(W)`` (``B_m = +1 iff
     W_c >= -u_m std``, the form of eq. 4 evaluated here and by any consumer), so each
     weight falls in one of ``M + 1`` buckets and ``W_hat`` is a table lookup; the Gram
-    matrix and right-hand side of eq. 3 come from per-bucket counts and sums.
+    matrix and right-hand side of eq. 3 come from per-bucket counts and sums (one
+    :func:`threshold_scan` pass per threshold).  ``centered`` and ``bucket`` live in scratch
+    buffers on the CPU: use them (``planes``, ``reconstruct``, the STE mask) before the next
+    decomposition.
     """
 
     def __init__(self, w: torch.Tensor, m: int) -> None:
         w = w.detach()
+        self.shape = w.shape
         self.mean, self.std = _weight_stats(w)
-        self.centered = w - self.mean
+        self.centered = torch.sub(w.reshape(-1), self.mean, out=scratch(w, "abc_centered"))
         shifts = torch.tensor(weight_shifts(m), dtype=w.dtype, device=w.device)
         cuts = -shifts * self.std  # plane m is +1 iff centered >= cuts[m]
         edges, _ = torch.sort(cuts)
-        self.bucket = torch.bucketize(self.centered, edges, right=True)
+        scan = threshold_scan(self.centered, edges, stats=range(m), values=w)
+        self.bucket = scan.int_index()
         self.table = _plane_table(cuts, edges)  # [M, M + 1]
-        flat = self.bucket.reshape(-1)
-        counts = _bucket_sums(flat, None, m + 1)
-        sums = _bucket_sums(flat, w.reshape(-1), m + 1)
         signed = self.table.to(torch.float64) * 2.0 - 1.0  # [M, M + 1]
-        gram = (signed * counts) @ signed.T
-        self.alpha = _solve_gram(gram, signed @ sums).to(w.dtype)
+        gram = (signed * scan.counts) @ signed.T
+        self.alpha = _solve_gram(gram, signed @ scan.sums).to(w.dtype)
 
     def planes(self) -> torch.Tensor:
-        return torch.stack([self.table[i][self.bucket] for i in range(self.table.shape[0])])
+        bucket = self.bucket.reshape(self.shape)
+        return torch.stack([self.table[i][bucket] for i in range(self.table.shape[0])])
 
     def reconstruct(self) -> torch.Tensor:
-        return _table_levels(self.alpha, self.table)[self.bucket]
+        return take(_table_levels(self.alpha, self.table), self.bucket).reshape(self.shape)
 
 
 def abc_weight_planes(w: torch.Tensor, m: int) -> BitPlanes:
@@ -271,8 +279,8 @@ class _ActivationTables:
     The edges are the thresholds ``t_n`` and the STE window ends ``-v_n``, ``1 - v_n``
     (sorted, ``K = 3N + 1`` buckets); an input's bucket is ``#{edges <= x}``. Forward
     ``R_hat = levels[bucket]``; backward ``dC/dR = g * slope[bucket]`` and the parameter
-    gradients are per-bucket sums of ``g``. Each costs one ``bucketize`` pass instead of
-    ``N`` passes of compare/multiply/add per element.
+    gradients are per-bucket sums of ``g``. The bucket costs one comparison pass per edge
+    (:func:`~binarize_cli.quant.base.threshold_scan`).
     """
 
     def __init__(self, v: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype) -> None:
@@ -288,7 +296,8 @@ class _ActivationTables:
         self.beta = beta.detach()
 
     def bucket(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bucketize(x, self.edges, right=True)
+        """``#{edges <= x}`` per element, flat int32 (a scratch buffer on the CPU)."""
+        return threshold_scan(x, self.edges).int_index()
 
     def levels(self, dtype: torch.dtype) -> torch.Tensor:
         return _table_levels(self.beta.to(dtype), self.signs)
@@ -300,7 +309,7 @@ class _ActivationTables:
 def abc_activation(x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``R_hat = sum_n beta_n H_{v_n}(x)`` (ABC eq. 6-8), forward only, as a table lookup."""
     tables = _ActivationTables(v, beta, x.dtype)
-    return tables.levels(x.dtype)[tables.bucket(x)]
+    return take(tables.levels(x.dtype), tables.bucket(x)).reshape(x.shape)
 
 
 def fit_activation_scales(samples: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -394,7 +403,8 @@ class ABCWeightSTE(torch.autograd.Function):
         if math.isinf(clip_std):
             mask = torch.ones_like(w, dtype=torch.bool)
         else:
-            mask = dec.centered.abs() <= clip_std * dec.std
+            size = torch.abs(dec.centered, out=scratch(dec.centered, "abc_abs"))
+            mask = (size <= clip_std * dec.std).reshape(w.shape)
         ctx.save_for_backward(mask)
         return dec.reconstruct()
 
@@ -405,27 +415,32 @@ class ABCWeightSTE(torch.autograd.Function):
 
 
 class ABCActivationSTE(torch.autograd.Function):
-    """``R -> sum_n beta_n H_{v_n}(R)`` (eq. 6-8) with the paper's straight-through backward."""
+    """``R -> sum_n beta_n H_{v_n}(R)`` (eq. 6-8) with the paper's straight-through backward.
+
+    The forward saves each input's bucket (one uint8 per element; the tables have
+    ``3N + 1 <= 255`` buckets for ``N <= 84``, else int32), not the input.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, v, beta)
-        return abc_activation(x, v, beta)
+        tables = _ActivationTables(v, beta, x.dtype)
+        bucket = tables.bucket(x)
+        small = tables.edges.numel() < 255
+        ctx.save_for_backward(bucket.to(torch.uint8) if small else bucket.clone(), v, beta)
+        ctx.x_dtype = x.dtype
+        return take(tables.levels(x.dtype), bucket).reshape(x.shape)
 
     @staticmethod
     def backward(
         ctx: Any, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
-        x, v, beta = ctx.saved_tensors
+        bucket, v, beta = ctx.saved_tensors
         need_x, need_v, need_beta = ctx.needs_input_grad[:3]
-        tables = _ActivationTables(v, beta, x.dtype)
-        bucket = tables.bucket(x)
-        grad_x = grad * tables.slopes(grad.dtype)[bucket] if need_x else None
+        tables = _ActivationTables(v, beta, ctx.x_dtype)
+        grad_x = take(tables.slopes(grad.dtype), bucket, grad) if need_x else None
         grad_v = grad_beta = None
         if need_v or need_beta:
-            per_bucket = _bucket_sums(
-                bucket.reshape(-1), grad.reshape(-1), tables.edges.numel() + 1
-            )
+            per_bucket = _bucket_sums(bucket, grad, tables.edges.numel() + 1)
             if need_v:
                 inside = tables.windows.to(torch.float64) @ per_bucket
                 grad_v = (beta.detach().to(torch.float64) * inside).to(v.dtype)

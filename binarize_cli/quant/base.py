@@ -27,6 +27,7 @@ A new scheme is one module that calls :func:`register_scheme`.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,9 +96,204 @@ def mean_std(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         std, mean = torch.std_mean(x.float(), correction=0)
         return mean.to(tensor.dtype), std.to(tensor.dtype)
     mean = x.mean()
-    centered = x - mean
+    centered = torch.sub(x, mean, out=scratch(x, "centered"))  # out=None: a fresh tensor
     var = torch.dot(centered, centered) / x.numel()
     return mean, var.sqrt()
+
+
+def exporting() -> bool:
+    """Under ONNX export, tracing or ``torch.compile``: the quantizers use functional ops
+    (no ``out=`` buffers, no ``bincount``) that export and trace without graph breaks."""
+    return bool(
+        torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+    )
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable buffers for the quantizers' full-size temporaries (CPU only)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(like: torch.Tensor, slot: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A flat tensor of ``like.numel()`` elements for a temporary that dies before the
+    quantizer returns, or None off the eager CPU path (then allocate as usual).
+
+    On the CPU it is a view of a per-thread buffer kept per ``slot`` and dtype and grown to
+    the largest size asked: a fresh large tensor costs a page fault per 4 KiB (glibc hands
+    big blocks back to the system on free), which made the quantizers' full-size temporaries
+    cost more than their arithmetic.  The next call with the same slot overwrites it, so
+    nothing that outlives the call (an output, a tensor saved for backward) may live there.
+    CUDA's caching allocator needs no such help; export and compile want functional ops.
+    """
+    if like.device.type != "cpu" or exporting():
+        return None
+    dtype = like.dtype if dtype is None else dtype
+    n = like.numel()
+    key = (slot, dtype)
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buffers[key] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def _buffer(like: torch.Tensor, slot: str) -> torch.Tensor:
+    """A :func:`scratch` buffer shaped like ``like`` (flat), or a fresh one."""
+    buf = scratch(like, slot)
+    return torch.empty_like(like.reshape(-1)) if buf is None else buf
+
+
+def converted(src: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
+    """``src`` flattened and cast to ``dtype``, in a :func:`scratch` buffer when there is one."""
+    flat = src.reshape(-1)
+    buf = scratch(flat, slot, dtype)
+    return flat.to(dtype) if buf is None else buf.copy_(flat)
+
+
+@dataclass
+class ThresholdScan:
+    """What :func:`threshold_scan` returns.
+
+    Attributes:
+        index: ``#{bounds <= x}`` per element, flat, as floats (the integers 0..K exactly);
+            on the CPU it lives in a :func:`scratch` buffer that the next scan overwrites.
+        counts: float64 ``[S + 1]`` for ``S = len(stats)``: how many elements lie in each
+            piece cut by the ``stats`` bounds (below the first, between consecutive ones, at
+            or above the last); empty when no ``stats``.
+        sums: float64 ``[S + 1]``: the sum of ``values`` over each of those pieces.
+    """
+
+    index: torch.Tensor
+    counts: torch.Tensor
+    sums: torch.Tensor
+
+    def int_index(self) -> torch.Tensor:
+        """``index`` as flat int32 (what ``index_select`` takes), in a :func:`scratch` buffer."""
+        return converted(self.index, torch.int32, "int_index")
+
+
+#: Elements per chunk of the CPU scan: its index, mask and input stay in cache across the
+#: bounds (halves the scan's time on a large activation; one chunk up to this size).
+_SCAN_CHUNK = 1 << 17
+
+
+_Scan = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]
+
+
+def _scan_functional(
+    flat: torch.Tensor, vals: torch.Tensor, b: torch.Tensor, wanted: list[int]
+) -> _Scan:
+    """:func:`threshold_scan`'s index and its ``>= bound`` counts and sums (one chunk),
+    functional ops only."""
+    index = flat.new_zeros(flat.shape)
+    counts, sums = [], []
+    for k in range(b.shape[0]):
+        mask = (flat >= b[k]).to(flat.dtype)
+        index = index + mask
+        if k in wanted:
+            counts.append(mask.sum(dtype=torch.float64))
+            sums.append((mask * vals).sum())
+    return index, counts, sums
+
+
+def _scan_in_buffers(
+    flat: torch.Tensor, vals: torch.Tensor, b: torch.Tensor, wanted: list[int]
+) -> _Scan:
+    """The same, eager: comparisons written into reused buffers, chunk by chunk on the CPU
+    (every bound over a cache-sized chunk, then the next chunk); counts and sums per chunk
+    (a chunk's float count is exact)."""
+    index = _buffer(flat, "scan_index")
+    mask = _buffer(flat, "scan_mask")
+    n = flat.numel()
+    chunk = _SCAN_CHUNK if flat.device.type == "cpu" else max(n, 1)
+    counts, sums = [], []
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        xc, ic, mc, vc = flat[part], index[part], mask[part], vals[part]
+        for k in range(b.shape[0]):
+            m = torch.ge(xc, b[k], out=ic if k == 0 else mc)  # the first mask is the index
+            if k:
+                ic.add_(m)
+            if k in wanted:
+                counts.append(m.sum())
+                sums.append(torch.dot(m, vc))
+    return index, counts, sums
+
+
+def threshold_scan(
+    x: torch.Tensor,
+    bounds: torch.Tensor,
+    *,
+    stats: range | tuple[int, ...] = (),
+    values: torch.Tensor | None = None,
+) -> ThresholdScan:
+    """Piece index of every element and per-bound statistics, one pass per bound (no grad).
+
+    ``index = #{k : bounds[k] <= x}`` (``bounds`` sorted, 1-D; NaN counts 0), compared in
+    ``x``'s dtype as :func:`binarize_cli.quant.pa.piece_index` does (bounds rounded to a
+    half-precision ``x``'s dtype first).  For every position ``k`` in ``stats``: the count of
+    elements with ``x >= bounds[k]`` and the sum of ``values`` (default ``x``, same shape)
+    over them; their differences are the counts and sums per piece.
+
+    Why this form: on CPU a comparison that writes float 0/1 into a reused buffer is several
+    times faster than one that allocates bool, the per-bound sums are one BLAS ``dot`` and
+    one ``sum`` on the mask just written (no ``bincount``, which scans serially), and the
+    float index converts to int32 in one pass.  Under export/compile (:func:`exporting`) the
+    same math runs on functional ops.
+    """
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    b = bounds.detach().to(torch.promote_types(x.dtype, bounds.dtype))
+    if dtype != x.dtype:  # compare as x's dtype would, on float32 copies
+        b = b.to(x.dtype)
+    b = b.to(dtype)
+    flat = x.detach().reshape(-1).to(dtype)
+    vals = flat if values is None else values.detach().reshape(-1).to(dtype)
+    wanted = [k for k in range(b.shape[0]) if k in set(stats)]
+    if exporting() or b.shape[0] == 0:
+        index, counts, sums = _scan_functional(flat, vals, b, wanted)
+    else:
+        index, counts, sums = _scan_in_buffers(flat, vals, b, wanted)
+    as64 = torch.float64
+    if not wanted:
+        empty = flat.new_zeros(0, dtype=as64)
+        return ThresholdScan(index=index, counts=empty, sums=empty)
+    per_chunk = (-1, len(wanted))
+    total = flat.new_full((1,), float(flat.numel()), dtype=as64)
+    zero = flat.new_zeros(1, dtype=as64)
+    ge_counts = torch.stack(counts).to(as64).reshape(per_chunk).sum(0)
+    ge_sums = torch.stack(sums).reshape(per_chunk).sum(0).to(as64)
+    ge_counts = torch.cat([total, ge_counts, zero])
+    ge_sums = torch.cat([vals.sum().reshape(1).to(as64), ge_sums, zero])
+    return ThresholdScan(
+        index=index,
+        counts=ge_counts[:-1] - ge_counts[1:],
+        sums=ge_sums[:-1] - ge_sums[1:],
+    )
+
+
+def take(
+    table: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``table[index]`` (times ``scale`` when given) for an integer ``index``, shaped like
+    ``scale`` (else flat).
+
+    ``index_select`` with int32 indices is the fastest gather on the CPU; a uint8 index is
+    widened in a :func:`scratch` buffer, and with ``scale`` the gathered values go to one too,
+    so the only fresh tensor is the result.
+    """
+    flat = index.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = converted(flat, torch.int32, "take_index")
+    if scale is None:
+        return torch.index_select(table, 0, flat)
+    # with grad mode on (a double backward) the product would keep ``picked``: no scratch
+    buf = None if torch.is_grad_enabled() else scratch(flat, "take_values", table.dtype)
+    picked = torch.index_select(table, 0, flat, out=buf)
+    return scale * picked.reshape(scale.shape)
 
 
 def needs_autograd(*tensors: torch.Tensor) -> bool:

@@ -114,8 +114,15 @@ class BinarizedConv2d(nn.Conv2d):
         return self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = self.activation_quantizer(x)
-        w_hat = self.quantized_weight()
+        if torch.is_autocast_enabled(x.device.type):
+            # Mixed precision (convert --amp): the quantizers see float32 and keep float32
+            # thresholds and scales; only the convolution below runs in the reduced type.
+            with torch.autocast(x.device.type, enabled=False):
+                x_hat = self.activation_quantizer(x.to(self.weight.dtype))
+                w_hat = self.quantized_weight()
+        else:
+            x_hat = self.activation_quantizer(x)
+            w_hat = self.quantized_weight()
         return F.conv2d(
             x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups
         )

@@ -54,11 +54,15 @@ from binarize_cli.quant.base import (
     BitPlanes,
     Domain,
     Scheme,
+    ThresholdScan,
     WeightQuantizer,
     calibration_samples,
+    exporting,
     mean_std,
     needs_autograd,
     register_scheme,
+    take,
+    threshold_scan,
 )
 
 __all__ = [
@@ -293,7 +297,7 @@ def _onnx_exporting() -> bool:
 
 def _exporting() -> bool:
     """Under ONNX export, tracing or ``torch.compile``: avoid ``bincount`` (no export, graph break)."""
-    return _onnx_exporting() or bool(torch.compiler.is_compiling())
+    return exporting()
 
 
 def piece_index(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -339,13 +343,6 @@ def _bin_sums(
     return torch.stack([torch.where(flat == k, src, zero).sum() for k in range(size)])
 
 
-def _take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``table[idx]`` (``index_select`` with int32 indices: the fastest gather on CPU)."""
-    flat = idx.reshape(-1)
-    flat = flat.int() if flat.dtype != torch.int64 else flat
-    return torch.index_select(table, 0, flat).reshape(idx.shape)
-
-
 # --------------------------------------------------------------------------------------
 # Weights: pure ops (eq. 6-9)
 # --------------------------------------------------------------------------------------
@@ -358,34 +355,58 @@ def weight_endpoints(weight: torch.Tensor, multipliers: torch.Tensor) -> torch.T
     return mean + multipliers.detach().to(device=weight.device, dtype=acc) * std
 
 
+def _piece_levels(scan: ThresholdScan, u: torch.Tensor) -> torch.Tensor:
+    """The ``M + 1`` levels of eq. 6-7 from the scan's per-piece counts and sums.
+
+    ``levels[M/2] = 0`` (the zero piece); ``levels[k]`` for the others is the mean of the
+    weights in piece ``k``; an empty piece gets the midpoint of its interval
+    ``[u_k, u_{k+1})``, or the finite endpoint for the two unbounded outer pieces.
+    """
+    m = u.shape[0]
+    counts = scan.counts.to(u.dtype)
+    sums = scan.sums.to(u.dtype)
+    lo = torch.cat([u[:1], u])
+    hi = torch.cat([u, u[-1:]])
+    fill = (lo + hi) / 2.0
+    means = torch.where(counts > 0, sums / counts.clamp_min(1.0), fill)
+    keep = torch.arange(m + 1, device=u.device) != m // 2
+    return torch.where(keep, means, torch.zeros_like(means))
+
+
+def _weight_scan(
+    weight: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None = None
+) -> tuple[ThresholdScan, torch.Tensor]:
+    """One pass per bound over the weight: the scan over ``u`` (or over the interleaved
+    ``u_1 <= s_1 <= u_2 <= ... <= u_M`` when the split points ``s`` are given) and the levels.
+
+    With ``s``, ``j = #{bounds <= W}`` holds both indices: the piece of eq. 6 is
+    ``ceil(j / 2)`` and the backward segment of eq. 8-9 is ``floor(j / 2)`` (``s_k`` is the
+    float midpoint of ``u_k`` and ``u_{k+1}``, so the bounds stay sorted).
+    """
+    m = u.shape[0]
+    bounds = u if s is None else _interleave(u, s)
+    step = 1 if s is None else 2
+    scan = threshold_scan(weight, bounds, stats=range(0, step * m, step))
+    return scan, _piece_levels(scan, u)
+
+
 def weight_levels(weight: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Piece index (0..M) of every weight and the ``M + 1`` piece levels (eq. 6-7).
 
     ``levels[M/2] = 0`` (the zero piece); ``levels[k]`` for the others is the mean of the
     weights in piece ``k`` (eq. 7).  An empty piece gets the midpoint of its interval
     ``[u_k, u_{k+1})``, or the finite endpoint for the two unbounded outer pieces.
-    Returns ``(idx, levels)`` with ``levels`` in the accumulation dtype.
+    Returns ``(idx, levels)`` with ``idx`` uint8 and ``levels`` in the accumulation dtype.
     """
-    m = u.shape[0]
-    w = weight.detach()
-    idx = piece_index(w, u)
-    acc = u.dtype
-    sums = _bin_sums(idx, w, m + 1, acc)
-    counts = _bin_sums(idx, None, m + 1, acc)
-    lo = torch.cat([u[:1], u])
-    hi = torch.cat([u, u[-1:]])
-    fill = (lo + hi) / 2.0
-    means = torch.where(counts > 0, sums / counts.clamp_min(1.0), fill)
-    levels = means.clone()
-    levels[m // 2] = 0.0
-    return idx, levels
+    scan, levels = _weight_scan(weight, u)
+    return scan.int_index().to(torch.uint8).reshape(weight.shape), levels
 
 
 def pa_weight_forward(weight: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     """``W_hat`` (eq. 6), no autograd: the pure op behind :class:`PAWeightFunction`."""
     u = weight_endpoints(weight, multipliers)
-    idx, levels = weight_levels(weight, u)
-    return _take(levels.to(weight.dtype), idx)
+    scan, levels = _weight_scan(weight, u)
+    return take(levels.to(weight.dtype), scan.int_index()).reshape(weight.shape)
 
 
 def _lambda_w(u: torch.Tensor, lambda_w: float | None) -> torch.Tensor:
@@ -399,6 +420,16 @@ def _lambda_w(u: torch.Tensor, lambda_w: float | None) -> torch.Tensor:
     )
 
 
+def _split_points(u: torch.Tensor) -> torch.Tensor:
+    """``s_k = (u_k + u_{k+1}) / 2``, ``k = 1..M-1``: where eq. 8-9's segments meet."""
+    return (u[:-1] + u[1:]) / 2.0
+
+
+def _pairs(table: torch.Tensor) -> torch.Tensor:
+    """``[a, a, b, b, ...]``: each entry twice (``repeat_interleave(2)`` without its device sync)."""
+    return table.unsqueeze(1).expand(-1, 2).reshape(-1)
+
+
 def weight_surrogate(
     u: torch.Tensor, levels: torch.Tensor, lam: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,9 +439,8 @@ def weight_surrogate(
     ``M`` slopes ``lambda_W * (levels[k+1] - levels[k])`` of the segments
     ``[s_{k-1}, s_k)`` (``s_0 = -inf``, ``s_M = +inf``) around ``u_k``.
     """
-    s = (u[:-1] + u[1:]) / 2.0
     slopes = lam * (levels[1:] - levels[:-1])
-    return s, slopes
+    return _split_points(u), slopes
 
 
 class PAWeightFunction(torch.autograd.Function):
@@ -419,6 +449,12 @@ class PAWeightFunction(torch.autograd.Function):
     ``apply(weight, multipliers, lambda_w)``; ``lambda_w`` is a float (``lambda_W``, in
     1/weight units) or None for ``(M - 1) / (u_M - u_1)``.  Endpoints, levels and
     ``lambda_W`` are constants in backward (the paper's treatment).
+
+    Implementation: the forward counts ``j`` = how many of the interleaved bounds
+    ``u_1 <= s_1 <= u_2 <= ... <= s_{M-1} <= u_M`` are ``<= W`` (one pass per bound, which
+    also yields the per-piece counts and sums of eq. 7).  The piece of eq. 6 is
+    ``ceil(j / 2)`` and the segment of eq. 8-9 is ``floor(j / 2)``, so the forward is one
+    table lookup and the backward another on the saved ``j`` (one uint8 per weight).
     """
 
     @staticmethod
@@ -426,19 +462,18 @@ class PAWeightFunction(torch.autograd.Function):
         ctx: Any, weight: torch.Tensor, multipliers: torch.Tensor, lambda_w: float | None
     ) -> torch.Tensor:  # type: ignore[override]
         u = weight_endpoints(weight, multipliers)
-        idx, levels = weight_levels(weight, u)
-        lam = _lambda_w(u, lambda_w)
-        ctx.save_for_backward(weight, u, levels, lam)
-        return _take(levels.to(weight.dtype), idx)
+        scan, levels = _weight_scan(weight, u, _split_points(u))
+        _, slopes = weight_surrogate(u, levels, _lambda_w(u, lambda_w))
+        j = scan.int_index()
+        ctx.save_for_backward(j.to(torch.uint8), _pairs(slopes))
+        return take(_pairs(levels)[1:-1].to(weight.dtype), j).reshape(weight.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        weight, u, levels, lam = ctx.saved_tensors
+        j, slope_of_j = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        s, slopes = weight_surrogate(u, levels, lam)
-        seg = piece_index(weight, s)
-        return grad_out * _take(slopes.to(grad_out.dtype), seg), None, None
+        return take(slope_of_j.to(grad_out.dtype), j, grad_out), None, None
 
 
 def quantize_weight(
@@ -455,26 +490,38 @@ def quantize_weight(
 # --------------------------------------------------------------------------------------
 
 
-def activation_levels(beta: torch.Tensor, zero_piece: int = 0) -> torch.Tensor:
+def activation_levels(beta: torch.Tensor, zero_piece: int | torch.Tensor = 0) -> torch.Tensor:
     """The ``N + 1`` piece levels: ``beta`` with the level 0 inserted at piece ``zero_piece``.
 
     ``zero_piece = 0`` is eq. 10 (``[0, beta_1, ..., beta_N]``, everything below ``v_1`` maps
     to 0). ``zero_piece = K > 0`` is the signed layout for inputs that are not behind a ReLU
     (MobileNetV2's linear bottlenecks): ``[beta_1, ..., beta_K, 0, beta_{K+1}, ..., beta_N]``
     with ``beta_1 < ... < beta_K < 0``; the zero piece ``[v_K, v_{K+1})`` holds 0.
+    ``zero_piece`` may be a tensor (the quantizer's buffer): no host read, no graph break.
     """
-    zero = beta.new_zeros(1)
-    return torch.cat([beta[:zero_piece], zero, beta[zero_piece:]])
+    n = beta.shape[0]
+    piece = torch.arange(n + 1, device=beta.device)
+    k = torch.as_tensor(zero_piece, device=beta.device)
+    src = (piece - (piece > k).long()).clamp_max(n - 1)  # beta slot of each piece but K
+    return torch.where(piece == k, torch.zeros_like(beta[:1]), beta.index_select(0, src))
+
+
+def _drop_zero_piece(pieces: torch.Tensor, zero_piece: int | torch.Tensor) -> torch.Tensor:
+    """``pieces`` (``N + 1`` per-piece values) without the zero piece's: one per ``beta``."""
+    n = pieces.shape[0] - 1
+    slot = torch.arange(n, device=pieces.device)
+    k = torch.as_tensor(zero_piece, device=pieces.device)
+    return pieces.index_select(0, slot + (slot >= k).long())
 
 
 def pa_activation_forward(
-    x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, zero_piece: int = 0
+    x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, zero_piece: int | torch.Tensor = 0
 ) -> torch.Tensor:
     """``A_hat`` (eq. 10) for sorted endpoints ``v``: piece ``j`` (``v_j <= A < v_{j+1}``) maps
     to ``activation_levels(beta, zero_piece)[j]``; with ``zero_piece = 0``: 0 below ``v_1``,
     ``beta_i`` on ``[v_i, v_{i+1})``."""
-    idx = piece_index(x, v)
-    return _take(activation_levels(beta, zero_piece).to(x.dtype), idx)
+    idx = threshold_scan(x, v).int_index()
+    return take(activation_levels(beta, zero_piece).to(x.dtype), idx).reshape(x.shape)
 
 
 def activation_surrogate(
@@ -482,7 +529,7 @@ def activation_surrogate(
     beta: torch.Tensor,
     lambda_a: float | None,
     lambda_delta: float | None,
-    zero_piece: int = 0,
+    zero_piece: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward segments and slopes of eq. 11-12 for sorted endpoints ``v``.
 
@@ -516,9 +563,10 @@ def activation_surrogate(
     t_top = (v[-1] + delta).reshape(1)
     t_first = mids[:1] if n >= 2 else t_top
     t_zero = 2.0 * v[:1] - t_first
-    if zero_piece == 0:  # eq. 10 layout: the first segment stops at 0 (exclusive)
-        floor = torch.minimum(v[:1], torch.full_like(t_zero, torch.finfo(v.dtype).tiny))
-        t_zero = torch.where(v[:1] > 0, torch.maximum(t_zero, floor), t_zero)
+    # eq. 10 layout: the first segment stops at 0 (exclusive); a tensor test, no host read
+    eq10 = torch.as_tensor(zero_piece, device=v.device) == 0
+    floor = torch.minimum(v[:1], torch.full_like(t_zero, torch.finfo(v.dtype).tiny))
+    t_zero = torch.where(eq10 & (v[:1] > 0), torch.maximum(t_zero, floor), t_zero)
     t = torch.cat([t_zero, mids, t_top])
     if lambda_a is None:
         width = t[-1] - t[0]
@@ -567,36 +615,32 @@ class PAActivationFunction(torch.autograd.Function):
         beta: torch.Tensor,
         lambda_a: float | None,
         lambda_delta: float | None,
-        zero_piece: int = 0,
+        zero_piece: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        t, slopes = activation_surrogate(
-            v.detach(), beta.detach(), lambda_a, lambda_delta, zero_piece
-        )
-        j = piece_index(x, _interleave(t, v.detach()))
-        levels = activation_levels(beta.detach(), zero_piece)
-        ctx.save_for_backward(j, slopes)
+        k = torch.as_tensor(zero_piece, device=beta.device)
+        t, slopes = activation_surrogate(v.detach(), beta.detach(), lambda_a, lambda_delta, k)
+        j = threshold_scan(x, _interleave(t, v.detach())).int_index()
+        levels = activation_levels(beta.detach(), k)
+        ctx.save_for_backward(j.to(torch.uint8), slopes, k)
         ctx.dtypes = (v.dtype, beta.dtype)
-        ctx.zero_piece = zero_piece
-        return _take(levels.repeat_interleave(2).to(x.dtype), j)
+        return take(_pairs(levels).to(x.dtype), j).reshape(x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        j, slopes = ctx.saved_tensors
+        j, slopes, k = ctx.saved_tensors
         v_dtype, beta_dtype = ctx.dtypes
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_v = grad_b = None
         if need_x:
             zero = slopes.new_zeros(1)
-            table = torch.cat([zero, slopes.repeat_interleave(2), zero])  # slope of ceil(j/2)
-            grad_x = grad_out * _take(table.to(grad_out.dtype), j)
+            table = torch.cat([zero, _pairs(slopes), zero])  # slope of ceil(j/2)
+            grad_x = take(table.to(grad_out.dtype), j, grad_out)
         if need_v or need_b:
             n = slopes.shape[0]
             acc = _acc_dtype(grad_out)
             sums = _bin_sums(j, grad_out, 2 * n + 2, acc)
             if need_b:  # piece p = floor(j/2): j in {2p, 2p+1}; the zero piece has no beta
-                pieces = sums[0::2] + sums[1::2]
-                k = ctx.zero_piece
-                grad_b = torch.cat([pieces[:k], pieces[k + 1 :]]).to(beta_dtype)
+                grad_b = _drop_zero_piece(sums[0::2] + sums[1::2], k).to(beta_dtype)
             if need_v:  # segment i = ceil(j/2): j in {2i-1, 2i}
                 seg = sums[1:-1:2] + sums[2::2]
                 grad_v = (-slopes.to(acc) * seg).to(v_dtype)
@@ -609,7 +653,7 @@ def quantize_activation(
     beta: torch.Tensor,
     lambda_a: float | None = None,
     lambda_delta: float | None = None,
-    zero_piece: int = 0,
+    zero_piece: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """``A_hat`` with PA's surrogate gradients; ``v`` must be sorted ascending."""
     v = v.to(x.dtype)
@@ -912,7 +956,7 @@ class PAActivationQuantizer(ActivationQuantizer):
             self.beta,
             self.lambda_a,
             self.lambda_delta,
-            self.zero_level_piece,
+            self.zero_piece,
         )
 
     @torch.no_grad()

@@ -66,6 +66,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, make_run_dir) -> dict[str, 
         "recipe_toml": 'model = "test_resnet\nM = 4\n',
         "recipe_option": 'model = "test_resnet"\n[scheme_options]\nlambda_q = 1.0\n',
         "recipe_bool": 'model = "test_resnet"\nepochs = true\n',
+        "recipe_device": 'model = "test_resnet"\ndevice = 0\n',
     }
     for name, text in recipes.items():
         p[name] = root / f"{name}.toml"
@@ -178,6 +179,23 @@ CASES: list[Case] = [
         ("resnet1", "did you mean"),
     ),
     ("unknown-model-source", lambda p: ["convert", "keras:resnet18", *FAST], ("keras",)),
+    # where and how it runs (--device, --workers, --amp)
+    ("device-unknown", lambda p: ["convert", SMALL, *FAST, "--device", "tpu"], ("--device", "tpu")),
+    ("device-cpu-index", lambda p: ["convert", SMALL, *FAST, "--device", "cpu:1"], ("cpu:1",)),
+    # no CUDA here, or fewer than 100 GPUs there: refused either way
+    ("device-cuda-index", lambda p: ["convert", SMALL, *FAST, "--device", "cuda:99"], ("cuda:99",)),
+    ("workers-negative", lambda p: ["convert", SMALL, *FAST, "--workers", "-1"], ("--workers",)),
+    ("amp-unknown", lambda p: ["convert", SMALL, *FAST, "--amp", "int8"], ("--amp", "bf16")),
+    (
+        "amp-fp16-on-cpu",
+        lambda p: ["convert", SMALL, *FAST, "--device", "cpu", "--amp", "fp16"],
+        ("fp16", "cuda", "bf16"),
+    ),
+    (
+        "recipe-device-type",
+        lambda p: ["convert", "--recipe", str(p["recipe_device"])],
+        ("device must be str",),
+    ),
     # checkpoints
     (
         "checkpoint-missing",
@@ -468,6 +486,21 @@ def test_unwritable_output(build, expect, shared, tmp_path, monkeypatch, capsys)
 def test_at_least_25_distinct_cases():
     ids = [c[0] for c in CASES + UNWRITABLE_CASES]
     assert len(ids) == len(set(ids)) >= 25
+
+
+def test_cuda_without_cuda_is_refused(shared, tmp_path, monkeypatch, capsys):
+    """``--device cuda`` where torch sees no CUDA: one line, exit 2, nothing written (torch's
+    answer is faked, so the case runs the same on a machine with a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _check_case(
+        lambda p: ["convert", SMALL, *FAST, "--device", "cuda"],
+        ("--device cuda", "--device cpu"),
+        shared,
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    assert "cuda" in line.lower()
 
 
 # --------------------------------------------------------------------------- resume input

@@ -113,6 +113,10 @@ EXPENSIVE: dict[str, str] = {
         "trains the 4-epoch digits baseline and measures 19 layers' sensitivity (minutes); "
         "tests/cli/test_cli_sensitivity.py runs the same flags on a tiny model"
     ),
+    r"binarize convert resnet18 --data digits -M 4 -N 5 --epochs 0 --calibration": (
+        "trains the 4-epoch digits baseline and reconstructs 19 layers' outputs (minutes); "
+        "tests/convert/test_calibrate_output.py runs the flag on a tiny model"
+    ),
     r"binarize convert .*--data imagefolder:/data/imagenet": "needs ImageNet and a checkpoint",
     r"binarize convert --arch mymodels:TinyNet ": "needs the reader's own mymodels.py and "
     "checkpoint; tests/cli/test_convert_arch.py runs the same command on a tiny class",

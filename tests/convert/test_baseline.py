@@ -209,3 +209,68 @@ def test_divergence_names_the_baseline_flag_and_caches_nothing(fake8, tmp_path: 
     assert "--baseline-lr" in message and "lower --lr" not in message
     cached = list((tmp_path / "c").rglob("*.safetensors")) if (tmp_path / "c").exists() else []
     assert cached == []
+
+
+def test_how_a_baseline_trains_splits_the_key_only_where_the_weights_differ(fake8) -> None:
+    from binarize_cli.convert.training import Execution
+
+    loaded = create_architecture(TINY, 10)
+
+    def key(run: Execution | None, train: bool = True) -> str:
+        args = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "seed": 0}
+        return baseline_key(loaded, fake8, train=train, execution=run, **args)[0]
+
+    cpu = key(None)
+    # loader workers and the CPU's index change no weight: the CPU keys of older runs stay
+    assert key(Execution("cpu")) == key(Execution("cpu:0", workers=2)) == cpu
+    # the device type, mixed precision and compilation each train other weights
+    others = [Execution("cuda:0"), Execution("cpu", amp="bf16"), Execution("cpu", compile=True)]
+    assert len({cpu, *(key(run) for run in others)}) == 4
+    assert key(Execution("cuda:0")) == key(Execution("cuda:1"))
+    # a baseline that does not train is the same whatever would have trained it
+    assert key(Execution("cuda:0", amp="bf16"), train=False) == key(None, train=False)
+    fields = baseline_key(loaded, fake8, train=True, epochs=1, batch_size=64, lr=1e-3, seed=0)[1]
+    assert not {"device", "amp", "compile"} & set(fields)
+
+
+def test_the_baseline_trains_and_evaluates_where_execution_says(fake8, monkeypatch) -> None:
+    from binarize_cli.convert import training
+    from binarize_cli.convert.training import Execution
+
+    seen: set[str] = set()
+    real = training._to
+
+    def spy(batch, device):
+        seen.add(str(device))
+        return real(batch, device)
+
+    monkeypatch.setattr(training, "_to", spy)
+    run = Execution("cpu:0", amp="bf16")  # a device string no default would produce
+    base = ensure_baseline(create_architecture(TINY, 10), fake8, epochs=1, execution=run)
+    assert seen == {"cpu:0"} and base.trained
+    assert all(p.dtype == torch.float32 for p in base.model.parameters())
+
+
+def test_non_finite_weights_with_a_finite_loss_stop_the_baseline(fake8, tmp_path, monkeypatch):
+    """A step can leave a weight NaN while its loss was finite (seen with bf16 autocast on a
+    CPU): the baseline is checked after each epoch, and --amp is named as a way out."""
+    from binarize_cli.convert.training import EpochStats, Execution
+
+    def poisoned(model, *args, **kwargs):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return EpochStats(loss=1.0, top1=0.0, images_per_s=1.0, seconds=0.1, steps=1)
+
+    monkeypatch.setattr(baseline_mod, "train_one_epoch", poisoned)
+    with pytest.raises(TrainingDivergedError) as info:
+        ensure_baseline(
+            create_architecture(TINY, 10),
+            fake8,
+            epochs=1,
+            cache_dir=tmp_path,
+            execution=Execution(amp="bf16"),
+        )
+    message = str(info.value)
+    assert message.startswith("full-precision baseline diverged: ")
+    assert "non-finite" in message and "without --amp" in message
+    assert not list(tmp_path.rglob("*.safetensors"))

@@ -89,6 +89,21 @@ def test_round_trip_keeps_every_byte(tmp_path) -> None:
     assert (tmp_path / "again.json").read_bytes() == expected
 
 
+def test_the_device_is_kept_where_convert_records_it(tmp_path) -> None:
+    """``device`` (written after ``world_size`` by runs that know it) round-trips byte for
+    byte; a record without it stays without it; a non-string is refused."""
+    items = list(convert_record().items())
+    at = [k for k, _ in items].index("world_size") + 1
+    record = dict([*items[:at], ("device", "cuda:0"), *items[at:]])
+    meta = RunMetadata.from_dict(record)
+    assert meta.device == "cuda:0" and list(meta.to_dict()) == list(record)
+    meta.save(tmp_path)
+    assert (tmp_path / META_FILE).read_bytes() == (json.dumps(record, indent=2) + "\n").encode()
+    assert "device" not in RunMetadata.from_dict(convert_record()).to_dict()
+    with pytest.raises(RunMetadataError, match="device"):
+        RunMetadata.from_dict({**record, "device": 0})
+
+
 def test_typed_access() -> None:
     meta = RunMetadata.from_dict(convert_record())
     assert (meta.model, meta.scheme, meta.M, meta.N) == ("timm:resnet18", "pa", 4, 5)

@@ -42,6 +42,15 @@ def test_flags_override_recipe_and_recipe_overrides_defaults(tmp_path):
     assert merge_settings(None, {}).batch_size == 64
 
 
+def test_recipes_say_where_and_how_a_run_trains(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('device = "cuda:1"\nworkers = 4\namp = "bf16"\ncompile = true\n')
+    s = merge_settings(load_recipe(p), {"workers": 2, "device": None})
+    assert (s.device, s.workers, s.amp, s.compile) == ("cuda:1", 2, "bf16", True)
+    d = merge_settings(None, {})
+    assert (d.device, d.workers, d.amp, d.compile) == ("auto", 0, "off", False)
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
@@ -57,6 +66,9 @@ def test_flags_override_recipe_and_recipe_overrides_defaults(tmp_path):
         ('[layers]\n"layer1" = [4.0, 5]\n', 'must be "fp" or \\[M, N\\]'),
         ('policy = "greedy"\n', "policy must be one of uniform, auto"),
         ('budget_mbit = "40"\n', "budget_mbit must be int or float"),
+        ("device = 0\n", "device must be str"),
+        ('workers = "4"\n', "workers must be int"),
+        ('compile = "yes"\n', "compile must be bool"),
     ],
 )
 def test_bad_recipes_are_rejected(tmp_path, text, needle):

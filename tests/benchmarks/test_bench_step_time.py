@@ -1,0 +1,58 @@
+"""benchmarks/bench_step_time.py: its device check and its compiled-vs-compiled table (the
+benchmark itself runs for minutes and is not run here)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "bench_step_time.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        yield importlib.import_module("bench_step_time")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CUDA-less machine")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_one_clear_line(bench, device):
+    with pytest.raises(SystemExit) as exc:  # SystemExit(str): Python prints it, exit status 1
+        bench.device_of(device)
+    message = str(exc.value.code)
+    assert "\n" not in message
+    assert f"--device {device} needs a GPU" in message and "--device cpu" in message
+
+
+def test_device_names(bench):
+    assert bench.device_of("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="use cpu, cuda or cuda:N"):
+        bench.device_of("tpu")
+
+
+def test_compiled_rows_are_held_against_compiled_full_precision(bench):
+    labels = [row[0] for row in bench.rows(True)]
+    assert labels == [
+        "full precision",
+        "PA (M=4, N=5)",
+        "ABC (M=5, N=5)",
+        "full precision, compiled",
+        "PA (M=4, N=5), compiled",
+        "ABC (M=5, N=5), compiled",
+    ]
+    times = dict(zip(labels, [1.0, 1.2, 1.6, 0.5, 0.7, 0.7], strict=True))
+    text = bench.markdown({32: times}, 64, "python bench", torch.device("cpu"), True)
+    assert "| 32x32 | 64 | PA (M=4, N=5) | 1.200 | 1.20x | yes |" in text
+    assert "| 32x32 | 64 | ABC (M=5, N=5) | 1.600 | 1.60x | no |" in text
+    assert "| 32x32 | 64 | PA (M=4, N=5), compiled | 0.700 | 1.40x | no |" in text
+    assert "| 32x32 | 64 | ABC (M=5, N=5), compiled | 0.700 | 1.40x | yes |" in text
+    assert [row[0] for row in bench.rows(False)] == labels[:3]

@@ -1,0 +1,117 @@
+"""Every scheme's quantizers on the training path: one whole-model ``torch.compile`` graph
+(no graph break, no recompile per layer) that matches eager, and no host read of a tensor
+(the host-device synchronisation of ``.item()``/``int()``/``float()``) in forward or backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from binarize_cli.quant import get_scheme
+from binarize_cli.quant.layers import BinarizedConv2d
+from binarize_cli.quant.pa import PAActivationQuantizer
+
+SCHEMES = [("pa", 4, 3), ("abc", 3, 3), ("bnn", 1, 1), ("xnor", 1, 1), ("bireal", 1, 1)]
+SCHEMES += [("dorefa", 2, 2)]
+
+
+def tiny_net(scheme: str, m: int, n: int) -> nn.Module:
+    """Two binarized convolutions of different shapes (so a per-shape recompile would show),
+    calibrated on random inputs; PA's second layer uses the signed layout (zero piece 1)."""
+    torch.manual_seed(0)
+    s = get_scheme(scheme)
+    convs = [nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)]
+    layers = [BinarizedConv2d.from_conv(c, s, m, n) for c in convs]
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        layers[0].activation_quantizer.calibrate(x.flatten())
+        mid = torch.randn(4, 8, 8, 8)  # signed: PA picks a layout with negative levels
+        layers[1].activation_quantizer.calibrate(mid.flatten())
+    second = layers[1].activation_quantizer
+    if isinstance(second, PAActivationQuantizer):
+        assert second.zero_level_piece > 0
+    return nn.Sequential(
+        layers[0],
+        nn.BatchNorm2d(8),
+        layers[1],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).train()
+
+
+def training_grads(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.arange(1.0, 4.0)).sum().backward()
+    grads = {k.removeprefix("_orig_mod."): p.grad for k, p in model.named_parameters()}
+    return out.detach(), {k: g.clone() for k, g in grads.items() if g is not None}
+
+
+@pytest.mark.parametrize(("scheme", "m", "n"), SCHEMES)
+def test_whole_model_compiles_to_one_graph_that_matches_eager(scheme, m, n):
+    from torch._dynamo.utils import counters
+
+    eager = tiny_net(scheme, m, n)
+    model = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 8, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    for _ in range(2):  # a second call must reuse the graph (guards do not read tensor values)
+        out, grads = training_grads(compiled, x)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    ref_out, ref_grads = training_grads(eager, x)
+    assert torch.allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert ref_grads.keys() == grads.keys()
+    assert any(k.endswith("quantizer.v") for k in grads) or scheme not in ("pa", "abc")
+    for k, g in ref_grads.items():
+        assert torch.allclose(grads[k], g, rtol=1e-4, atol=1e-6), k
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that copy a tensor's value to the host (``item``/``int``/``float``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("scheme", "m", "n"), SCHEMES)
+def test_training_step_reads_no_tensor_on_the_host(scheme, m, n):
+    model = tiny_net(scheme, m, n)
+    x = torch.randn(4, 3, 8, 8)
+    with _HostReads() as mode:
+        training_grads(model, x)
+    assert mode.reads == []
+    # the probe sees a host read when there is one
+    with _HostReads() as mode:
+        int(model[2].activation_quantizer.num_bases * torch.ones(()))
+    assert mode.reads
+
+
+def test_pa_layout_follows_its_buffer_without_a_host_read():
+    q = PAActivationQuantizer(2).double()
+    with torch.no_grad():
+        q.v.copy_(torch.tensor([-0.4, 0.5], dtype=torch.float64))
+        q.beta.copy_(torch.tensor([-0.8, 1.0], dtype=torch.float64))
+    x = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.equal(q(x), torch.tensor([0.0, -0.8, 1.0], dtype=torch.float64))  # eq. 10
+    q.zero_piece.fill_(1)
+    with _HostReads() as mode:
+        y = q(x.requires_grad_(True))
+        y.sum().backward()
+    assert mode.reads == []
+    assert torch.equal(y.detach(), torch.tensor([-0.8, 0.0, 1.0], dtype=torch.float64))
