@@ -255,7 +255,8 @@ def binarize(
 
     Args:
         model: any ``nn.Module`` with ``nn.Conv2d`` layers (timm, torchvision or your own).
-        scheme: ``pa``, ``abc``, ``bnn``, ``xnor``, ``bireal``, ``dorefa`` (case-insensitive).
+        scheme: ``pa``, ``abc``, ``bnn``, ``xnor``, ``bireal``, ``dorefa``, ``ttq``
+            (case-insensitive).
         M, N: weight and activation bases (``-M``/``-N``); default the scheme's. ``N=0``
             keeps activations in full precision.
         calibration_data: an iterable of input batches or of ``(input, target)`` pairs; the

@@ -183,6 +183,7 @@ SCHEME_DEFAULTS = {
     "xnor": (1, 1),
     "bireal": (1, 1),
     "dorefa": (2, 2),
+    "ttq": (2, 0),
 }
 
 

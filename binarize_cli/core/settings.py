@@ -4,7 +4,7 @@ Precedence, lowest first: built-in defaults < the scheme's defaults (M, N) < a r
 (``--recipe FILE``) < flags given on the command line. A recipe is a flat TOML table of
 the keys of :class:`ConvertSettings` (``model`` optional) plus an optional
 ``[scheme_options]`` table (``lambda_w``, ``lambda_a``, ``lambda_delta``,
-``weight_endpoints``, ``signed_activations``) and an optional ``[layers]`` table that pins
+``weight_endpoints``, ``signed_activations``, ``weight_clip_std``, ``ttq_threshold``) and an optional ``[layers]`` table that pins
 per-layer choices by regex (``re.search`` on layer names, first matching regex wins, in the
 file's order): ``"fp"`` keeps a layer full precision, ``[M, N]`` gives it its own bases::
 
@@ -45,6 +45,7 @@ SCHEME_OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "signed_activations": (bool,),
     "weight_endpoints": (list,),
     "weight_clip_std": (int, float),
+    "ttq_threshold": (int, float),
 }
 
 

@@ -356,6 +356,10 @@ class WeightQuantizer(Quantizer):
     with the model). ``calibrate(weight)`` may fix data-free state from the weight.
     """
 
+    #: True when the quantizer's parameters are its planes' scales (TTQ's ``W_p``, ``W_n``):
+    #: the accounting then counts them once, as weight scales.
+    scale_parameters: bool = False
+
 
 class ActivationQuantizer(Quantizer):
     """Maps a real input activation ``A`` (``[B, C, H, W]``) to ``A_hat``; ``num_bases`` is the

@@ -149,12 +149,12 @@ class BinarizedConv2d(nn.Conv2d):
         """``(real, binary)``: the 32-bit and the binary values this layer stores, the
         accounting's rule (paper 4.6.1, :mod:`binarize_cli.analyze.profile`): ``M`` binary
         values per weight; the bias, the quantizers' parameters and the weight scales
-        (:meth:`weight_scale_count`) real. Memory = ``32 * real + binary`` bits."""
-        quantizer_params = sum(
-            p.numel()
-            for q in (self.weight_quantizer, self.activation_quantizer)
-            for p in q.parameters()
-        )
+        (:meth:`weight_scale_count`) real (a weight quantizer whose parameters are its scales,
+        ``scale_parameters``, counted once). Memory = ``32 * real + binary`` bits."""
+        quantizers: list[nn.Module] = [self.activation_quantizer]
+        if not self.weight_quantizer.scale_parameters:  # else counted as the weight scales
+            quantizers.append(self.weight_quantizer)
+        quantizer_params = sum(p.numel() for q in quantizers for p in q.parameters())
         bias = self.bias.numel() if self.bias is not None else 0
         return bias + quantizer_params + self.weight_scale_count(), self.weight_bases * (
             self.weight.numel()

@@ -74,6 +74,26 @@ def test_analytic_json_pa_resnet18_224():
     assert conv["input_shape"] == [64, 56, 56] and conv["bops"] == 20 * conv["macs"]
 
 
+def test_analytic_json_ttq_resnet18_224_counts_two_bits_and_two_scales():
+    """TTQ: 2 bits per binarized weight plus W_p, W_n per layer (counted once); the same
+    memory as PA with two planes and real activations, which stores the same per layer."""
+    args = ["report", "resnet18", "-M", "2", "-N", "0", "--input-size", "224", "--json"]
+    d = _json([*args, "--scheme", "ttq"])
+    assert (d["scheme"], d["M"], d["N"]) == ("ttq", 2, 0)
+    _check_sums(d)
+    binarized = [r for r in d["layers"] if r["binarized"]]
+    assert len(binarized) == 19  # 16 3x3 + 3 downsample convs: all but the stem are ternary
+    for r in binarized:
+        assert r["M"] == 2 and r["N"] == 0 and r["scales"] == 2 and r["bops"] == 0
+        assert r["params_binary"] == 2 * r["fp_params"]  # 2 bits per weight (no conv bias)
+        assert r["params_real"] == 2  # W_p, W_n (no bias, no activation parameters)
+        assert r["bits"] == 2 * r["fp_params"] + 2 * 32
+    # ResNet-18's 19 binarized convolutions (all but the stem) hold 11,157,504 weights
+    assert d["params"]["binary"] == 2 * sum(r["fp_params"] for r in binarized) == 2 * 11_157_504
+    pa = _json([*args, "--scheme", "pa"])
+    assert d["memory_bits"] == pa["memory_bits"] and d["params"] == pa["params"]
+
+
 def test_analytic_tables(monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
     result = runner.invoke(

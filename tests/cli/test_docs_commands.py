@@ -76,6 +76,10 @@ CHEAP: dict[str, Cheap] = {
     "binarize report resnet18 --scheme pa -M 4 -N 5 --input-size 224": Cheap(
         stdout=("374.06", "61.66", "1.81e9", "6.48e8")
     ),
+    # docs/schemes-abc-baselines.md: TTQ's accounting (test_cli_report.py checks the numbers)
+    "binarize report resnet18 --scheme ttq -M 2 -N 0 --input-size 224 --json": Cheap(
+        stdout=('"scheme": "ttq"', '"scales": 2')
+    ),
     "binarize report --paper": Cheap(stdout=("Table 7",), slow=True),  # builds resnet18/34/50
     "binarize export --target packed": Cheap(
         setup="run", creates=(f"runs/{RUN}/model.packed.safetensors",)

@@ -473,6 +473,8 @@ def test_onnxruntime_matches_torch_standins(
         ("xnor", 1, 1),
         ("bireal", 1, 1),
         ("dorefa", 2, 2),
+        ("ttq", 2, 0),
+        ("ttq", 2, 2),
     ],
 )
 def test_registered_schemes(scheme_name: str, m: int, n: int, tmp_path: Path, make_model) -> None:

@@ -104,13 +104,16 @@ def test_weight_planes_bit_order(pa_resnet) -> None:
         ("xnor", 1, 1),
         ("bireal", 1, 1),
         ("dorefa", 2, 4),
+        ("ttq", 2, 3),
     ],
 )
 def test_activation_code_reproduces_quantizer(scheme, m, n) -> None:
     q = get_scheme(scheme).activation_quantizer(n)
     torch.manual_seed(1)
     q.calibrate(
-        torch.relu(torch.randn(4000)) * 2 if scheme in ("pa", "dorefa") else torch.randn(4000)
+        torch.relu(torch.randn(4000)) * 2
+        if scheme in ("pa", "dorefa", "ttq")
+        else torch.randn(4000)
     )
     step = activation_code(q)
     assert step.codes.shape == (step.thresholds.size + 1, n)
@@ -141,6 +144,7 @@ SIZE_CASES = [
     ("slim_resnet18", "pa", 4, 5),
     ("slim_resnet18", "xnor", 1, 1),
     ("slim_resnet18", "abc", 3, 3),
+    ("slim_resnet18", "ttq", 2, 0),
     pytest.param("resnet18", "dorefa", 2, 4, marks=pytest.mark.slow),
     pytest.param("resnet18", "pa", 4, 5, marks=pytest.mark.slow),
     pytest.param("mobilenetv2_100", "pa", 4, 5, marks=pytest.mark.slow),

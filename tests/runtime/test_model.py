@@ -51,7 +51,15 @@ def check(result: VerifyResult, *, float32_rtol: float = 1e-4) -> None:
 
 @pytest.mark.parametrize(
     ("scheme", "m", "n"),
-    [("pa", 4, 5), ("abc", 3, 3), ("xnor", 1, 1), ("bnn", 1, 1), ("dorefa", 2, 3), ("pa", 4, 0)],
+    [
+        ("pa", 4, 5),
+        ("abc", 3, 3),
+        ("xnor", 1, 1),
+        ("bnn", 1, 1),
+        ("dorefa", 2, 3),
+        ("pa", 4, 0),
+        ("ttq", 2, 3),
+    ],
 )
 def test_slim_resnet_matches_pytorch(scheme, m, n, binarized_model) -> None:
     model = binarized_model("slim_resnet18", scheme, m, n)
