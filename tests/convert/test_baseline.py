@@ -245,7 +245,10 @@ def test_the_baseline_trains_and_evaluates_where_execution_says(fake8, monkeypat
         return real(batch, device)
 
     monkeypatch.setattr(training, "_to", spy)
-    run = Execution("cpu:0", amp="bf16")  # a device string no default would produce
+    # A device string no default would produce. Plain float32: bf16 autocast on a CPU can
+    # leave this tiny model's weights NaN on 8x8 images (docs/devices.md), which is not what
+    # this test is about (tests/convert/test_device.py covers bf16 epochs).
+    run = Execution("cpu:0")
     base = ensure_baseline(create_architecture(TINY, 10), fake8, epochs=1, execution=run)
     assert seen == {"cpu:0"} and base.trained
     assert all(p.dtype == torch.float32 for p in base.model.parameters())
