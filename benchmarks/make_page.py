@@ -50,8 +50,17 @@ BENCHMARKS: dict[str, list[list[str]]] = {
             *("--plot", "docs/figures/sensitivity-mobilenetv2_100.png"),
         ],
     ],
+    "schemes": [
+        [
+            "benchmarks/bench_schemes.py",
+            *("--model", "resnet18", "--baseline-epochs", "8", "--epochs", "1", "--seed", "0"),
+            *("--configs", "bnn:1:1", "xnor:1:1", "bireal:1:1", "dorefa:1:1", "ttq:2:0"),
+            *("realtobin:1:1", "realtobin:1:1:distill=attention,progressive=true"),
+            *("pa:4:5", "abc:5:5"),
+        ],
+    ],
 }
-ORDER = ("accuracy", "sensitivity", "step_time", "runtime", "onnx")
+ORDER = ("accuracy", "sensitivity", "schemes", "step_time", "runtime", "onnx")
 OUT_FLAG = {"runtime": "--output"}
 
 HEADER = """# Benchmarks
