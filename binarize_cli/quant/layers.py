@@ -33,6 +33,11 @@ class BinarizedConv2d(nn.Conv2d):
     Keeps the latent real-valued ``weight`` (and ``bias``) as parameters; the quantizers own
     the scheme's trainable endpoints/levels. ``scheme_name``, ``weight_bases`` (M) and
     ``activation_bases`` (N) are recorded for reports and export.
+
+    ``quantize_weights`` and ``quantize_activations`` (both ``True`` after construction) say
+    whether the forward pass applies each quantizer; ``False`` bypasses it (the real weight,
+    the real input), as the progressive teacher-student schedule's first stages need
+    (:mod:`binarize_cli.convert.progressive`). They are plain attributes, not saved state.
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class BinarizedConv2d(nn.Conv2d):
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
         self.scheme_name = scheme_name
+        self.quantize_weights = True
+        self.quantize_activations = True
 
     @property
     def weight_bases(self) -> int:
@@ -113,16 +120,20 @@ class BinarizedConv2d(nn.Conv2d):
         """``W_hat``: the approximated weight (differentiable)."""
         return self.weight_quantizer(self.weight)
 
+    def _quantized_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_hat, W_hat)``, each quantizer bypassed when its ``quantize_*`` flag is off."""
+        x_hat = self.activation_quantizer(x) if self.quantize_activations else x
+        w_hat = self.quantized_weight() if self.quantize_weights else self.weight
+        return x_hat, w_hat
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             # Mixed precision (convert --amp): the quantizers see float32 and keep float32
             # thresholds and scales; only the convolution below runs in the reduced type.
             with torch.autocast(x.device.type, enabled=False):
-                x_hat = self.activation_quantizer(x.to(self.weight.dtype))
-                w_hat = self.quantized_weight()
+                x_hat, w_hat = self._quantized_inputs(x.to(self.weight.dtype))
         else:
-            x_hat = self.activation_quantizer(x)
-            w_hat = self.quantized_weight()
+            x_hat, w_hat = self._quantized_inputs(x)
         return F.conv2d(
             x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
