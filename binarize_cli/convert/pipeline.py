@@ -858,7 +858,11 @@ def finetune_student(
     run = execution(settings, ctx)
     train_module: nn.Module = student
     if ctx.enabled:
-        train_module = torch.nn.parallel.DistributedDataParallel(student)
+        # A progressive run's first stages bypass the quantizers: their parameters get no
+        # gradient there, which DDP must be told to expect.
+        train_module = torch.nn.parallel.DistributedDataParallel(
+            student, find_unused_parameters=settings.progressive
+        )
     train_module = compiled(train_module, run.compile)
 
     def make_train_loader(epoch: int) -> Any:

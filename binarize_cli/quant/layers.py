@@ -33,12 +33,14 @@ class BinarizedConv2d(nn.Conv2d):
     Keeps the latent real-valued ``weight`` (and ``bias``) as parameters; the quantizers own
     the scheme's trainable endpoints/levels. ``scheme_name``, ``weight_bases`` (M) and
     ``activation_bases`` (N) are recorded for reports and export.
-
-    ``quantize_weights`` and ``quantize_activations`` (both ``True`` after construction) say
-    whether the forward pass applies each quantizer; ``False`` bypasses it (the real weight,
-    the real input), as the progressive teacher-student schedule's first stages need
-    (:mod:`binarize_cli.convert.progressive`). They are plain attributes, not saved state.
     """
+
+    #: Whether the forward pass applies the weight / the activation quantizer; ``False``
+    #: bypasses it (the latent weight, the real input), as the first stages of the
+    #: progressive teacher-student schedule need (:mod:`binarize_cli.convert.progressive`).
+    #: Plain attributes (set per layer), not saved state.
+    quantize_weights: bool = True
+    quantize_activations: bool = True
 
     def __init__(
         self,
@@ -70,8 +72,6 @@ class BinarizedConv2d(nn.Conv2d):
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
         self.scheme_name = scheme_name
-        self.quantize_weights = True
-        self.quantize_activations = True
 
     @property
     def weight_bases(self) -> int:
@@ -117,23 +117,25 @@ class BinarizedConv2d(nn.Conv2d):
         return new
 
     def quantized_weight(self) -> torch.Tensor:
-        """``W_hat``: the approximated weight (differentiable)."""
-        return self.weight_quantizer(self.weight)
+        """``W_hat``: the approximated weight (differentiable); the latent weight itself
+        while ``quantize_weights`` is off."""
+        return self.weight_quantizer(self.weight) if self.quantize_weights else self.weight
 
-    def _quantized_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_hat, W_hat)``, each quantizer bypassed when its ``quantize_*`` flag is off."""
-        x_hat = self.activation_quantizer(x) if self.quantize_activations else x
-        w_hat = self.quantized_weight() if self.quantize_weights else self.weight
-        return x_hat, w_hat
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``A_hat``: the approximated input (differentiable); ``x`` itself while
+        ``quantize_activations`` is off."""
+        return self.activation_quantizer(x) if self.quantize_activations else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             # Mixed precision (convert --amp): the quantizers see float32 and keep float32
             # thresholds and scales; only the convolution below runs in the reduced type.
             with torch.autocast(x.device.type, enabled=False):
-                x_hat, w_hat = self._quantized_inputs(x.to(self.weight.dtype))
+                x_hat = self.quantized_input(x.to(self.weight.dtype))
+                w_hat = self.quantized_weight()
         else:
-            x_hat, w_hat = self._quantized_inputs(x)
+            x_hat = self.quantized_input(x)
+            w_hat = self.quantized_weight()
         return F.conv2d(
             x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
