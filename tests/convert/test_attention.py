@@ -142,8 +142,9 @@ def test_match_hooks_both_models_and_removes_its_hooks() -> None:
         with pytest.raises(RuntimeError, match="no forward output"):
             match.loss()  # the outputs were released
     # each hook sees its module's own output (the stem's before the functional ReLU)
-    a_s = [student.stem(x), student.body(F.relu(student.stem(x)))]
-    a_t = [teacher.stem(x), teacher.body(F.relu(teacher.stem(x)))]
+    with torch.no_grad():
+        a_s = [student.stem(x), student.body(F.relu(student.stem(x)))]
+        a_t = [teacher.stem(x), teacher.body(F.relu(teacher.stem(x)))]
     assert float(value.detach()) == pytest.approx(0.5 * float(attention_loss(a_s, a_t)), rel=1e-6)
     assert not student.stem._forward_hooks and not teacher.body._forward_hooks
     missing = AttentionSpec(("stem", "nope"), 1.0).bind(student, teacher)
