@@ -368,6 +368,9 @@ def finetune(
     device: str | torch.device | None = None,
     amp: str = _DEFAULTS.amp,
     compile: bool = _DEFAULTS.compile,
+    distill: str = _DEFAULTS.distill,
+    attention_weight: float = _DEFAULTS.attention_weight,
+    progressive: bool = _DEFAULTS.progressive,
 ) -> FinetuneState:
     """Fine-tune ``model`` in place (``binarize convert``'s fine-tune); returns it in eval mode.
 
@@ -379,6 +382,13 @@ def finetune(
         teacher: a full-precision model to distil from (usually the original model):
             ``loss = (1 - w) CE + w T^2 KL(teacher || student)``, ``w = distill_weight``,
             ``T = temperature``.
+        distill: with a ``teacher``: ``"logits"`` (the loss above), ``"attention"`` (that
+            plus ``attention_weight * L_att``, the attention maps at the end of each block
+            matched by module name, docs/schemes-abc-baselines.md "Real-to-Bin training")
+            or ``"off"`` (the teacher is not used).
+        progressive: run the three-stage teacher-student schedule (real, then binary
+            activations, then binary weights and activations; ``epochs`` each; ``teacher``
+            teaches stage 1); the state's ``epoch_stats`` rows carry their ``stage``.
         device: where the batches go (the model must be there already); default the
             model's device.
         amp: ``"off"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the training steps under
@@ -389,9 +399,11 @@ def finetune(
         ``epochs_done``, ``epoch_seconds`` and per-epoch ``epoch_stats`` (loss, running
         top-1, images/s). Raises TrainingDivergedError on a non-finite loss.
     """
+    from binarize_cli.convert.attention import AttentionSpec, block_ends
     from binarize_cli.convert.finetune import finetune as run_finetune
+    from binarize_cli.convert.progressive import progressive_finetune
     from binarize_cli.convert.training import compiled
-    from binarize_cli.core.settings import AMP_MODES
+    from binarize_cli.core.settings import AMP_MODES, DISTILL_MODES
 
     if not (math.isfinite(epochs) and epochs >= 0):
         raise BadInputError(f"epochs must be >= 0 (got {epochs})")
@@ -399,6 +411,10 @@ def finetune(
         raise BadInputError(f"lr must be > 0 (got {lr})")
     if not 0.0 <= distill_weight <= 1.0:
         raise BadInputError(f"distill_weight must be in [0, 1] (got {distill_weight})")
+    if distill not in DISTILL_MODES:
+        raise BadInputError(f"distill must be one of {', '.join(DISTILL_MODES)} (got {distill!r})")
+    if not (math.isfinite(attention_weight) and attention_weight >= 0):
+        raise BadInputError(f"attention_weight must be >= 0 (got {attention_weight})")
     where = str(device if device is not None else _device_of(model))
     if amp not in AMP_MODES or (amp == "fp16" and not where.startswith("cuda")):
         raise BadInputError(f"amp must be off, bf16 or fp16 on CUDA (got {amp!r} on {where})")
@@ -407,7 +423,12 @@ def finetune(
             "train_data must be re-iterable with a length (a DataLoader or a list of "
             f"(input, target) batches), got {type(train_data).__name__}"
         )
-    state = run_finetune(
+    teacher = teacher if distill != "off" else None
+    attention = None
+    if distill == "attention" and teacher is not None:
+        attention = AttentionSpec(tuple(block_ends(teacher)), float(attention_weight))
+    run = progressive_finetune if progressive else run_finetune
+    state = run(
         model,
         make_train_loader=lambda _epoch: train_data,
         epochs=epochs,
@@ -419,6 +440,7 @@ def finetune(
         device=where,
         train_module=compiled(model, compile),
         amp=amp,
+        attention=attention,
     )
     model.eval()
     return state

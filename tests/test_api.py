@@ -9,6 +9,7 @@ file computes the same function as the model (100 % top-1 agreement in float64, 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -204,6 +205,26 @@ def test_finetune_bad_input() -> None:
         binarize_cli.finetune(model, batches(1), epochs=-1)
     with pytest.raises(BadInputError, match="lr"):
         binarize_cli.finetune(model, batches(1), lr=math.nan)
+    with pytest.raises(BadInputError, match="distill must be one of logits, attention, off"):
+        binarize_cli.finetune(model, batches(1), distill="soft")
+    with pytest.raises(BadInputError, match="attention_weight"):
+        binarize_cli.finetune(model, batches(1), attention_weight=-1.0)
+
+
+def test_finetune_progressive_with_attention_distillation() -> None:
+    torch.manual_seed(0)
+    teacher = TinyNet().eval()
+    model = binarize_cli.binarize(copy.deepcopy(teacher), "xnor", 1, 1, batches(1)).model
+    latent = model.down.weight.detach().clone()
+    state = binarize_cli.finetune(
+        model, batches(2), epochs=1, teacher=teacher, distill="attention", progressive=True
+    )
+    assert [row["stage"] for row in state.epoch_stats] == [1, 2, 3]
+    assert state.epochs_done == 3 and state.kept_epoch == 3 and not model.training
+    assert not torch.equal(latent, model.down.weight)
+    layers = [m for m in model.modules() if isinstance(m, BinarizedConv2d)]
+    assert layers and all(m.quantize_weights and m.quantize_activations for m in layers)
+    assert all(not m._forward_hooks for m in [*model.modules(), *teacher.modules()])
 
 
 def test_finetune_with_amp_and_compile_trains_float32_weights(monkeypatch) -> None:

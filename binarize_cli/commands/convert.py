@@ -335,12 +335,19 @@ _WeightEndpoints = Annotated[
 ]
 
 _Distill = Annotated[
-    bool | None,
+    str | None,
     option(
-        "--distill/--no-distill",
-        help="Distil from the full-precision model during fine-tuning.",
-        default="--distill" if _DEFAULTS.distill else "--no-distill",
+        help="Fine-tuning's teacher: logits: distil the full-precision model's logits | "
+        "attention: that plus matching each block's attention map (Real-to-Bin) | off (any "
+        "case).",
+        default=_DEFAULTS.distill,
+        callback=lower_choice,
     ),
+]
+
+_NoDistill = Annotated[
+    bool,
+    typer.Option("--no-distill", help="Fine-tune without a teacher (the same as distill off)."),
 ]
 
 _Resume = Annotated[
@@ -470,6 +477,7 @@ def convert(
     keep: _Keep = None,
     weight_endpoints: _WeightEndpoints = None,
     distill: _Distill = None,
+    no_distill: _NoDistill = False,
     policy: _Policy = None,
     budget_mbit: _BudgetMbit = None,
     budget_bops: _BudgetBops = None,
@@ -491,6 +499,10 @@ def convert(
     if arch is not None:
         model = _arch_model(arch, model)
     endpoints = None if weight_endpoints is None else _endpoints(weight_endpoints)
+    if no_distill:
+        if distill not in (None, "off"):
+            raise BadInputError(f"--no-distill contradicts --distill {distill}; pass one of them")
+        distill = "off"
     settings = merge_settings(
         recipe_data,
         {

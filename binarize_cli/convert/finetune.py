@@ -36,18 +36,22 @@ Failure handling:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from binarize_cli.core.errors import CheckpointError, TrainingDivergedError
 from binarize_cli.core.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from binarize_cli.convert.attention import AttentionSpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Training images the selection score is measured on (a fixed seeded subset).
@@ -66,6 +70,7 @@ METRICS_COLUMNS = (
     "images_per_s",
     "seconds",
     "kept",
+    "stage",
 )
 
 
@@ -114,7 +119,8 @@ class _Best:
 
 def metrics_csv(state: FinetuneState) -> str:
     """``metrics.csv`` of a run: a header of :data:`METRICS_COLUMNS` and one row per epoch
-    (an empty cell where a value was not measured; ``kept`` is 1 on the kept epoch)."""
+    (an empty cell where a value was not measured; ``kept`` is 1 on the kept epoch; ``stage``
+    is the progressive schedule's stage, 1-3, empty for a single-stage fine-tune)."""
     lines = [",".join(METRICS_COLUMNS)]
     for i, row in enumerate(state.epoch_stats, start=1):
         values = {
@@ -316,6 +322,7 @@ def finetune(
     validate: Callable[[nn.Module], dict[str, float]] | None = None,
     select: Callable[[nn.Module], float] | None = None,
     amp: str = "off",
+    attention: AttentionSpec | None = None,
 ) -> FinetuneState:
     """Fine-tune ``model`` in place; with ``select``, end on the best epoch's weights.
 
@@ -330,6 +337,9 @@ def finetune(
             and a score; the best-scoring epoch is kept (ties: the later; across a resume).
         amp: the training steps' mixed precision (:class:`~binarize_cli.convert.training.
             Execution`); ``"fp16"`` scales the loss (the scaler starts afresh on resume).
+        attention: with a ``teacher``, add the attention-matching loss over these blocks
+            (:mod:`binarize_cli.convert.attention`; hooked on ``model`` and ``teacher``
+            during the training epochs only).
 
     Raises:
         TrainingDivergedError: non-finite loss or weights; the last good checkpoint is kept.
@@ -351,20 +361,27 @@ def finetune(
         if on_epoch_start is not None:
             on_epoch_start(epoch, len(plan), plan[epoch])
         first_lr = float(optimizer.param_groups[0]["lr"])
+        match = (
+            attention.bind(model, teacher)
+            if attention is not None and teacher is not None
+            else contextlib.nullcontext()
+        )
         try:
-            stats = train_one_epoch(
-                net,
-                LimitedLoader(loader, plan[epoch]),
-                optimizer,
-                scheduler=scheduler,
-                teacher=teacher,
-                distill_weight=distill_weight if teacher is not None else 0.0,
-                temperature=temperature,
-                device=device,
-                on_step=on_step,
-                amp=amp,
-                scaler=scaler,
-            )
+            with match as bound:
+                stats = train_one_epoch(
+                    net,
+                    LimitedLoader(loader, plan[epoch]),
+                    optimizer,
+                    scheduler=scheduler,
+                    teacher=teacher,
+                    distill_weight=distill_weight if teacher is not None else 0.0,
+                    temperature=temperature,
+                    device=device,
+                    on_step=on_step,
+                    amp=amp,
+                    scaler=scaler,
+                    attention=bound,
+                )
             check_finite_state(model)
         except TrainingDivergedError as exc:
             where = work_dir if is_main else None

@@ -76,11 +76,12 @@ from binarize_cli.core.rundir import (
     recover_moved_aside,
     write_run,
 )
-from binarize_cli.core.settings import ConvertSettings
+from binarize_cli.core.settings import DISTILL_MODES, ConvertSettings, distill_mode
 from binarize_cli.core.version import __version__
 
 if TYPE_CHECKING:
     from binarize_cli.convert.allocate import Allocation
+    from binarize_cli.convert.attention import AttentionSpec
     from binarize_cli.convert.baseline import Baseline
     from binarize_cli.convert.distributed import DistContext
     from binarize_cli.convert.finetune import FinetuneState
@@ -114,6 +115,8 @@ RESUME_KEYS = (
     "distill",
     "distill_weight",
     "temperature",
+    "attention_weight",
+    "progressive",
     "layers",
     "policy",
     "budget_mbit",
@@ -280,6 +283,12 @@ def validate_settings(settings: ConvertSettings) -> tuple[Any, int, int]:
         raise BadInputError(f"distill_weight must be in [0, 1] (got {settings.distill_weight})")
     if not (math.isfinite(settings.temperature) and settings.temperature > 0):
         raise BadInputError(f"temperature must be > 0 (got {settings.temperature})")
+    if settings.distill not in DISTILL_MODES:
+        raise BadInputError(
+            f"--distill must be one of {', '.join(DISTILL_MODES)} (got {settings.distill!r})"
+        )
+    if not (math.isfinite(settings.attention_weight) and settings.attention_weight >= 0):
+        raise BadInputError(f"attention_weight must be >= 0 (got {settings.attention_weight})")
     if not 0 <= settings.seed < 2**63:
         raise BadInputError(f"--seed must be in [0, 2**63) (got {settings.seed})")
     if settings.baseline_seed is not None and not 0 <= settings.baseline_seed < 2**63:
@@ -341,6 +350,8 @@ def check_resume(saved: dict[str, Any], fingerprint: dict[str, Any], work_dir: P
     before = extra.get("settings")
     if not isinstance(before, dict):
         return  # written by an older binarize: nothing to compare
+    if isinstance(before.get("distill"), bool):  # the key's former boolean form
+        before = {**before, "distill": distill_mode(before["distill"])}
     diffs = [
         f"{k}={before.get(k)!r} (now {fingerprint[k]!r})"
         for k in fingerprint
@@ -499,6 +510,11 @@ def prepare(
     _check_output_dir(run_dir, overwrite)
     work_dir = work_dir_for(run_dir)
     fingerprint = resume_fingerprint(settings, scheme.name, m, n)
+    if resume and settings.progressive:
+        raise BadInputError(
+            "a progressive fine-tune keeps no epoch checkpoints and cannot resume; "
+            "rerun without --resume"
+        )
     saved = load_checkpoint(work_dir) if resume else None
     if saved is not None:
         check_resume(saved, fingerprint, work_dir)
@@ -828,8 +844,13 @@ def finetune_student(
     Ctrl-C becomes :class:`ConvertInterrupted`, saying whether one was kept.
     Training steps run as :func:`execution` says (``--amp``; with ``--compile``, a
     ``torch.compile`` d student and reference); the per-epoch scores are float32 eager.
+    With ``distill = "attention"`` (and a ``teacher``) the loss adds the attention-matching
+    term over the teacher's blocks (:mod:`binarize_cli.convert.attention`); with
+    ``progressive`` the fine-tune runs the three-stage schedule
+    (:mod:`binarize_cli.convert.progressive`), without epoch checkpoints.
     """
     from binarize_cli.convert.finetune import CHECKPOINT_FILE, finetune
+    from binarize_cli.convert.progressive import progressive_finetune
     from binarize_cli.convert.training import compiled
     from binarize_cli.load.data import make_loader
 
@@ -837,7 +858,11 @@ def finetune_student(
     run = execution(settings, ctx)
     train_module: nn.Module = student
     if ctx.enabled:
-        train_module = torch.nn.parallel.DistributedDataParallel(student)
+        # A progressive run's first stages bypass the quantizers: their parameters get no
+        # gradient there, which DDP must be told to expect.
+        train_module = torch.nn.parallel.DistributedDataParallel(
+            student, find_unused_parameters=settings.progressive
+        )
     train_module = compiled(train_module, run.compile)
 
     def make_train_loader(epoch: int) -> Any:
@@ -852,37 +877,58 @@ def finetune_student(
         )
 
     validate, select = _epoch_scores(settings, data, ctx, val_loader)
+    attention = attention_spec(settings, teacher)
     fp_step_s = None
     if settings.epochs > 0 and ctx.is_main and fp_model is not None:
         rep.stage("timing full-precision training steps (the reference of the step-time ratio)")
-        fp_step_s = _reference_step_s(settings, fp_model, teacher, make_train_loader(0), ctx)
-    try:
-        state = finetune(
-            student,
-            make_train_loader=make_train_loader,
-            epochs=settings.epochs,
-            lr=settings.lr,
-            weight_decay=settings.weight_decay,
-            teacher=teacher,
-            distill_weight=settings.distill_weight,
-            temperature=settings.temperature,
-            device=ctx.device,
-            work_dir=work_dir if settings.epochs > 0 else None,
-            resume=resume_state is not None,
-            is_main=ctx.is_main,
-            checkpoint_extra=checkpoint_extra,
-            on_epoch_start=rep.epoch_start,
-            on_step=rep.step,
-            train_module=train_module,
-            resume_state=resume_state,
-            validate=validate,
-            select=select,
-            amp=run.amp,
+        fp_step_s = _reference_step_s(
+            settings, fp_model, teacher, make_train_loader(0), ctx, attention
         )
+    common: dict[str, Any] = {
+        "make_train_loader": make_train_loader,
+        "epochs": settings.epochs,
+        "lr": settings.lr,
+        "weight_decay": settings.weight_decay,
+        "distill_weight": settings.distill_weight,
+        "temperature": settings.temperature,
+        "device": ctx.device,
+        "is_main": ctx.is_main,
+        "checkpoint_extra": checkpoint_extra,
+        "on_step": rep.step,
+        "train_module": train_module,
+        "validate": validate,
+        "amp": run.amp,
+        "attention": attention,
+    }
+    try:
+        if settings.progressive:
+            state = progressive_finetune(
+                student,
+                teacher=teacher,
+                on_stage=lambda stage: rep.stage(stage.describe()),
+                on_epoch_start=rep.epoch_start,
+                select=select,
+                **common,
+            )
+        else:
+            state = finetune(
+                student,
+                teacher=teacher,
+                work_dir=work_dir if settings.epochs > 0 else None,
+                resume=resume_state is not None,
+                resume_state=resume_state,
+                on_epoch_start=rep.epoch_start,
+                select=select,
+                **common,
+            )
         state.fp_step_s = fp_step_s
         return state
     except KeyboardInterrupt:
-        kept = work_dir is not None and (work_dir / CHECKPOINT_FILE).is_file()
+        kept = (
+            not settings.progressive
+            and work_dir is not None
+            and (work_dir / CHECKPOINT_FILE).is_file()
+        )
         raise ConvertInterrupted(
             f"interrupted; the completed fine-tune epochs are saved in {work_dir}: rerun "
             "the same command with --resume to continue"
@@ -891,12 +937,24 @@ def finetune_student(
         ) from None
 
 
+def attention_spec(settings: ConvertSettings, teacher: nn.Module | None) -> AttentionSpec | None:
+    """The attention-matching term of ``distill = "attention"``: ``attention_weight`` over
+    the blocks found in ``teacher`` (:func:`~binarize_cli.convert.attention.block_ends`);
+    ``None`` for the other modes or without a teacher."""
+    from binarize_cli.convert.attention import AttentionSpec, block_ends
+
+    if settings.distill != "attention" or teacher is None:
+        return None
+    return AttentionSpec(tuple(block_ends(teacher)), float(settings.attention_weight))
+
+
 def _reference_step_s(
     settings: ConvertSettings,
     fp_model: nn.Module,
     teacher: nn.Module | None,
     loader: Any,
     ctx: DistContext,
+    attention: AttentionSpec | None = None,
 ) -> float | None:
     """Seconds per training step of a copy of the full-precision model: :data:`REFERENCE_STEPS`
     steps after 2 untimed ones, with the fine-tune's loss, distillation, data, device,
@@ -915,6 +973,7 @@ def _reference_step_s(
         device=run.device,
         amp=run.amp,
         compile=run.compile,
+        attention=attention,
     )
 
 
@@ -1171,7 +1230,7 @@ def run_convert(
             student,
             inputs.data,
             ctx,
-            teacher=reference.model if settings.distill else None,
+            teacher=reference.model if settings.distill != "off" else None,
             work_dir=plan.work_dir,
             resume_state=plan.saved,
             checkpoint_extra={

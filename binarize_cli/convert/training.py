@@ -21,7 +21,10 @@ Evaluation never uses autocast: every recorded accuracy is the float32 model's.
       loss = (1 - w) * CE(z_s, y) + w * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
 
   with ``w = distill_weight`` and ``T = temperature``; the ``T^2`` keeps the soft-target
-  gradient scale independent of ``T``. The scheduler, when given, is stepped once per batch
+  gradient scale independent of ``T``. With an attention match (``convert --distill
+  attention``, :mod:`binarize_cli.convert.attention`) the loss gains
+  ``attention_weight * L_att`` over the blocks' attention maps. The scheduler, when given,
+  is stepped once per batch
   (build it with ``T_max = total steps``). A non-finite loss raises
   :class:`~binarize_cli.core.errors.TrainingDivergedError` before the optimizer step, so the
   weights stay finite.
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from binarize_cli.convert.attention import AttentionMatch, AttentionSpec
 from binarize_cli.core.errors import TrainingDivergedError
 from binarize_cli.core.modes import evaluating
 
@@ -233,8 +237,13 @@ def train_one_epoch(
     max_grad_norm: float | None = None,
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
+    attention: AttentionMatch | None = None,
 ) -> EpochStats:
     """One epoch of training (see the module docstring for the loss).
+
+    ``attention``: an entered :class:`~binarize_cli.convert.attention.AttentionMatch` of the
+    student and ``teacher`` (whose forward then runs even when ``distill_weight`` is 0); its
+    loss is added to every step's.
 
     ``epoch``, when given, is passed to ``loader.sampler.set_epoch`` (DistributedSampler).
     ``max_grad_norm`` clips the global gradient norm. ``amp`` runs the forward passes under
@@ -248,7 +257,9 @@ def train_one_epoch(
     sampler = getattr(loader, "sampler", None)
     if epoch is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)  # type: ignore[union-attr]
-    use_teacher = teacher is not None and distill_weight > 0
+    if attention is not None and teacher is None:
+        raise ValueError("attention matching needs a teacher")
+    use_teacher = teacher is not None and (distill_weight > 0 or attention is not None)
     if use_teacher:
         teacher.eval()  # type: ignore[union-attr]
     model.train()
@@ -266,10 +277,12 @@ def train_one_epoch(
                 with torch.no_grad():
                     t_logits = teacher(x)  # type: ignore[misc]
         loss = F.cross_entropy(logits.float(), y)
-        if use_teacher:
+        if use_teacher and distill_weight > 0:
             loss = (1.0 - distill_weight) * loss + distill_weight * distillation_loss(
                 logits, t_logits, temperature
             )
+        if attention is not None:
+            loss = loss + attention.loss()
         value = float(loss.detach())
         if not math.isfinite(value):
             where = f"epoch {epoch + 1}, " if epoch is not None else ""
@@ -336,11 +349,13 @@ def time_training_steps(
     device: str | torch.device = "cpu",
     amp: str = "off",
     compile: bool = False,
+    attention: AttentionSpec | None = None,
 ) -> float | None:
     """Seconds per training step of a copy of ``model``: :func:`train_one_epoch`'s step (the
     same loss, distillation and Adam update) over ``loader``, the first ``warmup`` steps
     untimed (with ``compile``, they also compile). ``None`` when ``loader`` has no step after
-    the warm-up. ``amp`` and ``compile`` as in :class:`Execution`.
+    the warm-up. ``amp`` and ``compile`` as in :class:`Execution`; ``attention`` (with a
+    ``teacher``) adds the attention-matching loss as the fine-tune does.
 
     This is the full-precision reference the fine-tune's step time is divided by: the same
     code, data and process, only without binarization. ``model`` itself is not touched and
@@ -359,18 +374,25 @@ def time_training_steps(
     try:
         optimizer = torch.optim.Adam([p for p in work.parameters() if p.requires_grad], lr=lr)
         scaler = Execution(str(device), amp=amp).grad_scaler()
-        stats = train_one_epoch(
-            compiled(work, compile),
-            loader,
-            optimizer,
-            teacher=teacher,
-            distill_weight=distill_weight if teacher is not None else 0.0,
-            temperature=temperature,
-            device=device,
-            on_step=on_step if warmup > 0 else None,
-            amp=amp,
-            scaler=scaler,
+        match = (
+            attention.bind(work, teacher)
+            if attention is not None and teacher is not None
+            else contextlib.nullcontext()
         )
+        with match as bound:
+            stats = train_one_epoch(
+                compiled(work, compile),
+                loader,
+                optimizer,
+                teacher=teacher,
+                distill_weight=distill_weight if teacher is not None else 0.0,
+                temperature=temperature,
+                device=device,
+                on_step=on_step if warmup > 0 else None,
+                amp=amp,
+                scaler=scaler,
+                attention=bound,
+            )
         end = time.perf_counter()
     finally:
         torch.set_rng_state(rng)

@@ -12,7 +12,10 @@ file's order): ``"fp"`` keeps a layer full precision, ``[M, N]`` gives it its ow
     "layer4\\..*downsample" = "fp"
     "layer1\\." = [2, 3]
 
-``policy`` (``"uniform"`` or ``"auto"``), ``budget_mbit`` and ``budget_bops`` choose the
+``distill`` is :data:`DISTILL_MODES` (``true``/``false`` are read as ``"logits"``/``"off"``);
+``attention_weight`` weighs the attention-matching loss of ``distill = "attention"``;
+``progressive`` runs the fine-tune as the three-stage teacher-student schedule
+(:mod:`binarize_cli.convert.progressive`). ``policy`` (``"uniform"`` or ``"auto"``), ``budget_mbit`` and ``budget_bops`` choose the
 per-layer bases of the other layers (docs/sensitivity.md); ``calibration`` (``"tensor"`` or
 ``"output"``) is the calibration rule (:mod:`binarize_cli.convert.calibrate`). ``device`` (``"auto"``, ``"cpu"``,
 ``"cuda"``, ``"cuda:N"``), ``workers``, ``amp`` (:data:`AMP_MODES`) and ``compile`` say where
@@ -71,9 +74,11 @@ class ConvertSettings:
     seed: int = 0
     baseline_seed: int | None = None
     keep: list[str] = field(default_factory=list)
-    distill: bool = True
+    distill: str = "logits"
     distill_weight: float = 0.5
     temperature: float = 1.0
+    attention_weight: float = 1.0
+    progressive: bool = False
     scheme_options: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, Any] = field(default_factory=dict)
     policy: str = "uniform"
@@ -109,9 +114,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "baseline_seed": (int,),
     "keep": (list,),
-    "distill": (bool,),
+    "distill": (bool, str),
     "distill_weight": (int, float),
     "temperature": (int, float),
+    "attention_weight": (int, float),
+    "progressive": (bool,),
     "scheme_options": (dict,),
     "layers": (dict,),
     "policy": (str,),
@@ -130,6 +137,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 POLICIES = ("uniform", "auto")
 #: The ``--amp`` choices: float32 training, or convolutions in bfloat16 / float16.
 AMP_MODES = ("off", "bf16", "fp16")
+
+#: The ``--distill`` modes: logit distillation from the full-precision model, that plus the
+#: attention-matching loss at the end of each block (Real-to-Bin), or none.
+DISTILL_MODES = ("logits", "attention", "off")
 
 #: The ``--calibration`` rules: each activation quantizer fitted to its own input (tensor), or
 #: that fit refined to minimise each layer's output error (output; docs/sensitivity.md).
@@ -171,6 +182,12 @@ def validate_recipe(data: dict[str, Any], where: str = "recipe") -> dict[str, An
             raise RecipeError(
                 f'{where}: layers.{pattern!r} must be "fp" or [M, N] (two integers), got {value!r}'
             )
+    distill = data.get("distill", "logits")
+    if isinstance(distill, str) and distill not in DISTILL_MODES:
+        raise RecipeError(
+            f"{where}: distill must be one of {', '.join(DISTILL_MODES)} (or true/false), "
+            f"got {distill!r}"
+        )
     if data.get("policy", "uniform") not in POLICIES:
         raise RecipeError(f"{where}: policy must be one of {', '.join(POLICIES)}")
     if data.get("calibration", "tensor") not in CALIBRATION_RULES:
@@ -178,6 +195,14 @@ def validate_recipe(data: dict[str, Any], where: str = "recipe") -> dict[str, An
     for item in options.get("weight_endpoints", []):
         _check_type(where, "weight_endpoints item", item, (int, float))
     return data
+
+
+def distill_mode(value: bool | str) -> str:
+    """A ``distill`` value as one of :data:`DISTILL_MODES`: ``True`` (the key's former
+    boolean form) is ``"logits"``, ``False`` is ``"off"``, a string is itself."""
+    if isinstance(value, bool):
+        return "logits" if value else "off"
+    return value
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -201,6 +226,8 @@ def merge_settings(recipe: dict[str, Any] | None, overrides: dict[str, Any]) -> 
         for key, value in layer.items():
             if key in ("scheme_options", "layers"):
                 setattr(settings, key, {**getattr(settings, key), **value})
+            elif key == "distill":
+                settings.distill = distill_mode(value)
             else:
                 setattr(settings, key, value)
     return settings

@@ -35,6 +35,13 @@ class BinarizedConv2d(nn.Conv2d):
     ``activation_bases`` (N) are recorded for reports and export.
     """
 
+    #: Whether the forward pass applies the weight / the activation quantizer; ``False``
+    #: bypasses it (the latent weight, the real input), as the first stages of the
+    #: progressive teacher-student schedule need (:mod:`binarize_cli.convert.progressive`).
+    #: Plain attributes (set per layer), not saved state.
+    quantize_weights: bool = True
+    quantize_activations: bool = True
+
     def __init__(
         self,
         in_channels: int,
@@ -110,18 +117,24 @@ class BinarizedConv2d(nn.Conv2d):
         return new
 
     def quantized_weight(self) -> torch.Tensor:
-        """``W_hat``: the approximated weight (differentiable)."""
-        return self.weight_quantizer(self.weight)
+        """``W_hat``: the approximated weight (differentiable); the latent weight itself
+        while ``quantize_weights`` is off."""
+        return self.weight_quantizer(self.weight) if self.quantize_weights else self.weight
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``A_hat``: the approximated input (differentiable); ``x`` itself while
+        ``quantize_activations`` is off."""
+        return self.activation_quantizer(x) if self.quantize_activations else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             # Mixed precision (convert --amp): the quantizers see float32 and keep float32
             # thresholds and scales; only the convolution below runs in the reduced type.
             with torch.autocast(x.device.type, enabled=False):
-                x_hat = self.activation_quantizer(x.to(self.weight.dtype))
+                x_hat = self.quantized_input(x.to(self.weight.dtype))
                 w_hat = self.quantized_weight()
         else:
-            x_hat = self.activation_quantizer(x)
+            x_hat = self.quantized_input(x)
             w_hat = self.quantized_weight()
         return F.conv2d(
             x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups

@@ -186,6 +186,17 @@ CASES: list[Case] = [
     ("device-cuda-index", lambda p: ["convert", SMALL, *FAST, "--device", "cuda:99"], ("cuda:99",)),
     ("workers-negative", lambda p: ["convert", SMALL, *FAST, "--workers", "-1"], ("--workers",)),
     ("amp-unknown", lambda p: ["convert", SMALL, *FAST, "--amp", "int8"], ("--amp", "bf16")),
+    # --distill: a mode, and not contradicted by --no-distill
+    (
+        "distill-unknown",
+        lambda p: ["convert", SMALL, *FAST, "--distill", "soft"],
+        ("distill", "attention"),
+    ),
+    (
+        "distill-contradicted",
+        lambda p: ["convert", SMALL, *FAST, "--distill", "attention", "--no-distill"],
+        ("--no-distill", "--distill attention"),
+    ),
     (
         "amp-fp16-on-cpu",
         lambda p: ["convert", SMALL, *FAST, "--device", "cpu", "--amp", "fp16"],
