@@ -439,7 +439,7 @@ def profile_model(
             _count_binarized(row, module, reason)
         elif isinstance(module, ChannelGate):
             row.kind = GATE_KIND
-            row.reason = "channel gate of the binarized convolution (full precision)"
+            row.reason = "channel gate (full precision)"
             row.params_real = sum(p.numel() for p in module.parameters())
         else:
             own = sum(p.numel() for p in module.parameters(recurse=False))
