@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from binarize_cli.core.errors import BadInputError
 from binarize_cli.export.packed import export_packed_model
 from binarize_cli.export.verify import VerifyResult, verify_model
 from binarize_cli.quant.base import get_scheme
@@ -122,3 +124,18 @@ def test_grouped_depthwise_odd_shapes_agree(binarized_model) -> None:
     assert model.depthwise.gate.hidden == 1 and model.grouped.gate.out_channels == 12
     images = np.random.default_rng(2).standard_normal((6, 3, *size)).astype(np.float32)
     _check(verify_model(model, _meta(size), images, onnx=True))
+
+
+class _OtherGate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x.mean(dim=(1, 2, 3), keepdim=True))
+
+
+def test_a_gate_other_than_channel_gate_is_refused(tmp_path) -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    layer = BinarizedConv2d.from_conv(conv, get_scheme("realtobin"), 1, 1)
+    layer.gate = _OtherGate()
+    out = tmp_path / "g.safetensors"
+    with pytest.raises(BadInputError, match="_OtherGate is not supported by the packed format"):
+        export_packed_model(nn.Sequential(layer, nn.Flatten()), _meta((4, 4)), out)
+    assert not out.exists()
