@@ -255,7 +255,7 @@ def binarize(
 
     Args:
         model: any ``nn.Module`` with ``nn.Conv2d`` layers (timm, torchvision or your own).
-        scheme: ``pa``, ``abc``, ``bnn``, ``xnor``, ``bireal``, ``dorefa``, ``ttq``
+        scheme: ``pa``, ``abc``, ``bnn``, ``xnor``, ``bireal``, ``dorefa``, ``ttq``, ``realtobin``
             (case-insensitive).
         M, N: weight and activation bases (``-M``/``-N``); default the scheme's. ``N=0``
             keeps activations in full precision.

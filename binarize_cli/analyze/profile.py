@@ -41,6 +41,13 @@ Operations::
 * A binarized convolution with ``N = 0`` (binary weights, real activations; the paper's
   "N = full precision" rows) has no bitwise operations: it runs as one real convolution with
   the reconstructed ``W_hat``, so ``bops = 0`` and ``flops = macs``. Only its memory shrinks.
+* A gated binarized convolution (``realtobin``: Real-to-Bin's data-driven channel
+  re-scaling, :mod:`binarize_cli.quant.realtobin`) gets a second row, ``<layer>.gate`` of
+  kind ``gate``: full precision, its two weight matrices as ``params_real`` (32 bits each),
+  its two matrix products as ``macs`` (real FLOPs); the global average pool, sigmoid and
+  channel product are not counted (as batch norm and activations are not). The gate does not
+  exist in the full-precision model: ``fp_params = 0`` and ``fp_flops = 0`` on its row. The
+  binarized convolution's own row is counted as ``xnor``'s.
 * The scaling work of a multiple-binary layer (M x N multiply-adds of ``alpha_i beta_j`` per
   output, N comparisons per input) is not counted, as in the paper's stated rule.
 
@@ -66,6 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from binarize_cli.core.modes import evaluating
 from binarize_cli.quant.layers import BinarizedConv2d, layer_macs
+from binarize_cli.quant.realtobin import ChannelGate
 
 #: Bits per real-valued stored value (float32).
 REAL_BITS = 32
@@ -73,6 +81,8 @@ REAL_BITS = 32
 BITS_PER_WORD = 64
 #: Name of the synthetic row holding matrix products done outside conv/linear modules.
 OTHER_OPS_ROW = "(other ops)"
+#: Kind of a gated convolution's gate row (layers a scheme adds: not in the full-precision model).
+GATE_KIND = "gate"
 
 
 def contract_dict(row: Any) -> dict[str, Any]:
@@ -163,8 +173,9 @@ class LayerProfile:
 
     @property
     def fp_flops(self) -> int:
-        """FLOPs of the full-precision layer: its MACs."""
-        return self.macs
+        """FLOPs of the full-precision layer: its MACs (0 for a gate row, which the
+        full-precision model does not have)."""
+        return 0 if self.kind == GATE_KIND else self.macs
 
     def to_dict(self) -> dict[str, Any]:
         d = contract_dict(self)
@@ -286,17 +297,18 @@ def _kind_of(module: nn.Module) -> str:
 
 def _plain_conv_forward(layer: BinarizedConv2d):  # noqa: ANN202
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
+        y = F.conv2d(
             x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups
         )
+        return y if layer.gate is None else y * layer.gate(x)
 
     return forward
 
 
 @contextlib.contextmanager
 def _plain_binarized_convs(model: nn.Module) -> Iterator[None]:
-    """Run binarized convolutions as plain convolutions (same shapes and MACs), so profiling
-    needs neither calibrated quantizers nor their cost."""
+    """Run binarized convolutions as plain convolutions (same shapes and MACs; a channel gate
+    runs as it is), so profiling needs neither calibrated quantizers nor their cost."""
     patched = [m for m in model.modules() if isinstance(m, BinarizedConv2d)]
     for m in patched:
         m.forward = _plain_conv_forward(m)  # type: ignore[method-assign]
@@ -308,8 +320,9 @@ def _plain_binarized_convs(model: nn.Module) -> Iterator[None]:
 
 
 def _row_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that get a row: binarized convs (owning their quantizers' parameters), and
-    any other module holding parameters of its own or doing a conv / linear product."""
+    """Modules that get a row: binarized convs (owning their quantizers' parameters) and
+    their channel gates (``<conv>.gate``), and any other module holding parameters of its
+    own or doing a conv / linear product."""
     rows: list[tuple[str, nn.Module]] = []
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -318,6 +331,8 @@ def _row_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, BinarizedConv2d):
             rows.append((name, module))
             inside.append(name)
+            if module.gate is not None:
+                rows.append((f"{name}.gate", module.gate))
             continue
         own = any(True for _ in module.parameters(recurse=False))
         if own or isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
@@ -351,7 +366,10 @@ def _measure(
         if name not in shapes and inp is not None:
             shapes[name] = (tuple(inp.shape[1:]), tuple(out.shape[1:]))
         if inp is not None:
-            macs[name] = macs.get(name, 0) + layer_macs(module, inp, out)
+            calls = (
+                module.macs() if isinstance(module, ChannelGate) else layer_macs(module, inp, out)
+            )
+            macs[name] = macs.get(name, 0) + calls
 
     handles = [m.register_forward_hook(hook) for _, m in rows]
     param = next(model.parameters(), None)
@@ -419,6 +437,10 @@ def profile_model(
         if isinstance(module, BinarizedConv2d):
             schemes.add((module.scheme_name, module.weight_bases, module.activation_bases))
             _count_binarized(row, module, reason)
+        elif isinstance(module, ChannelGate):
+            row.kind = GATE_KIND
+            row.reason = "channel gate (full precision)"
+            row.params_real = sum(p.numel() for p in module.parameters())
         else:
             own = sum(p.numel() for p in module.parameters(recurse=False))
             row.reason = reason or "full precision"

@@ -184,6 +184,7 @@ SCHEME_DEFAULTS = {
     "bireal": (1, 1),
     "dorefa": (2, 2),
     "ttq": (2, 0),
+    "realtobin": (1, 1),
 }
 
 

@@ -217,7 +217,9 @@ class PackedWeight:
 
 
 class ExportConv(nn.Module):
-    """A binarized convolution for export: ``conv(act(x), W_hat) + bias``.
+    """A binarized convolution for export: ``conv(act(x), W_hat) + bias``, times the layer's
+    channel gate ``gate(x)`` when it has one (Real-to-Bin; exported by ``torch.onnx`` as
+    ``ReduceMean``, ``MatMul``/``Gemm``, ``Relu``, ``Sigmoid``, ``Mul``, ``Unsqueeze``).
 
     ``w_hat`` is a buffer holding the quantizer's ``W_hat``; in the packed export its
     initializer (``<layer>.w_hat``) is replaced by the unpacking subgraph.
@@ -235,9 +237,10 @@ class ExportConv(nn.Module):
         self.padding = conv.padding
         self.dilation = conv.dilation
         self.groups = conv.groups
+        self.gate = conv.gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
+        y = F.conv2d(
             self.act(x),
             self.w_hat,
             self.bias,
@@ -246,6 +249,7 @@ class ExportConv(nn.Module):
             self.dilation,
             self.groups,
         )
+        return y if self.gate is None else y * self.gate(x)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -32,6 +32,15 @@ checks it on ResNet-18, MobileNetV2 and ABC/XNOR/DoReFa models. Single-plane per
 weight scales (XNOR-Net, Bi-Real) are folded into the batch norm that follows, as the
 report assumes.
 
+A gated binarized convolution (Real-to-Bin's channel gate,
+:class:`~binarize_cli.quant.realtobin.ChannelGate`) is written as its ``bconv2d`` node followed
+by the gate on the same input, in table ops: ``mean`` over the positions, ``linear``
+(``W_1``), ``relu``, ``linear`` (``W_2``), ``sigmoid``, ``mul`` by the gain 2, ``reshape`` to
+``[C_out, 1, 1]`` and the ``mul`` of the convolution by it (the gate's tensors are
+``<layer>.gate.reduce_weight`` and ``<layer>.gate.expand_weight``, float32). The per-channel
+weight scales still fold into the batch norm after that product: the gate's factor is
+per-channel too, so ``bn(alpha_o y G_o) = (scale_o alpha_o) (y G_o) + shift_o``.
+
 How the activation step function is found (:func:`activation_code`): the quantizer's own
 ``bit_planes`` is evaluated on float32 values and every change of the plane pattern is
 located to one ulp by bisection over the ordered float32 line (the quantizers' piece index
@@ -74,6 +83,7 @@ from binarize_cli.export.steps import (
 )
 from binarize_cli.quant.base import ActivationQuantizer, Domain
 from binarize_cli.quant.layers import BinarizedConv2d
+from binarize_cli.quant.realtobin import GATE_GAIN, ChannelGate
 from binarize_cli.runtime.bits import BIT_ORDER, pack_bits, pack_planes
 from binarize_cli.runtime.evaluate import Accuracy
 from binarize_cli.runtime.format import FORMAT_NAME, FORMAT_VERSION
@@ -336,6 +346,7 @@ class _Writer:
         self.tensors: dict[str, np.ndarray] = {}
         self.value: dict[str, _Value] = {}  # fx node name -> value(s) in the packed graph
         self.names: set[str] = {INPUT_NAME}
+        self.gated: set[str] = set()  # the ``mul`` nodes applying a channel gate
 
     # -- helpers ---------------------------------------------------------------------
     def _tensor(self, name: str, array: np.ndarray | torch.Tensor) -> str:
@@ -713,7 +724,28 @@ class _Writer:
             t["act_scales"] = self._tensor(f"{target}.act_scales", step.scales)  # type: ignore[arg-type]
             attrs["activation_domain"] = step.domain
             attrs["activation_pieces"] = step.num_pieces
-        return self._emit(base, "bconv2d", [x], attrs, t)
+        y = self._emit(base, "bconv2d", [x], attrs, t)
+        if m.gate is None:
+            return y
+        if not isinstance(m.gate, ChannelGate):
+            raise BadInputError(
+                f"layer {target}: gate {type(m.gate).__name__} is not supported by the packed format"
+            )
+        gated = self._emit(f"{base}_gated", "mul", [y, self._gate(base, target, m.gate, x)])
+        self.gated.add(gated)
+        return gated
+
+    def _gate(self, base: str, target: str, gate: ChannelGate, x: str) -> str:
+        """``2 sigmoid(W_2 relu(W_1 mean_hw x))`` as ``[C_out, 1, 1]`` per sample."""
+        z = self._emit(f"{base}_gate_pool", "mean", [x], {"dims": [2, 3], "keepdim": False})
+        w1 = self._f32(f"{target}.gate.reduce_weight", gate.reduce_weight)
+        u = self._emit(f"{base}_gate_reduce", "linear", [z], {}, {"weight": w1})
+        u = self._emit(f"{base}_gate_relu", "relu", [u])
+        w2 = self._f32(f"{target}.gate.expand_weight", gate.expand_weight)
+        v = self._emit(f"{base}_gate_expand", "linear", [u], {}, {"weight": w2})
+        v = self._emit(f"{base}_gate_sigmoid", "sigmoid", [v])
+        v = self._emit(f"{base}_gate_gain", "mul", [v], {"scalar": GATE_GAIN})
+        return self._emit(f"{base}_gate", "reshape", [v], {"shape": [gate.out_channels, 1, 1]})
 
     # -- ops shared by modules, functions and methods ---------------------------------
     def _maxpool(self, base: str, x: str, k: Any, s: Any, p: Any, d: Any, ceil: Any) -> str:
@@ -1067,7 +1099,9 @@ class _Writer:
         """Fold single-plane per-output-channel weight scales (XNOR-Net, Bi-Real: ``[1, O]``)
         into the batch norm that alone consumes the convolution: ``bn(alpha_o y) = (scale_o
         alpha_o) y + shift_o``. The weight scales become ``[1.0]``. This is the fold the memory
-        report assumes when it does not count those scales (profile.py)."""
+        report assumes when it does not count those scales (profile.py). A channel gate's
+        product between the convolution and the batch norm is passed through (both factors
+        are per channel)."""
         users: dict[str, list[dict[str, Any]]] = {}
         tensor_uses: dict[str, int] = {}
         for n in nodes:
@@ -1083,6 +1117,12 @@ class _Writer:
             consumers = users.get(n["name"], [])
             if scales.ndim != 2 or n["name"] in outputs or len(consumers) != 1:
                 continue
+            if consumers[0]["name"] in self.gated:  # bconv -> gate mul -> bn
+                if consumers[0]["name"] in outputs:
+                    continue
+                consumers = users.get(consumers[0]["name"], [])
+                if len(consumers) != 1:
+                    continue
             bn = consumers[0]
             if (
                 bn["op"] != "batchnorm"

@@ -3,14 +3,15 @@
 Owns the scheme contract and registry (:mod:`.base`), PA-Net (:mod:`.pa`, seed 002), ABC-Net
 (:mod:`.abc`, seeds 000/001), the single-binary and low-bit baselines (BNN, XNOR-Net/BWN,
 Bi-Real, DoReFa; :mod:`.single`) that make ``report --compare`` meaningful, Trained Ternary
-Quantization (:mod:`.ttq`, seed 004), and the
+Quantization (:mod:`.ttq`, seed 004), Real-to-Bin's gated sign convolution
+(:mod:`.realtobin`, seed 004), and the
 ``BinarizedConv2d`` module that applies a scheme's quantizers (:mod:`.layers`). Importing this
 package registers every built-in scheme.
 
 May import: :mod:`binarize_cli.core` and torch; nothing of the flow's later stages.
 """
 
-from binarize_cli.quant import abc, pa, single, ttq  # noqa: F401  (registration side effects)
+from binarize_cli.quant import abc, pa, realtobin, single, ttq  # noqa: F401  (registration side effects)
 from binarize_cli.quant.base import (
     ActivationQuantizer,
     BitPlanes,

@@ -398,6 +398,10 @@ class Scheme:
             (PA: yes, paper 4.6.1; ABC and Bi-Real accounting keep them real-valued).
         validate: raises :class:`SchemeError` for an invalid (M, N).
         weight_domain, activation_domain: how planes are read (bitwise runtime kernel choice).
+        make_gate: ``(in_channels, out_channels, options) -> nn.Module`` for a scheme whose
+            binarized convolution rescales its output channel-wise from its real input
+            (Real-to-Bin's gating branch, :mod:`binarize_cli.quant.realtobin`); ``None``
+            (every other scheme): no gate.
     """
 
     name: str
@@ -410,6 +414,7 @@ class Scheme:
     weight_domain: Domain
     activation_domain: Domain
     validate: Callable[[int, int], None] = field(default=lambda m, n: None)
+    make_gate: Callable[[int, int, dict[str, Any]], nn.Module] | None = None
 
     def check(self, m: int, n: int) -> None:
         """Validate (M, N) for this scheme; raises :class:`SchemeError`."""

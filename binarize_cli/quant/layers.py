@@ -13,6 +13,12 @@ same numbers (tests prove it).
 Zero padding is applied to ``A_hat`` after the activation approximation, i.e. padded
 positions hold the real value 0: exact in the {0,1} domain (all planes 0), and corrected
 explicitly by the runtime in the {-1,+1} domain.
+
+A scheme with a channel gate (Real-to-Bin, :mod:`binarize_cli.quant.realtobin`) gives the
+layer a ``gate`` submodule that maps the layer's *real* input ``A`` (before the activation
+quantizer) to per-sample, per-output-channel factors ``G(A)`` of shape ``[B, C_out, 1, 1]``;
+the layer's output is then ``conv(A_hat, W_hat, bias) * G(A)`` (the bias, when the layer has
+one, is scaled too). Without a gate (every other scheme) ``gate`` is ``None``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ class BinarizedConv2d(nn.Conv2d):
 
     Keeps the latent real-valued ``weight`` (and ``bias``) as parameters; the quantizers own
     the scheme's trainable endpoints/levels. ``scheme_name``, ``weight_bases`` (M) and
-    ``activation_bases`` (N) are recorded for reports and export.
+    ``activation_bases`` (N) are recorded for reports and export. ``gate`` is the scheme's
+    channel gate (module doc) or ``None``.
     """
 
     #: Whether the forward pass applies the weight / the activation quantizer; ``False``
@@ -57,6 +64,7 @@ class BinarizedConv2d(nn.Conv2d):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
+        gate: nn.Module | None = None,
     ) -> None:
         super().__init__(
             in_channels,
@@ -72,6 +80,7 @@ class BinarizedConv2d(nn.Conv2d):
         self.weight_quantizer = weight_quantizer
         self.activation_quantizer = activation_quantizer
         self.scheme_name = scheme_name
+        self.gate = gate
 
     @property
     def weight_bases(self) -> int:
@@ -106,6 +115,11 @@ class BinarizedConv2d(nn.Conv2d):
             dilation=conv.dilation,  # type: ignore[arg-type]
             groups=conv.groups,
             bias=conv.bias is not None,
+            gate=(
+                scheme.make_gate(conv.in_channels, conv.out_channels, opts)
+                if scheme.make_gate is not None
+                else None
+            ),
         )
         new = new.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
@@ -136,9 +150,8 @@ class BinarizedConv2d(nn.Conv2d):
         else:
             x_hat = self.quantized_input(x)
             w_hat = self.quantized_weight()
-        return F.conv2d(
-            x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        y = F.conv2d(x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return y if self.gate is None else y * self.gate(x)
 
     def weight_scale_count(self) -> int:
         """Weight scales an export must store: ``alpha``'s size (M per layer, or M x C_out for
@@ -163,7 +176,8 @@ class BinarizedConv2d(nn.Conv2d):
         accounting's rule (paper 4.6.1, :mod:`binarize_cli.analyze.profile`): ``M`` binary
         values per weight; the bias, the quantizers' parameters and the weight scales
         (:meth:`weight_scale_count`) real (a weight quantizer whose parameters are its scales,
-        ``scale_parameters``, counted once). Memory = ``32 * real + binary`` bits."""
+        ``scale_parameters``, counted once). Memory = ``32 * real + binary`` bits. A channel
+        gate's parameters are not included: the accounting gives the gate a row of its own."""
         quantizers: list[nn.Module] = [self.activation_quantizer]
         if not self.weight_quantizer.scale_parameters:  # else counted as the weight scales
             quantizers.append(self.weight_quantizer)

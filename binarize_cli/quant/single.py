@@ -72,6 +72,7 @@ Validation: ``bnn``/``xnor``/``bireal`` need ``M = 1`` and ``N`` in {0, 1}; ``do
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -113,6 +114,7 @@ __all__ = [
     "optimal_sign_threshold",
     "round_half_up",
     "sign_weight_planes",
+    "single_validator",
 ]
 
 #: Largest DoReFa bit width (integer levels stay exact in float32).
@@ -461,7 +463,9 @@ def _check_bits(kind: str, bits: int, *, minimum: int) -> None:
         )
 
 
-def _single_validator(name: str):
+def single_validator(name: str) -> Callable[[int, int], None]:
+    """The ``validate`` of the single-binary scheme ``name``: ``M = 1``, ``N`` in {0, 1}."""
+
     def validate(m: int, n: int) -> None:
         if m != 1:
             raise SchemeError(
@@ -486,11 +490,11 @@ def _register_sign_scheme(
     name: str, description: str, *, scaled: bool, backward: SignBackward
 ) -> Scheme:
     def make_weight(m: int, options: dict[str, Any]) -> WeightQuantizer:
-        _single_validator(name)(m, 1)
+        single_validator(name)(m, 1)
         return SignWeightQuantizer(scaled=scaled)
 
     def make_activation(n: int, options: dict[str, Any]) -> ActivationQuantizer:
-        _single_validator(name)(1, n)
+        single_validator(name)(1, n)
         return SignActivationQuantizer(backward=backward)
 
     return register_scheme(
@@ -504,7 +508,7 @@ def _register_sign_scheme(
             binarize_downsample=False,
             weight_domain=Domain.PLUS_MINUS_ONE,
             activation_domain=Domain.PLUS_MINUS_ONE,
-            validate=_single_validator(name),
+            validate=single_validator(name),
         )
     )
 

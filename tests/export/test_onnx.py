@@ -475,6 +475,7 @@ def test_onnxruntime_matches_torch_standins(
         ("dorefa", 2, 2),
         ("ttq", 2, 0),
         ("ttq", 2, 2),
+        ("realtobin", 1, 1),
     ],
 )
 def test_registered_schemes(scheme_name: str, m: int, n: int, tmp_path: Path, make_model) -> None:

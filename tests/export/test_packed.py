@@ -145,6 +145,7 @@ SIZE_CASES = [
     ("slim_resnet18", "xnor", 1, 1),
     ("slim_resnet18", "abc", 3, 3),
     ("slim_resnet18", "ttq", 2, 0),
+    ("slim_resnet18", "realtobin", 1, 1),
     pytest.param("resnet18", "dorefa", 2, 4, marks=pytest.mark.slow),
     pytest.param("resnet18", "pa", 4, 5, marks=pytest.mark.slow),
     pytest.param("mobilenetv2_100", "pa", 4, 5, marks=pytest.mark.slow),

@@ -87,7 +87,7 @@ OPS = {
     "pad": (2, (1, 1), ("pads", "value"), (), (), ()),
     "resize": (2, (1, 1), ("size", "mode", "align_corners"), ("scale_factor",), (), ()),
 }
-SCHEMES = {"pa", "abc", "bnn", "xnor", "bireal", "dorefa", "ttq"}
+SCHEMES = {"pa", "abc", "bnn", "xnor", "bireal", "dorefa", "ttq", "realtobin"}
 
 
 class FormatError(ValueError):

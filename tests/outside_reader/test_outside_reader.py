@@ -130,13 +130,15 @@ def test_imagefolder_nonsquare(tmp_path):
     assert res["top1"] == pytest.approx(100.0 * np.mean(top == y))
 
 
-def _digits_v2(tmp_path, model, want, input_size=16, flipped=0.0):
+def _digits_v2(tmp_path, model, want, input_size=16, flipped=0.0, scheme="pa"):
     packed, res, saved = convert_export_run(
         tmp_path / "v2",
         model,
         "digits",
         "--calib-batches",
         1,
+        "--scheme",
+        scheme,
         baseline_epochs=0,
         input_size=input_size,
     )
@@ -168,6 +170,12 @@ def test_same_padding_pad_tf_mobilenetv3(tmp_path):
     _digits_v2(
         tmp_path, "timm:tf_mobilenetv3_small_075", {"pad", "conv2d"}, input_size=32, flipped=0.05
     )
+
+
+def test_realtobin_gate_ops(tmp_path):
+    """Real-to-Bin's channel gate (docs/format.md section 5): table ops after each bconv2d."""
+    want = {"bconv2d", "mean", "linear", "relu", "sigmoid", "mul", "reshape"}
+    _digits_v2(tmp_path, "timm:test_resnet", want, scheme="realtobin")
 
 
 def test_validation_refuses(tmp_path):
