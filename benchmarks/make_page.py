@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, list[list[str]]] = {
     "step_time": [
         ["benchmarks/bench_step_time.py", "--sizes", "32", "224", "--batch", "64"],
         ["benchmarks/bench_step_time.py", "--sizes", "32", "--batch", "64", "--compile"],
+        ["benchmarks/bench_step_time.py", "--sizes", "224", "--batch", "64", "--compile"],
     ],
     "accuracy": [["benchmarks/bench_accuracy.py", "--baseline-epochs", "8", "--epochs", "2"]],
     "runtime": [
