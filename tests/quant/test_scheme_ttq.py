@@ -94,7 +94,8 @@ def test_calibrate_sets_least_squares_scales() -> None:
     assert float(q.w_n.detach()) == pytest.approx(float(-w[neg].mean()), rel=1e-12)
 
     def error(wp: float, wn: float) -> float:
-        return float((w - quantizer(wp, wn, DEFAULT_THRESHOLD)(w)).pow(2).sum())
+        with torch.no_grad():
+            return float((w - quantizer(wp, wn, DEFAULT_THRESHOLD)(w)).pow(2).sum())
 
     best = error(float(q.w_p.detach()), float(q.w_n.detach()))
     for dp, dn in ((1e-3, 0), (-1e-3, 0), (0, 1e-3), (0, -1e-3)):
@@ -203,7 +204,7 @@ def test_gradient_direction_moves_the_scales_the_right_way() -> None:
             assert float(q.w_p.detach()) > wp0 and float(q.w_n.detach()) < wn0
         else:
             assert float(q.w_p.detach()) < wp0 and float(q.w_n.detach()) > wn0
-        assert float(sign * layer(x).sum()) < float(loss)
+        assert float(sign * layer(x).sum().detach()) < float(loss.detach())
 
 
 def test_no_grad_forward_matches_the_autograd_forward() -> None:
