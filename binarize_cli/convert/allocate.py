@@ -20,7 +20,8 @@ candidates' own counts (:meth:`BinarizedConv2d.stored_values`):
   and ``64 * MACs`` for a layer whose activations stay real (``N = 0``, or full precision):
   one real MAC costs what 64 bitwise operations do (the FLOPs rule, ``flops = real_macs +
   bops / 64``), so a compute budget cannot be met by making activations real. ``ops / 64``
-  is the allocated layers' share of ``report``'s FLOPs.
+  is the allocated layers' share of ``report``'s FLOPs, except a channel gate's (Real-to-Bin)
+  real MACs, which ``ops`` leaves out (a gate's parameters are in ``bits``).
 
 The rule is a greedy ascent on the multiple-choice knapsack: every layer starts at its
 cheapest allowed candidate (normalised cost ``bits / budget_bits + ops / budget_ops``, then

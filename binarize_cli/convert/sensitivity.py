@@ -450,7 +450,8 @@ def _layer_table(
         layer.activation_quantizer = acts[cn]
         error, loss = _errors(_measure(graph, suffix, name, layer, norms), fp_out, labels, fp_loss)
         real, binary = layer.stored_values()
-        rows.append(Candidate(cm, cn, error, loss, 32 * real + binary, cm * cn * macs))
+        bits = 32 * (real + layer.gate_values()) + binary  # a gate is the layer's memory too
+        rows.append(Candidate(cm, cn, error, loss, bits, cm * cn * macs))
         if not math.isfinite(error):
             raise BadInputError(f"the sensitivity of {name!r} at M={cm} N={cn} is not finite")
     return LayerSensitivity(name, macs, rows)

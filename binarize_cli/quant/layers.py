@@ -187,6 +187,12 @@ class BinarizedConv2d(nn.Conv2d):
             self.weight.numel()
         )
 
+    def gate_values(self) -> int:
+        """The channel gate's parameters (32-bit values; 0 without a gate). ``report`` gives
+        them a row of their own; the layer's whole memory is ``32 * (real + gate) + binary``
+        bits with ``(real, binary) =`` :meth:`stored_values`."""
+        return 0 if self.gate is None else sum(p.numel() for p in self.gate.parameters())
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, scheme={self.scheme_name}, "

@@ -112,3 +112,26 @@ def test_predicted_memory_is_what_report_counts() -> None:
     real = sum(t.layer(n).macs for n, b in result.layer_bases.items() if b is None or b[1] == 0)
     assert result.ops == profile.bops + 64 * real
     assert isinstance(converted.model.fc, nn.Linear)
+
+
+def test_predicted_memory_counts_realtobin_gates() -> None:
+    """A Real-to-Bin layer's gate is stored too: the allocation's predicted memory is what
+    ``report`` counts (gate rows included), so an ``auto`` run stays within its budget."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 16, 16), num_classes=10).eval()
+    names = {"first_conv": "conv1", "classifier": "fc"}
+    uniform_model = binarize_model(copy.deepcopy(model), "realtobin", 1, 1, **names)
+    uniform = uniform_model.layer_bases
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))]
+    t = measure_sensitivity(model, list(uniform), get_scheme("realtobin"), 1, 1, data)
+    base = fixed_bits(model, t, list(uniform))
+    budget = base + sum(t.layer(n).at(b).bits for n, b in uniform.items())
+    assert budget == profile_model(uniform_model.model, (3, 16, 16)).memory_bits
+    result = allocate(t, uniform, fixed_bits=base, budget_mbit=budget / 1e6, uniform_n=1)
+    converted = binarize_model(model, "realtobin", 1, 1, layer_bases=result.layer_bases, **names)
+    profile = profile_model(converted.model, (3, 16, 16))
+    assert profile.memory_bits == result.memory_bits <= budget
+    gates = sum(m.gate_values() for m in converted.model.modules() if hasattr(m, "gate_values"))
+    assert gates > 0
