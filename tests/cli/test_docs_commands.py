@@ -107,6 +107,11 @@ EXPENSIVE: dict[str, str] = {
     "tiny converts",
     r"binarize convert mobilenetv2_100 --data digits -M 4 -N 5 --epochs 1$": "trains a "
     "4-epoch mobilenetv2_100 baseline on digits, then fine-tunes (minutes)",
+    r"binarize convert mobilenetv2_100 --data fashion-mnist --policy auto -M 8 -N 7 --baseline-epochs 10 ": (
+        "the benchmark notes' learning-rate probe: a 10-epoch Fashion-MNIST baseline, "
+        "sensitivity and a fine-tune epoch (20+ minutes; tests/cli/test_cli_sensitivity.py "
+        "runs --policy auto on a tiny model)"
+    ),
     r"binarize convert resnet18 --data digits --epochs 0$": "trains the 4-epoch digits "
     "baseline before calibrating (minutes)",
     r"binarize convert resnet18 --data digits -M 4 -N 5 --epochs 0 --(sensitivity|policy auto)": (
