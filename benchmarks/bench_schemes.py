@@ -34,7 +34,13 @@ from typing import Any
 
 import torch
 from _cmdline import shown_args
-from bench_sensitivity import Results, control_run, converted_run
+from bench_sensitivity import (
+    Results,
+    add_protocol_args,
+    control_run,
+    converted_run,
+    protocol_of,
+)
 
 #: What each scheme is called in seed 004's table.
 NAMES = {
@@ -141,15 +147,7 @@ def markdown(args: argparse.Namespace, rows: list[tuple[str, dict[str, Any]]], c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--baseline-epochs", type=int, default=8)
-    parser.add_argument("--baseline-lr", type=float, default=2e-3)
-    parser.add_argument("--baseline-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--calib-batches", type=int, default=8)
+    add_protocol_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--configs",
@@ -157,27 +155,11 @@ def main() -> None:
         default=["bnn:1:1", "xnor:1:1", "bireal:1:1", "dorefa:1:1", "ttq:2:0", "pa:4:5", "abc:5:5"],
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-sensitivity"))
     parser.add_argument("--out", default=None, help="Write the markdown section here.")
     args = parser.parse_args()
-    if args.epochs > 2:
-        raise SystemExit("the issue's protocol allows at most 2 fine-tune epochs")
+    protocol = protocol_of(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    protocol = {
-        k: getattr(args, k)
-        for k in (
-            "model",
-            "data",
-            "baseline_epochs",
-            "baseline_lr",
-            "baseline_seed",
-            "epochs",
-            "lr",
-            "batch_size",
-            "calib_batches",
-        )
-    }
     results = Results(args.runs_dir / "results.jsonl", protocol)
     rows = measure(args, results)
     command = "python " + " ".join([sys.argv[0], *shown_args(None)])

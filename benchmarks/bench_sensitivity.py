@@ -79,6 +79,42 @@ def label(config: Config) -> str:
     return f"{scheme.upper()} ({m},{'FP' if n == 0 else n})"
 
 
+#: The arguments that define a run (``Results`` reuses a run only under the same values).
+PROTOCOL_KEYS = (
+    "model",
+    "data",
+    "baseline_epochs",
+    "baseline_lr",
+    "baseline_seed",
+    "epochs",
+    "lr",
+    "batch_size",
+    "calib_batches",
+)
+
+
+def add_protocol_args(parser: argparse.ArgumentParser) -> None:
+    """The protocol's arguments (:data:`PROTOCOL_KEYS`) and ``--runs-dir``, shared with
+    ``bench_schemes.py``, whose runs live in the same ``results.jsonl``."""
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--baseline-epochs", type=int, default=8)
+    parser.add_argument("--baseline-lr", type=float, default=2e-3)
+    parser.add_argument("--baseline-seed", type=int, default=0)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-sensitivity"))
+
+
+def protocol_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed protocol, checked against the issue's limit on fine-tune epochs."""
+    if args.epochs > 2:
+        raise SystemExit("the issue's protocol allows at most 2 fine-tune epochs")
+    return {k: getattr(args, k) for k in PROTOCOL_KEYS}
+
+
 def settings_for(args: argparse.Namespace, seed: int, **over: Any) -> ConvertSettings:
     """The `convert` settings of one run of this benchmark."""
     return merge_settings(
@@ -403,39 +439,15 @@ def plot(args: argparse.Namespace, data: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--baseline-epochs", type=int, default=8)
-    parser.add_argument("--baseline-lr", type=float, default=2e-3)
-    parser.add_argument("--baseline-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--calib-batches", type=int, default=8)
+    add_protocol_args(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="*", default=["pa:4:5", "pa:8:7", "abc:5:5"])
     parser.add_argument("--auto-at", default="pa:4:5", help="auto at this uniform's memory")
     parser.add_argument("--frontier", nargs="*", default=[])
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-sensitivity"))
     parser.add_argument("--plot", default=None, help="Write the accuracy-vs-memory figure here.")
     parser.add_argument("--out", default=None, help="Write the markdown section here.")
     args = parser.parse_args()
-    if args.epochs > 2:
-        raise SystemExit("the issue's protocol allows at most 2 fine-tune epochs")
-    protocol = {
-        k: getattr(args, k)
-        for k in (
-            "model",
-            "data",
-            "baseline_epochs",
-            "baseline_lr",
-            "baseline_seed",
-            "epochs",
-            "lr",
-            "batch_size",
-            "calib_batches",
-        )
-    }
+    protocol = protocol_of(args)
     results = Results(args.runs_dir / "results.jsonl", protocol)
     data = measure(args, results)
     command = "python " + " ".join([sys.argv[0], *shown_args(None)])

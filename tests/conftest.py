@@ -390,3 +390,24 @@ def _binarize_process(
 def binarize_process() -> Callable[..., subprocess.CompletedProcess[str]]:
     """``binarize_process(*args, cwd=None, env=None, timeout=300)``."""
     return _binarize_process
+
+
+# --------------------------------------------------------------------------- the CLI in process
+
+
+def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``binarize ARGS`` in this process: ``(exit code, stdout, stderr)``."""
+    from binarize_cli.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., tuple[int, str, str]]:
+    return _run_cli

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-
-from binarize_cli.cli import main
 
 SOURCE = textwrap.dedent(
     """
@@ -59,22 +58,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     sys.modules.pop(MODULE, None)
 
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_convert_export_verify_a_user_class(
-    workdir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    run_cli: Callable[..., tuple[int, str, str]],
 ) -> None:
     spec = f"{MODULE}:TinyNet"
     fast = ["--data", "fake", "--epochs", "0.25", "--batch-size", "32", "--calib-batches", "2"]
-    code, out, err = _cli(
+    code, out, err = run_cli(
         ["convert", "--arch", spec, "--checkpoint", "tiny.pt", *fast, "-o", "run"], capsys
     )
     assert code == 0, err
@@ -85,10 +76,10 @@ def test_convert_export_verify_a_user_class(
 
     # `export` and `verify` rebuild the class from binarize.json, importing it again.
     sys.modules.pop(MODULE, None)
-    code, _, err = _cli(["export", "run", "--target", "packed"], capsys)
+    code, _, err = run_cli(["export", "run", "--target", "packed"], capsys)
     assert code == 0, err
     assert (workdir / "run" / "model.packed.safetensors").is_file()
-    code, out, err = _cli(["verify", "run", "--samples", "16", "--no-onnx", "--json"], capsys)
+    code, out, err = run_cli(["verify", "run", "--samples", "16", "--no-onnx", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["top1_agreement"]["runtime"] == 100.0
 
@@ -104,10 +95,14 @@ def test_convert_export_verify_a_user_class(
     ],
 )
 def test_bad_arch_is_one_line_exit_2(
-    args: list[str], expect: str, workdir: Path, capsys: pytest.CaptureFixture[str]
+    args: list[str],
+    expect: str,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    run_cli: Callable[..., tuple[int, str, str]],
 ) -> None:
     before = sorted(p.name for p in workdir.iterdir())
-    code, _, err = _cli(["convert", *args, "--checkpoint", "tiny.pt", "--data", "fake"], capsys)
+    code, _, err = run_cli(["convert", *args, "--checkpoint", "tiny.pt", "--data", "fake"], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("binarize: error:") and expect in lines[0]

@@ -366,6 +366,11 @@ def _check_script(args: list[str]) -> list[str]:
     if not script.is_file():
         return [f"script {args[0]} does not exist"]
     source = script.read_text(encoding="utf-8")
+    # options may come from a sibling module the script imports (`from bench_x import ...`)
+    for module in re.findall(r"^from (\w+) import", source, flags=re.M):
+        sibling = script.parent / f"{module}.py"
+        if sibling.is_file():
+            source += sibling.read_text(encoding="utf-8")
     return [
         f"{args[0]} defines no option {opt}"
         for opt in (a.split("=", 1)[0] for a in args[1:] if a.startswith("--"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,25 +11,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from binarize_cli.cli import main
 
-
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_ttq_convert_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ttq_convert_export_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run_cli: Callable[..., tuple[int, str, str]]
+) -> None:
     run = tmp_path / "run"
     args = ["convert", "timm:test_resnet", "--no-pretrained", "--data", "digits"]
     args += ["--scheme", "ttq", "--input-size", "16", "--batch-size", "128"]
     args += ["--baseline-epochs", "1", "--epochs", "0.2", "--calib-batches", "1", "-o", str(run)]
-    code, _, err = _cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
     meta = json.loads((run / "binarize.json").read_text())
     assert (meta["scheme"], meta["M"], meta["N"]) == ("ttq", 2, 0)
@@ -38,7 +29,7 @@ def test_ttq_convert_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     name = next(k for k in scales if k.endswith(".w_p")).rsplit(".weight_quantizer", 1)[0]
 
     packed = tmp_path / "m.packed.safetensors"
-    code, _, err = _cli(["export", str(run), "--target", "packed", "-o", str(packed)], capsys)
+    code, _, err = run_cli(["export", str(run), "--target", "packed", "-o", str(packed)], capsys)
     assert code == 0, err
     with safe_open(str(packed), framework="pt") as fh:
         stored = fh.get_tensor(f"{name}.weight_scales")
@@ -47,7 +38,7 @@ def test_ttq_convert_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     )
     assert torch.equal(stored, expected.float())
 
-    code, out, err = _cli(["verify", str(run), "--samples", "16", "--json"], capsys)
+    code, out, err = run_cli(["verify", str(run), "--samples", "16", "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
     assert result["top1_agreement"]["runtime"] == 100.0

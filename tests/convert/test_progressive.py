@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from binarize_cli.cli import main
 from binarize_cli.convert import progressive
 from binarize_cli.convert.pipeline import run_convert, validate_settings
 from binarize_cli.convert.progressive import progressive_finetune, quantizing, set_quantizing
@@ -112,16 +111,7 @@ def test_three_stages_their_teachers_and_stage_3_epoch_keeping(binarized_model, 
         progressive_finetune(student, teacher=fp, work_dir=Path("."), epochs=1)
 
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
-def test_progressive_attention_convert_records_stages_and_keeps_stage_3(tmp_path, capsys):
+def test_progressive_attention_convert_records_stages_and_keeps_stage_3(tmp_path, capsys, run_cli):
     recipe = tmp_path / "r.toml"
     recipe.write_text('scheme = "xnor"\nprogressive = true\nattention_weight = 2.0\n')
     run = tmp_path / "run"
@@ -129,7 +119,7 @@ def test_progressive_attention_convert_records_stages_and_keeps_stage_3(tmp_path
     args += ["--recipe", str(recipe), "--distill", "ATTENTION", "--input-size", "16"]
     args += ["--batch-size", "128", "--baseline-epochs", "1", "--epochs", "0.2"]
     args += ["--calib-batches", "1", "-o", str(run)]
-    code, err = _cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
     meta = json.loads((run / "binarize.json").read_text())
     recipe_saved = meta["recipe"]
@@ -154,7 +144,7 @@ def test_progressive_attention_convert_records_stages_and_keeps_stage_3(tmp_path
         run_convert(settings, out_dir=tmp_path / "again", resume=True)
 
 
-def test_distill_option_and_recipe_values(monkeypatch, capsys):
+def test_distill_option_and_recipe_values(monkeypatch, capsys, run_cli):
     from binarize_cli.convert import pipeline
 
     got: list[str] = []
@@ -171,7 +161,7 @@ def test_distill_option_and_recipe_values(monkeypatch, capsys):
         (["--no-distill"], "off"),
         (["--no-distill", "--distill", "off"], "off"),
     ):
-        code, err = _cli(["convert", "resnet18", *flags], capsys)
+        code, _, err = run_cli(["convert", "resnet18", *flags], capsys)
         assert code == 2 and err.strip() == "binarize: error: stop", err
         assert got[-1] == expect, flags
     # recipes keep the former boolean form
