@@ -5,6 +5,10 @@ is timed in the same process, interleaved round by round so slow drifts of a sha
 hit every configuration alike; the reported figure is the median step time and its ratio to
 the full-precision median. Targets (issue 16): PA <= 1.3x, ABC <= 1.5x full precision.
 
+Eager rows train the binarized models as ``convert`` does without ``--compile``: the
+quantizers run their fused kernels (``binarize_cli.quant.fused``). ``--unfused`` adds rows
+with ``BINARIZE_FUSED=0`` (the eager quantizer path, one pass per threshold) for the same
+models in the same process, so the kernels' gain is measured, not remembered.
 ``--compile`` adds a ``torch.compile`` (inductor, ``fullgraph=True``, ``dynamic=False``) row
 beside each eager one, the full-precision model compiled too: compiled rows are compared
 with compiled full precision, eager with eager. ``--device cuda`` (or ``cuda:N``) runs on a
@@ -13,14 +17,16 @@ GPU, synchronising around every timed step; the default is the CPU.
 Usage::
 
     python benchmarks/bench_step_time.py [--sizes 32 224] [--batch 64] [--rounds 5]
-        [--warmup 2] [--device cpu|cuda|cuda:N] [--compile] [--out FILE]
+        [--warmup 2] [--device cpu|cuda|cuda:N] [--unfused] [--compile] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
+import os
 import platform
 import statistics
 import sys
@@ -33,6 +39,7 @@ from _cmdline import shown_args
 
 from binarize_cli.convert.calibrate import calibrate_model
 from binarize_cli.convert.surgery import binarize_model
+from binarize_cli.quant import fused
 
 CONFIGS = (("full precision", None, 0, 0), ("PA", "pa", 4, 5), ("ABC", "abc", 5, 5))
 TARGETS = {"pa": 1.3, "abc": 1.5}
@@ -75,10 +82,33 @@ def build(scheme: str | None, m: int, n: int, size: int, batch: int) -> torch.nn
     return result.model
 
 
+@contextlib.contextmanager
+def unfused_quantizers(on: bool):
+    """``BINARIZE_FUSED=0`` while the block runs (when ``on``): the eager quantizer path."""
+    if not on:
+        yield
+        return
+    old = os.environ.get(fused.ENV)
+    os.environ[fused.ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[fused.ENV]
+        else:
+            os.environ[fused.ENV] = old
+
+
 def step_fn(
-    model: torch.nn.Module, size: int, batch: int, device: torch.device, compiled: bool
+    model: torch.nn.Module,
+    size: int,
+    batch: int,
+    device: torch.device,
+    compiled: bool,
+    unfused: bool = False,
 ) -> Callable[[], float]:
-    """A timed training step (seconds) of ``model`` on a fixed random batch on ``device``."""
+    """A timed training step (seconds) of ``model`` on a fixed random batch on ``device``
+    (with the eager quantizer path when ``unfused``)."""
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     forward = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
@@ -90,35 +120,47 @@ def step_fn(
             torch.cuda.synchronize(device)
 
     def step() -> float:
-        sync()
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(forward(x), y)
-        loss.backward()
-        opt.step()
-        sync()
-        return time.perf_counter() - start
+        with unfused_quantizers(unfused):
+            sync()
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
+            loss.backward()
+            opt.step()
+            sync()
+            return time.perf_counter() - start
 
     return step
 
 
-def rows(compile_too: bool) -> list[tuple[str, str | None, int, int, bool]]:
-    """``(label, scheme, M, N, compiled)`` for every timed configuration."""
-    out = []
+Row = tuple[str, str | None, int, int, bool, bool]
+
+
+def rows(compile_too: bool, unfused_too: bool = False) -> list[Row]:
+    """``(label, scheme, M, N, compiled, unfused)`` for every timed configuration."""
+    out: list[Row] = []
     for compiled in (False, True) if compile_too else (False,):
         for name, scheme, m, n in CONFIGS:
             label = name if scheme is None else f"{name} (M={m}, N={n})"
-            out.append((label + (", compiled" if compiled else ""), scheme, m, n, compiled))
+            out.append((label + (", compiled" if compiled else ""), scheme, m, n, compiled, False))
+            if unfused_too and scheme is not None and not compiled:
+                out.append((label + ", unfused", scheme, m, n, False, True))
     return out
 
 
 def measure(
-    size: int, batch: int, rounds: int, warmup: int, device: torch.device, compile_too: bool
+    size: int,
+    batch: int,
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    compile_too: bool,
+    unfused_too: bool = False,
 ) -> dict[str, float]:
     """Median step time per configuration label (warm-up steps also compile)."""
     steps = {
-        label: step_fn(build(s, m, n, size, batch), size, batch, device, compiled)
-        for label, s, m, n, compiled in rows(compile_too)
+        label: step_fn(build(s, m, n, size, batch), size, batch, device, compiled, unfused)
+        for label, s, m, n, compiled, unfused in rows(compile_too, unfused_too)
     }
     for step in steps.values():
         for _ in range(warmup):
@@ -145,6 +187,7 @@ def markdown(
     command: str,
     device: torch.device,
     compile_too: bool,
+    unfused_too: bool = False,
 ) -> str:
     lines = [
         "## Training step time (issue 16)",
@@ -153,16 +196,18 @@ def markdown(
         f"- machine: {machine(device)}",
         f"- command: `{command}`",
         "- target: binarized step <= 1.3x (PA) / 1.5x (ABC) the full-precision step, same "
-        "process, interleaved; compiled rows against compiled full precision",
+        "process, interleaved; compiled rows against compiled full precision; unfused rows "
+        "(BINARIZE_FUSED=0, the eager quantizer path) for comparison, no target",
         "",
         "| input | batch | configuration | median step (s) | ratio to FP | target met |",
         "|---|---|---|---|---|---|",
     ]
     for size, res in results.items():
-        for label, scheme, _m, _n, compiled in rows(compile_too):
+        for label, scheme, _m, _n, compiled, unfused in rows(compile_too, unfused_too):
             fp = res["full precision" + (", compiled" if compiled else "")]
             ratio = res[label] / fp
-            met = "" if scheme is None else ("yes" if ratio <= TARGETS[scheme] else "no")
+            target = scheme is not None and not unfused
+            met = "" if not target else ("yes" if ratio <= TARGETS[str(scheme)] else "no")
             lines.append(
                 f"| {size}x{size} | {batch} | {label} | {res[label]:.3f} | {ratio:.2f}x | {met} |"
             )
@@ -179,11 +224,18 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="Add torch.compile rows beside the eager ones."
     )
+    parser.add_argument(
+        "--unfused",
+        action="store_true",
+        help="Add rows with BINARIZE_FUSED=0 (the eager quantizer path) for comparison.",
+    )
     parser.add_argument("--out", default=None, help="Write the markdown section here.")
     args = parser.parse_args()
     device = device_of(args.device)
     results = {
-        size: measure(size, args.batch, args.rounds, max(args.warmup, 1), device, args.compile)
+        size: measure(
+            size, args.batch, args.rounds, max(args.warmup, 1), device, args.compile, args.unfused
+        )
         for size in args.sizes
     }
     text = markdown(
@@ -192,6 +244,7 @@ def main() -> None:
         "python " + " ".join([sys.argv[0], *shown_args(None)]),
         device,
         args.compile,
+        args.unfused,
     )
     if args.out:
         with open(args.out, "w") as fh:

@@ -27,7 +27,11 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 #: name -> commands (each writes one section via --out / --output; several are concatenated).
 BENCHMARKS: dict[str, list[list[str]]] = {
     "step_time": [
-        ["benchmarks/bench_step_time.py", "--sizes", "32", "224", "--batch", "64"],
+        [
+            "benchmarks/bench_step_time.py",
+            *("--sizes", "32", "224", "--batch", "64", "--rounds", "9"),
+            "--unfused",
+        ],
         ["benchmarks/bench_step_time.py", "--sizes", "32", "--batch", "64", "--compile"],
         ["benchmarks/bench_step_time.py", "--sizes", "224", "--batch", "64", "--compile"],
     ],

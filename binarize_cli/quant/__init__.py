@@ -4,9 +4,10 @@ Owns the scheme contract and registry (:mod:`.base`), PA-Net (:mod:`.pa`, seed 0
 (:mod:`.abc`, seeds 000/001), the single-binary and low-bit baselines (BNN, XNOR-Net/BWN,
 Bi-Real, DoReFa; :mod:`.single`) that make ``report --compare`` meaningful, Trained Ternary
 Quantization (:mod:`.ttq`, seed 004), Real-to-Bin's gated sign convolution
-(:mod:`.realtobin`, seed 004), and the
-``BinarizedConv2d`` module that applies a scheme's quantizers (:mod:`.layers`). Importing this
-package registers every built-in scheme.
+(:mod:`.realtobin`, seed 004), the
+``BinarizedConv2d`` module that applies a scheme's quantizers (:mod:`.layers`), and the
+compiled one-loop kernels that PA and ABC train through on the CPU (:mod:`.fused`). Importing
+this package registers every built-in scheme.
 
 May import: :mod:`binarize_cli.core` and torch; nothing of the flow's later stages.
 """

@@ -83,6 +83,7 @@ import torch
 from torch import nn
 
 from binarize_cli.core.errors import SchemeError
+from binarize_cli.quant import fused
 from binarize_cli.quant.base import (
     MAX_SEARCH_SAMPLES,
     ActivationQuantizer,
@@ -394,11 +395,55 @@ def search_activation_shifts(
 # --------------------------------------------------------------------------------------
 
 
+def _weight_edges_body(
+    w: torch.Tensor, shifts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One loop over a flat float32 weight: ``mean``, ``std`` and the cuts of eq. 4
+    (plane ``m`` is +1 iff ``W - mean >= cuts[m] = -u_m std``), with the cuts sorted."""
+    mean, std = fused.mean_std(w)
+    cuts = -shifts.to(w.dtype) * std
+    edges, _ = torch.sort(cuts)
+    return tuple(fused.materialize(t) for t in (mean, std, cuts, edges))  # type: ignore[return-value]
+
+
+def _weight_levels_body(
+    w: torch.Tensor, mean: torch.Tensor, cuts: torch.Tensor, edges: torch.Tensor
+) -> torch.Tensor:
+    """One loop for the per-bucket counts and sums of eq. 3's normal equations, then
+    ``alpha`` (:func:`_solve_gram`) and the level ``sum_m alpha_m B_m`` of every bucket."""
+    counts, sums = fused.bucket_counts_sums(w - mean, edges, w)
+    table = _plane_table(cuts, edges)
+    signed = table.to(torch.float64) * 2.0 - 1.0
+    alpha = _solve_gram((signed * counts) @ signed.T, signed @ sums).to(w.dtype)
+    return fused.materialize(_table_levels(alpha, table))
+
+
+_WEIGHT_EDGES = fused.Kernel(_weight_edges_body)
+_WEIGHT_LEVELS = fused.Kernel(_weight_levels_body)
+
+
+def _fused_weight(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W_hat`` through the fused kernels (:mod:`binarize_cli.quant.fused`): three loops
+    (statistics, per-bucket sums, lookup) instead of one pass per threshold.  Also returns
+    ``mean`` and ``std`` for the straight-through mask."""
+    flat = fused.flat(w)
+    shifts = torch.tensor(weight_shifts(m), dtype=w.dtype, device=w.device)
+    mean, std, cuts, edges = _WEIGHT_EDGES(flat, shifts)
+    levels = _WEIGHT_LEVELS(flat, mean, cuts, edges)
+    return fused.lookup(w, edges, levels, mean), mean, std
+
+
 class ABCWeightSTE(torch.autograd.Function):
     """``W -> W_hat`` (eq. 1-5) with the clipped identity straight-through backward."""
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, m: int, clip_std: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.fused = fused.enabled(w)
+        if ctx.fused:
+            out, mean, std = _fused_weight(w, m)
+            bound = std.new_full((), math.inf) if math.isinf(clip_std) else clip_std * std
+            ctx.save_for_backward(w, mean, bound)
+            return out
         dec = _WeightDecomposition(w, m)
         if math.isinf(clip_std):
             mask = torch.ones_like(w, dtype=torch.bool)
@@ -410,8 +455,45 @@ class ABCWeightSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        if ctx.fused:
+            w, mean, bound = ctx.saved_tensors
+            return fused.clip_grad(w, mean, bound, grad), None, None
         (mask,) = ctx.saved_tensors
         return torch.where(mask, grad, 0.0), None, None
+
+
+def _activation_tables_body(
+    v: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`_ActivationTables` as one small compiled graph: the sorted edges (in the
+    input's dtype), the forward level and backward slope of every bucket, the window and
+    sign tables (float64) that turn per-bucket gradient sums into ``dC/dv``, ``dC/dbeta``."""
+    tables = _ActivationTables(v, beta, dtype)
+    windows = tables.windows.to(torch.float64)
+    signs = tables.signs.to(torch.float64) * 2.0 - 1.0
+    out = (tables.edges, tables.levels(dtype), tables.slopes(dtype), windows, signs)
+    return tuple(fused.materialize(t) for t in out)  # type: ignore[return-value]
+
+
+def _activation_backward_body(
+    x: torch.Tensor,
+    edges: torch.Tensor,
+    slopes: torch.Tensor,
+    windows: torch.Tensor,
+    signs: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The straight-through backward of eq. 6-8 in one loop over the flat saved input and
+    upstream gradient: ``dC/dR``, and ``dC/dv``, ``dC/dbeta`` from the per-bucket sums of
+    ``g`` (as :class:`ABCActivationSTE`'s eager backward)."""
+    grad_x = fused.select(x, edges, slopes.to(g.dtype)) * g
+    per_bucket = fused.bucket_sums(x, edges, g)
+    return grad_x, beta.to(torch.float64) * (windows @ per_bucket), signs @ per_bucket
+
+
+_ACTIVATION_TABLES = fused.Kernel(_activation_tables_body)
+_ACTIVATION_BACKWARD = fused.Kernel(_activation_backward_body)
 
 
 class ABCActivationSTE(torch.autograd.Function):
@@ -423,6 +505,13 @@ class ABCActivationSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.fused = fused.enabled(x)
+        if ctx.fused:  # the input is saved, its bucket recomputed in the backward's loop
+            tables = _ACTIVATION_TABLES(v.detach(), beta.detach(), x.dtype)
+            edges, levels, slopes, windows, signs = tables
+            ctx.v_dtype = v.dtype
+            ctx.save_for_backward(x, beta, edges, slopes, windows, signs)
+            return fused.lookup(x, edges, levels)
         tables = _ActivationTables(v, beta, x.dtype)
         bucket = tables.bucket(x)
         small = tables.edges.numel() < 255
@@ -434,8 +523,17 @@ class ABCActivationSTE(torch.autograd.Function):
     def backward(
         ctx: Any, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
-        bucket, v, beta = ctx.saved_tensors
         need_x, need_v, need_beta = ctx.needs_input_grad[:3]
+        if ctx.fused:
+            x, beta, edges, slopes, windows, signs = ctx.saved_tensors
+            args = (fused.flat(x), edges, slopes, windows, signs, beta, fused.flat(grad))
+            grad_x, grad_v, grad_beta = _ACTIVATION_BACKWARD(*args)
+            return (
+                grad_x.view(x.shape) if need_x else None,
+                grad_v.to(ctx.v_dtype) if need_v else None,
+                grad_beta.to(beta.dtype) if need_beta else None,
+            )
+        bucket, v, beta = ctx.saved_tensors
         tables = _ActivationTables(v, beta, ctx.x_dtype)
         grad_x = take(tables.slopes(grad.dtype), bucket, grad) if need_x else None
         grad_v = grad_beta = None

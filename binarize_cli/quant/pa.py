@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from binarize_cli.core.errors import SchemeError
+from binarize_cli.quant import fused
 from binarize_cli.quant.base import (
     ActivationQuantizer,
     BitPlanes,
@@ -355,16 +356,16 @@ def weight_endpoints(weight: torch.Tensor, multipliers: torch.Tensor) -> torch.T
     return mean + multipliers.detach().to(device=weight.device, dtype=acc) * std
 
 
-def _piece_levels(scan: ThresholdScan, u: torch.Tensor) -> torch.Tensor:
-    """The ``M + 1`` levels of eq. 6-7 from the scan's per-piece counts and sums.
+def _piece_levels(counts: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The ``M + 1`` levels of eq. 6-7 from the per-piece counts and sums of the weights.
 
     ``levels[M/2] = 0`` (the zero piece); ``levels[k]`` for the others is the mean of the
     weights in piece ``k``; an empty piece gets the midpoint of its interval
     ``[u_k, u_{k+1})``, or the finite endpoint for the two unbounded outer pieces.
     """
     m = u.shape[0]
-    counts = scan.counts.to(u.dtype)
-    sums = scan.sums.to(u.dtype)
+    counts = counts.to(u.dtype)
+    sums = sums.to(u.dtype)
     lo = torch.cat([u[:1], u])
     hi = torch.cat([u, u[-1:]])
     fill = (lo + hi) / 2.0
@@ -387,7 +388,7 @@ def _weight_scan(
     bounds = u if s is None else _interleave(u, s)
     step = 1 if s is None else 2
     scan = threshold_scan(weight, bounds, stats=range(0, step * m, step))
-    return scan, _piece_levels(scan, u)
+    return scan, _piece_levels(scan.counts, scan.sums, u)
 
 
 def weight_levels(weight: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,6 +444,30 @@ def weight_surrogate(
     return _split_points(u), slopes
 
 
+def _endpoints_body(w: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """``u_k = mean(W) + c_k std(W)`` (eq. 6) of a flat float32 weight, in one loop."""
+    mean, std = fused.mean_std(w)
+    return fused.materialize(mean + multipliers.to(w.dtype) * std)
+
+
+def _fused_weight_body(
+    w: torch.Tensor, u: torch.Tensor, lambda_w: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 6-9's tables for a flat float32 weight and its endpoints ``u``, from one loop over
+    the weight (the per-piece counts and sums of eq. 7).  Returns the interleaved bounds
+    ``u_1, s_1, ..., u_M``, the level of each of their buckets (the forward's) and the slope
+    of each (eq. 8-9, the backward's).  Each loop reads tables computed by the previous
+    graph: inductor would otherwise recompute them per vector of weights."""
+    levels = _piece_levels(*fused.bucket_counts_sums(w, u, w), u)
+    _, slopes = weight_surrogate(u, levels, _lambda_w(u, lambda_w))
+    tables = (_interleave(u, _split_points(u)), _pairs(levels)[1:-1], _pairs(slopes))
+    return tuple(fused.materialize(t) for t in tables)  # type: ignore[return-value]
+
+
+_ENDPOINTS = fused.Kernel(_endpoints_body)
+_FUSED_WEIGHT = fused.Kernel(_fused_weight_body)
+
+
 class PAWeightFunction(torch.autograd.Function):
     """Autograd form of PA's weight approximation: forward eq. 6-7, backward eq. 8-9.
 
@@ -454,13 +479,21 @@ class PAWeightFunction(torch.autograd.Function):
     ``u_1 <= s_1 <= u_2 <= ... <= s_{M-1} <= u_M`` are ``<= W`` (one pass per bound, which
     also yields the per-piece counts and sums of eq. 7).  The piece of eq. 6 is
     ``ceil(j / 2)`` and the segment of eq. 8-9 is ``floor(j / 2)``, so the forward is one
-    table lookup and the backward another on the saved ``j`` (one uint8 per weight).
+    table lookup and the backward another on the saved ``j`` (one uint8 per weight).  With
+    the fused kernels (:func:`binarize_cli.quant.fused.enabled`) the backward recomputes
+    ``j`` from the saved weight instead, inside the same loop as the lookup.
     """
 
     @staticmethod
     def forward(
         ctx: Any, weight: torch.Tensor, multipliers: torch.Tensor, lambda_w: float | None
     ) -> torch.Tensor:  # type: ignore[override]
+        ctx.fused = fused.enabled(weight)
+        if ctx.fused:
+            w = fused.flat(weight)
+            bounds, table, slope_of_j = _FUSED_WEIGHT(w, _ENDPOINTS(w, multipliers), lambda_w)
+            ctx.save_for_backward(weight, bounds, slope_of_j)
+            return fused.lookup(weight, bounds, table)
         u = weight_endpoints(weight, multipliers)
         scan, levels = _weight_scan(weight, u, _split_points(u))
         _, slopes = weight_surrogate(u, levels, _lambda_w(u, lambda_w))
@@ -470,9 +503,12 @@ class PAWeightFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        j, slope_of_j = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
+        if ctx.fused:
+            weight, bounds, slope_of_j = ctx.saved_tensors
+            return fused.lookup_grad(weight, bounds, slope_of_j, grad_out), None, None
+        j, slope_of_j = ctx.saved_tensors
         return take(slope_of_j.to(grad_out.dtype), j, grad_out), None, None
 
 
@@ -588,6 +624,45 @@ def _interleave(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _activation_tables_body(
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    k: torch.Tensor,
+    lambda_a: float | None,
+    lambda_delta: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tables of eq. 10-12 for sorted ``v``: the interleaved bounds
+    ``t_0, v_1, t_1, ..., v_N, t_N``, the level of each of their buckets (piece
+    ``floor(j / 2)``), the slope of each (segment ``ceil(j / 2)``) and the ``N`` slopes."""
+    t, slopes = activation_surrogate(v, beta, lambda_a, lambda_delta, k)
+    zero = slopes.new_zeros(1)
+    grad_table = torch.cat([zero, _pairs(slopes), zero])
+    tables = (_interleave(t, v), _pairs(activation_levels(beta, k)), grad_table, slopes)
+    return tuple(fused.materialize(t) for t in tables)  # type: ignore[return-value]
+
+
+def _activation_backward_body(
+    x: torch.Tensor,
+    bounds: torch.Tensor,
+    grad_table: torch.Tensor,
+    slopes: torch.Tensor,
+    k: torch.Tensor,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 11-14 in one loop over the flat saved input and upstream gradient ``g``:
+    ``dA_hat/dA * g`` and the per-bucket sums of ``g`` over the interleaved bounds, which give
+    ``dC/dbeta`` (eq. 13: pieces pair buckets ``2p, 2p + 1``) and ``dC/dv`` (eq. 14: segments
+    pair ``2i - 1, 2i``), as :class:`PAActivationFunction`'s eager backward."""
+    grad_x = fused.select(x, bounds, grad_table.to(g.dtype)) * g
+    sums = fused.bucket_sums(x, bounds, g).to(slopes.dtype)
+    grad_b = _drop_zero_piece(sums[0::2] + sums[1::2], k)
+    return grad_x, -slopes * (sums[1:-1:2] + sums[2::2]), grad_b
+
+
+_ACTIVATION_TABLES = fused.Kernel(_activation_tables_body)
+_ACTIVATION_BACKWARD = fused.Kernel(_activation_backward_body)
+
+
 class PAActivationFunction(torch.autograd.Function):
     """Autograd form of PA's activation approximation: forward eq. 10, backward eq. 11-14.
 
@@ -604,7 +679,9 @@ class PAActivationFunction(torch.autograd.Function):
     tensor saved for backward).  Because the bounds interleave, the piece of eq. 10 is
     ``floor(j / 2)`` and the segment of eq. 11 is ``ceil(j / 2)``, so the backward is one
     table lookup for ``dA_hat/dA`` and one histogram of the upstream gradient over ``j`` for
-    both ``dC/dbeta`` and ``dC/dv``.
+    both ``dC/dbeta`` and ``dC/dv``.  With the fused kernels
+    (:func:`binarize_cli.quant.fused.enabled`) the input is saved instead of ``j`` and the
+    backward's lookup and histogram are one loop that recomputes ``j``.
     """
 
     @staticmethod
@@ -618,26 +695,50 @@ class PAActivationFunction(torch.autograd.Function):
         zero_piece: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         k = torch.as_tensor(zero_piece, device=beta.device)
-        t, slopes = activation_surrogate(v.detach(), beta.detach(), lambda_a, lambda_delta, k)
-        j = threshold_scan(x, _interleave(t, v.detach())).int_index()
-        levels = activation_levels(beta.detach(), k)
-        ctx.save_for_backward(j.to(torch.uint8), slopes, k)
         ctx.dtypes = (v.dtype, beta.dtype)
+        ctx.fused = fused.enabled(x)
+        if ctx.fused:
+            tables = _ACTIVATION_TABLES(v.detach(), beta.detach(), k, lambda_a, lambda_delta)
+            bounds, levels, grad_table, slopes = tables
+            ctx.save_for_backward(x, bounds, grad_table, slopes, k)
+            return fused.lookup(x, bounds, levels)
+        t, slopes = activation_surrogate(v.detach(), beta.detach(), lambda_a, lambda_delta, k)
+        bounds = _interleave(t, v.detach())
+        levels = activation_levels(beta.detach(), k)
+        j = threshold_scan(x, bounds).int_index()
+        ctx.save_for_backward(j.to(torch.uint8), slopes, k)
         return take(_pairs(levels).to(x.dtype), j).reshape(x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
+        if ctx.fused:
+            x, bounds, grad_table, slopes, k = ctx.saved_tensors
+            if need_v or need_b:
+                args = (fused.flat(x), bounds, grad_table, slopes, k, fused.flat(grad_out))
+                grad_x, grad_v, grad_b = _ACTIVATION_BACKWARD(*args)
+                grad_x = grad_x.view(x.shape)
+            else:
+                grad_x = fused.lookup_grad(x, bounds, grad_table, grad_out)
+                grad_v = grad_b = None
+            return (
+                grad_x if need_x else None,
+                grad_v if need_v else None,
+                grad_b if need_b else None,
+                None,
+                None,
+                None,
+            )
         j, slopes, k = ctx.saved_tensors
         v_dtype, beta_dtype = ctx.dtypes
-        need_x, need_v, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_v = grad_b = None
+        acc = _acc_dtype(grad_out)
         if need_x:
             zero = slopes.new_zeros(1)
             table = torch.cat([zero, _pairs(slopes), zero])  # slope of ceil(j/2)
             grad_x = take(table.to(grad_out.dtype), j, grad_out)
         if need_v or need_b:
             n = slopes.shape[0]
-            acc = _acc_dtype(grad_out)
             sums = _bin_sums(j, grad_out, 2 * n + 2, acc)
             if need_b:  # piece p = floor(j/2): j in {2p, 2p+1}; the zero piece has no beta
                 grad_b = _drop_zero_piece(sums[0::2] + sums[1::2], k).to(beta_dtype)

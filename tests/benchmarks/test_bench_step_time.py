@@ -56,3 +56,33 @@ def test_compiled_rows_are_held_against_compiled_full_precision(bench):
     assert "| 32x32 | 64 | PA (M=4, N=5), compiled | 0.700 | 1.40x | no |" in text
     assert "| 32x32 | 64 | ABC (M=5, N=5), compiled | 0.700 | 1.40x | yes |" in text
     assert [row[0] for row in bench.rows(False)] == labels[:3]
+
+
+def test_unfused_rows_are_compared_without_a_target(bench):
+    rows = bench.rows(False, True)
+    labels = [row[0] for row in rows]
+    assert labels == [
+        "full precision",
+        "PA (M=4, N=5)",
+        "PA (M=4, N=5), unfused",
+        "ABC (M=5, N=5)",
+        "ABC (M=5, N=5), unfused",
+    ]
+    assert [row[5] for row in rows] == [False, False, True, False, True]
+    times = dict(zip(labels, [1.0, 1.2, 1.8, 1.4, 1.9], strict=True))
+    text = bench.markdown({32: times}, 64, "python bench", torch.device("cpu"), False, True)
+    assert "| 32x32 | 64 | PA (M=4, N=5) | 1.200 | 1.20x | yes |" in text
+    assert "| 32x32 | 64 | PA (M=4, N=5), unfused | 1.800 | 1.80x |  |" in text
+
+
+def test_unfused_steps_run_with_the_fused_kernels_off(bench, monkeypatch):
+    from binarize_cli.quant import fused
+
+    monkeypatch.delenv(fused.ENV, raising=False)
+    seen = []
+    with bench.unfused_quantizers(True):
+        seen.append(fused.enabled(torch.zeros(fused.MIN_NUMEL)))
+    with bench.unfused_quantizers(False):
+        seen.append(fused.enabled(torch.zeros(fused.MIN_NUMEL)))
+    assert seen == [False, True]
+    assert fused.ENV not in __import__("os").environ  # restored

@@ -1,0 +1,295 @@
+"""quant.fused: the compiled one-loop kernels of the PA and ABC training path.
+
+The kernels must compute what the eager path computes: the same bucket, level and slope of
+every element (exactly, for the same edges and tables), the same per-bucket counts (exactly)
+and sums (float64, to rounding), on odd shapes, ties, values on an edge, NaN and
+non-contiguous inputs; and the quantizers built on them must match their eager forward and
+every gradient.  Tests lower ``MIN_NUMEL`` so that small tensors take the fused path."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from binarize_cli.quant import fused, get_scheme
+from binarize_cli.quant.abc import ABCActivationQuantizer, ABCWeightQuantizer
+from binarize_cli.quant.base import take, threshold_scan
+from binarize_cli.quant.layers import BinarizedConv2d
+from binarize_cli.quant.pa import PAActivationQuantizer, PAWeightQuantizer
+
+
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """The fused path for every float32 CPU tensor, whatever its size, and no earlier
+    compile failure in this process."""
+    monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "_FAILED", [])
+    monkeypatch.delenv(fused.ENV, raising=False)
+
+
+@pytest.fixture
+def eager_only(monkeypatch):
+    monkeypatch.setenv(fused.ENV, "0")
+
+
+SIZES = [1, 7, 1000, 70_001]
+EDGES = torch.tensor([-1.0, -0.25, -0.25, 0.0, 0.5, 1.5])  # sorted, with a tie
+
+
+def inputs(n: int) -> torch.Tensor:
+    torch.manual_seed(n)
+    x = torch.randn(n)
+    special = torch.tensor([0.5, -0.25, float("nan"), 1.5, -1.0, 0.0])  # on edges, NaN
+    x[: min(n, 6)] = special[: min(n, 6)]
+    return x
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_lookup_kernels_equal_the_eager_scan(fused_everywhere, n):
+    x = inputs(n)
+    g = torch.randn(n)
+    table = torch.randn(EDGES.numel() + 1)
+    j = threshold_scan(x, EDGES).int_index()
+    expected = take(table, j)
+    assert torch.equal(fused.lookup(x, EDGES, table), expected)
+    assert torch.equal(fused.lookup_grad(x, EDGES, table, g), take(table, j, g))
+    sums = fused.Kernel(fused.bucket_sums)(x, EDGES, g)
+    ref = torch.zeros(table.numel(), dtype=torch.float64).index_add_(0, j.long(), g.double())
+    assert torch.allclose(sums, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_bucket_counts_and_sums_equal_the_eager_scan(fused_everywhere, n):
+    x = inputs(n)
+    kernel = fused.Kernel(fused.bucket_counts_sums)
+    counts, sums = kernel(x, EDGES, x)
+    j = threshold_scan(x, EDGES).int_index().long()
+    want = torch.bincount(j, minlength=EDGES.numel() + 1).double()
+    assert torch.equal(counts, want)  # exact: summed as integers
+    finite = torch.where(torch.isnan(x), 0.0, x).double()
+    ref = torch.zeros(EDGES.numel() + 1, dtype=torch.float64).index_add_(0, j, finite)
+    ok = ~torch.isnan(sums)
+    assert torch.allclose(sums[ok], ref[ok], rtol=1e-12, atol=1e-12)
+    assert bool(torch.isnan(sums[0])) == bool(torch.isnan(x).any())  # NaN is in bucket 0
+
+
+def test_mean_std_is_the_population_statistics_even_far_from_zero(fused_everywhere):
+    torch.manual_seed(0)
+    x = 1000.0 + 1e-3 * torch.randn(50_001)  # E[x^2] - E[x]^2 would cancel in float32
+    mean, std = fused.Kernel(fused.mean_std)(x)
+    ref_std, ref_mean = torch.std_mean(x.double(), correction=0)
+    assert math.isclose(float(mean), float(ref_mean), rel_tol=1e-7)
+    assert math.isclose(float(std), float(ref_std), rel_tol=1e-4)
+
+
+def test_non_contiguous_input_is_read_in_logical_order(fused_everywhere):
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, 7).transpose(0, 2)  # not contiguous
+    table = torch.randn(EDGES.numel() + 1)
+    out = fused.lookup(x, EDGES, table)
+    assert out.shape == x.shape
+    assert torch.equal(out, take(table, threshold_scan(x, EDGES).int_index()).reshape(x.shape))
+
+
+def test_when_the_kernels_run(monkeypatch):
+    monkeypatch.delenv(fused.ENV, raising=False)
+    monkeypatch.setattr(fused, "_FAILED", [])
+    big = torch.zeros(fused.MIN_NUMEL)
+    assert fused.enabled(big)
+    assert not fused.enabled(torch.zeros(fused.MIN_NUMEL - 1))  # small: eager is cheaper
+    assert not fused.enabled(big.double())  # float64: the exact reference path
+    assert not fused.enabled(big.half())
+    monkeypatch.setenv(fused.ENV, "0")
+    assert not fused.enabled(big)
+
+
+def _grads(quantizer: nn.Module, x: torch.Tensor, seed: int):
+    quantizer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = quantizer(x)
+    torch.manual_seed(seed)
+    (out * torch.randn_like(out)).sum().backward()
+    params = {k: p.grad.clone() for k, p in quantizer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, params
+
+
+def _compare(quantizer: nn.Module, x: torch.Tensor, monkeypatch) -> None:
+    """Fused against eager on the same quantizer and input: forward and every gradient."""
+    monkeypatch.setenv(fused.ENV, "0")
+    ref = _grads(quantizer, x, 5)
+    monkeypatch.delenv(fused.ENV)
+    got = _grads(quantizer, x, 5)
+    scale = float(x.abs().max())
+    # levels and endpoints come from sums accumulated in another order: equal to rounding
+    assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-6 * scale)
+    assert torch.allclose(got[1], ref[1], rtol=1e-4, atol=1e-6)
+    assert got[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        assert torch.allclose(got[2][k], ref[2][k], rtol=1e-4, atol=1e-5), k
+
+
+WEIGHT_SHAPES = [(5, 3, 3, 3), (33, 17, 3, 3), (7, 1, 1, 1), (16, 8)]
+
+
+PA_WEIGHT_CASES = [(shape, 4, None) for shape in WEIGHT_SHAPES] + [
+    ((33, 17, 3, 3), 2, 7.5),
+    ((33, 17, 3, 3), 8, None),
+]
+
+
+@pytest.mark.parametrize(("shape", "m", "lambda_w"), PA_WEIGHT_CASES)
+def test_pa_weights_fused_match_eager(fused_everywhere, monkeypatch, shape, m, lambda_w):
+    torch.manual_seed(m)
+    w = 0.05 * torch.randn(shape) + 0.01
+    _compare(PAWeightQuantizer(m, lambda_w=lambda_w), w, monkeypatch)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("n", [1, 3, 5])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 1, 1, 1), (64, 3)])
+def test_pa_activations_fused_match_eager(fused_everywhere, monkeypatch, signed, n, shape):
+    torch.manual_seed(n)
+    q = PAActivationQuantizer(n, signed=signed)
+    samples = torch.randn(4096)
+    q.calibrate(samples if signed else torch.relu(samples))
+    if signed and n > 1:
+        assert q.zero_level_piece > 0
+    x = torch.randn(shape)
+    _compare(q, x if signed else torch.relu(x), monkeypatch)
+
+
+ABC_WEIGHT_CASES = [(shape, 5, 3.0) for shape in WEIGHT_SHAPES] + [
+    ((33, 17, 3, 3), 1, 3.0),
+    ((33, 17, 3, 3), 3, math.inf),
+]
+
+
+@pytest.mark.parametrize(("shape", "m", "clip_std"), ABC_WEIGHT_CASES)
+def test_abc_weights_fused_match_eager(fused_everywhere, monkeypatch, shape, m, clip_std):
+    torch.manual_seed(m)
+    w = 0.05 * torch.randn(shape) - 0.02
+    _compare(ABCWeightQuantizer(m, clip_std=clip_std), w, monkeypatch)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 1, 1, 1)])
+def test_abc_activations_fused_match_eager(fused_everywhere, monkeypatch, n, shape):
+    torch.manual_seed(n)
+    q = ABCActivationQuantizer(n)
+    q.calibrate(torch.relu(torch.randn(4096)))
+    _compare(q, torch.relu(torch.randn(shape)), monkeypatch)
+
+
+def test_activation_parameters_get_gradients_when_the_input_needs_none(fused_everywhere):
+    torch.manual_seed(0)
+    q = PAActivationQuantizer(3)
+    x = torch.relu(torch.randn(4, 3, 5, 5))
+    q.calibrate(x)
+    q(x).sum().backward()  # x does not require grad
+    assert q.v.grad is not None and q.beta.grad is not None
+    assert float(q.beta.grad.abs().sum()) > 0
+
+
+def test_one_compile_serves_every_layer_shape(fused_everywhere):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q = PAWeightQuantizer(4)
+    for shape in [(64, 64, 3, 3), (128, 64, 3, 3), (128, 64, 1, 1), (256, 128, 3, 3)]:
+        w = torch.randn(shape, requires_grad=True)
+        q(w).sum().backward()
+    assert not counters["recompiles"]
+    # endpoints, tables, lookup, backward lookup: one graph each for all four shapes
+    assert counters["stats"]["unique_graphs"] == 4
+
+
+def test_many_table_sizes_do_not_exhaust_the_recompile_limit(fused_everywhere):
+    """A mixed-precision model has a dozen table sizes; dynamo allows 8 graphs per code
+    object before it silently runs the body eagerly."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    kernel = fused.Kernel(fused._lookup_body)
+    x = torch.randn(1000)
+    for k in range(1, 13):
+        edges = torch.linspace(-1.0, 1.0, k)
+        table = torch.randn(k + 1)
+        expected = take(table, threshold_scan(x, edges).int_index())
+        assert torch.equal(kernel(x, edges, table, None), expected)
+    assert len(kernel.compiled) == 12
+    assert not counters["recompiles"]
+    assert counters["stats"]["unique_graphs"] == 12
+
+
+def test_a_failed_compile_falls_back_to_eager_with_one_warning(fused_everywhere, monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    def broken(*args):
+        raise TorchDynamoException("no C++ compiler")
+
+    kernel = fused.Kernel(fused.mean_std)
+    kernel._compiled = lambda key: broken  # type: ignore[method-assign]
+    x = torch.randn(100)
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        mean, std = kernel(x)
+    assert torch.allclose(mean, x.mean()) and torch.allclose(std, x.std(correction=0))
+    assert not fused.enabled(x)  # the rest of the process stays on the eager path
+
+
+def test_a_bug_in_a_body_is_not_swallowed(fused_everywhere):
+    kernel = fused.Kernel(lambda x: x[10])
+    with pytest.raises(Exception, match="10"):  # noqa: B017 - dynamo may wrap it
+        kernel(torch.zeros(3))
+
+
+def test_modifying_a_saved_input_in_place_is_an_error_not_a_wrong_gradient(fused_everywhere):
+    torch.manual_seed(0)
+    q = PAActivationQuantizer(3)
+    x = torch.relu(torch.randn(2, 3, 4, 4)).requires_grad_(True)
+    q.calibrate(x.detach())
+    h = x * 1.0
+    out = q(h)
+    h.add_(1.0)  # the backward would recompute buckets from a changed input
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("scheme", ["pa", "abc"])
+def test_training_steps_fused_match_eager(fused_everywhere, monkeypatch, scheme):
+    """A small binarized network trained three SGD steps each way ends at the same loss."""
+    torch.manual_seed(0)
+    s = get_scheme(scheme)
+    m, n = (4, 3) if scheme == "pa" else (3, 3)
+    convs = [nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)]
+    layers = [BinarizedConv2d.from_conv(c, s, m, n) for c in convs]
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        layers[0].activation_quantizer.calibrate(x.flatten())
+        layers[1].activation_quantizer.calibrate(torch.relu(torch.randn(8, 8, 8, 8)).flatten())
+    net = nn.Sequential(layers[0], nn.BatchNorm2d(8), nn.ReLU(), layers[1], nn.Flatten())
+    net = nn.Sequential(net, nn.LazyLinear(3))
+    net(x)  # materialise the lazy layer
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def train(model: nn.Module) -> list[float]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    monkeypatch.setenv(fused.ENV, "0")
+    eager = train(copy.deepcopy(net))
+    monkeypatch.delenv(fused.ENV)
+    got = train(copy.deepcopy(net))
+    assert got == pytest.approx(eager, rel=1e-4)
