@@ -148,9 +148,11 @@ def test_pa_weights_fused_match_eager(fused_everywhere, monkeypatch, shape, m, l
     _compare(PAWeightQuantizer(m, lambda_w=lambda_w), w, monkeypatch)
 
 
-@pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("n", [1, 3, 5])
-@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 1, 1, 1), (64, 3)])
+PA_ACTIVATION_CASES = [(shape, 5, False) for shape in [(3, 4, 5, 7), (2, 1, 1, 1), (64, 3)]]
+PA_ACTIVATION_CASES += [((3, 4, 5, 7), n, True) for n in (1, 3, 5)]  # the signed layout
+
+
+@pytest.mark.parametrize(("shape", "n", "signed"), PA_ACTIVATION_CASES)
 def test_pa_activations_fused_match_eager(fused_everywhere, monkeypatch, signed, n, shape):
     torch.manual_seed(n)
     q = PAActivationQuantizer(n, signed=signed)
@@ -175,8 +177,10 @@ def test_abc_weights_fused_match_eager(fused_everywhere, monkeypatch, shape, m, 
     _compare(ABCWeightQuantizer(m, clip_std=clip_std), w, monkeypatch)
 
 
-@pytest.mark.parametrize("n", [1, 3, 5])
-@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 1, 1, 1)])
+ABC_ACTIVATION_CASES = [((3, 4, 5, 7), n) for n in (1, 3, 5)] + [((2, 1, 1, 1), 5)]
+
+
+@pytest.mark.parametrize(("shape", "n"), ABC_ACTIVATION_CASES)
 def test_abc_activations_fused_match_eager(fused_everywhere, monkeypatch, n, shape):
     torch.manual_seed(n)
     q = ABCActivationQuantizer(n)
@@ -277,7 +281,7 @@ def test_training_steps_fused_match_eager(fused_everywhere, monkeypatch, scheme)
     net(x)  # materialise the lazy layer
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
 
-    def train(model: nn.Module) -> list[float]:
+    def train(model: nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         losses = []
         for _ in range(3):
@@ -286,10 +290,13 @@ def test_training_steps_fused_match_eager(fused_everywhere, monkeypatch, scheme)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        return losses
+        return losses, model.state_dict()
 
     monkeypatch.setenv(fused.ENV, "0")
-    eager = train(copy.deepcopy(net))
+    eager, _ = train(copy.deepcopy(net))
     monkeypatch.delenv(fused.ENV)
-    got = train(copy.deepcopy(net))
+    got, weights = train(copy.deepcopy(net))
     assert got == pytest.approx(eager, rel=1e-4)
+    again, weights_again = train(copy.deepcopy(net))  # the fused path is deterministic
+    assert again == got
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
