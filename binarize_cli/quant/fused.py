@@ -158,8 +158,12 @@ def _per_bucket(total: torch.Tensor, at_or_above: list[torch.Tensor]) -> torch.T
 
 
 def select(y: torch.Tensor, edges: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``table[#{edges <= y}]`` for sorted ``edges``: a chain of ``where``, no gather
-    (a gather with a bounds check per element is not vectorised)."""
+    """``table[#{edges <= y}]`` for sorted ``edges``: a chain of ``where``, no integer index.
+
+    Measured on a 2.4M-element weight: 0.36 ms, where a loop that also wrote the bucket as a
+    uint8 index and gathered from the table by it took 25 ms (inductor's CPU code for the
+    uint8 index and the gather is not vectorised), and a backward that read a saved uint8
+    index took 13 ms against 0.44 ms for recomputing the bucket from the input."""
     out = torch.zeros_like(y) + table[0]
     for k in range(edges.shape[0]):
         out = torch.where(y >= edges[k], table[k + 1], out)
