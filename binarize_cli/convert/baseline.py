@@ -117,7 +117,8 @@ def baseline_key(
     seed: int,
     execution: Execution | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The cache key (16 hex digits) and the fields it hashes; ``execution`` (default: the
+    """The cache key (16 hex digits) and the fields it hashes: the model, its weights, the
+    data and the whole preprocessing record its inputs are made with; ``execution`` (default: the
     CPU, float32, eager) adds its device type, ``amp`` and ``compile`` where they differ from
     that default (so keys of CPU runs are unchanged)."""
     fields: dict[str, Any] = {
@@ -128,6 +129,9 @@ def baseline_key(
         "input_size": [int(v) for v in data.input_size],
         "mean": [round(float(v), 6) for v in data.mean],
         "std": [round(float(v), 6) for v in data.std],
+        # every other step that makes an input (resize, crop, interpolation, grey, pixel
+        # scale, class names): the same data spec can be read with another record
+        "preprocessing": data.preprocessing.to_dict(),
         "num_classes": int(data.num_classes),
         "train": bool(train),
     }

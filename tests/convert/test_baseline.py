@@ -211,6 +211,28 @@ def test_divergence_names_the_baseline_flag_and_caches_nothing(fake8, tmp_path: 
     assert cached == []
 
 
+def test_the_key_hashes_the_whole_preprocessing_record(fake8) -> None:
+    # the same data spec, size, mean and std read with another resampling or crop is other
+    # data: a baseline trained and scored on one must not be reused for the other
+    from dataclasses import replace
+
+    loaded = create_architecture(TINY, 10)
+    args = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "seed": 0}
+    base = fake8.preprocessing
+    variants = [
+        replace(base, interpolation="bicubic"),
+        replace(base, antialias=not base.antialias),
+        replace(base, pixel_scale=base.pixel_scale / 2),
+    ]
+    keys = {baseline_key(loaded, fake8, train=False, **args)[0]}
+    for record in variants:
+        assert record != base
+        keys.add(baseline_key(loaded, replace(fake8, preprocessing=record), train=False, **args)[0])
+    assert len(keys) == 1 + len(variants)
+    fields = baseline_key(loaded, fake8, train=False, **args)[1]
+    assert fields["preprocessing"] == base.to_dict()
+
+
 def test_how_a_baseline_trains_splits_the_key_only_where_the_weights_differ(fake8) -> None:
     from binarize_cli.convert.training import Execution
 
