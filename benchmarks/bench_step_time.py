@@ -14,10 +14,16 @@ beside each eager one, the full-precision model compiled too: compiled rows are 
 with compiled full precision, eager with eager. ``--device cuda`` (or ``cuda:N``) runs on a
 GPU, synchronising around every timed step; the default is the CPU.
 
+On the CPU the whole process runs as ``convert`` and ``binarize_cli.api.finetune`` train:
+inside ``binarize_cli.core.heap.retained_heap`` (glibc keeps freed memory for the next step
+instead of returning it and faulting fresh pages in). ``--system-heap`` leaves glibc's
+defaults, for comparison (a separate run: the setting is per process).
+
 Usage::
 
     python benchmarks/bench_step_time.py [--sizes 32 224] [--batch 64] [--rounds 5]
-        [--warmup 2] [--device cpu|cuda|cuda:N] [--unfused] [--compile] [--out FILE]
+        [--warmup 2] [--device cpu|cuda|cuda:N] [--unfused] [--compile] [--system-heap]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from _cmdline import shown_args
 
 from binarize_cli.convert.calibrate import calibrate_model
 from binarize_cli.convert.surgery import binarize_model
+from binarize_cli.core.heap import retained_heap
 from binarize_cli.quant import fused
 
 CONFIGS = (("full precision", None, 0, 0), ("PA", "pa", 4, 5), ("ABC", "abc", 5, 5))
@@ -188,6 +195,7 @@ def markdown(
     device: torch.device,
     compile_too: bool,
     unfused_too: bool = False,
+    heap: str = "glibc defaults",
 ) -> str:
     lines = [
         "## Training step time (issue 16)",
@@ -195,6 +203,7 @@ def markdown(
         f"- date: {dt.date.today().isoformat()}",
         f"- machine: {machine(device)}",
         f"- command: `{command}`",
+        f"- C heap: {heap}",
         "- target: binarized step <= 1.3x (PA) / 1.5x (ABC) the full-precision step, same "
         "process, interleaved; compiled rows against compiled full precision; unfused rows "
         "(BINARIZE_FUSED=0, the eager quantizer path) for comparison, no target",
@@ -229,15 +238,28 @@ def main() -> None:
         action="store_true",
         help="Add rows with BINARIZE_FUSED=0 (the eager quantizer path) for comparison.",
     )
+    parser.add_argument(
+        "--system-heap",
+        action="store_true",
+        help="Leave glibc's allocator at its defaults (convert keeps freed memory on the CPU).",
+    )
     parser.add_argument("--out", default=None, help="Write the markdown section here.")
     args = parser.parse_args()
     device = device_of(args.device)
-    results = {
-        size: measure(
-            size, args.batch, args.rounds, max(args.warmup, 1), device, args.compile, args.unfused
-        )
-        for size in args.sizes
-    }
+    with retained_heap(device.type == "cpu" and not args.system_heap) as retained:
+        results = {
+            size: measure(
+                size,
+                args.batch,
+                args.rounds,
+                max(args.warmup, 1),
+                device,
+                args.compile,
+                args.unfused,
+            )
+            for size in args.sizes
+        }
+    heap = "freed memory retained, as convert trains" if retained else "glibc defaults"
     text = markdown(
         results,
         args.batch,
@@ -245,6 +267,7 @@ def main() -> None:
         device,
         args.compile,
         args.unfused,
+        heap,
     )
     if args.out:
         with open(args.out, "w") as fh:

@@ -34,6 +34,11 @@ BENCHMARKS: dict[str, list[list[str]]] = {
         ],
         ["benchmarks/bench_step_time.py", "--sizes", "32", "--batch", "64", "--compile"],
         ["benchmarks/bench_step_time.py", "--sizes", "224", "--batch", "64", "--compile"],
+        [
+            "benchmarks/bench_step_time.py",
+            *("--sizes", "32", "224", "--batch", "64", "--rounds", "9"),
+            "--system-heap",
+        ],
     ],
     "accuracy": [["benchmarks/bench_accuracy.py", "--baseline-epochs", "8", "--epochs", "2"]],
     "runtime": [

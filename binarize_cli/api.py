@@ -48,6 +48,7 @@ from binarize_cli.convert.sensitivity import SensitivityTable
 from binarize_cli.convert.surgery import LayerDecision, SurgeryResult
 from binarize_cli.convert.training import Accuracy
 from binarize_cli.core.errors import BadInputError
+from binarize_cli.core.heap import retained_heap
 from binarize_cli.core.modes import evaluating
 from binarize_cli.core.preprocess import Preprocessing
 from binarize_cli.core.settings import CALIBRATION_RULES, ConvertSettings
@@ -428,20 +429,21 @@ def finetune(
     if distill == "attention" and teacher is not None:
         attention = AttentionSpec(tuple(block_ends(teacher)), float(attention_weight))
     run = progressive_finetune if progressive else run_finetune
-    state = run(
-        model,
-        make_train_loader=lambda _epoch: train_data,
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        teacher=teacher,
-        distill_weight=distill_weight,
-        temperature=temperature,
-        device=where,
-        train_module=compiled(model, compile),
-        amp=amp,
-        attention=attention,
-    )
+    with retained_heap(torch.device(where).type == "cpu"):
+        state = run(
+            model,
+            make_train_loader=lambda _epoch: train_data,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            teacher=teacher,
+            distill_weight=distill_weight,
+            temperature=temperature,
+            device=where,
+            train_module=compiled(model, compile),
+            amp=amp,
+            attention=attention,
+        )
     model.eval()
     return state
 

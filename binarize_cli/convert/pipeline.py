@@ -47,6 +47,7 @@ Reliability contract (docs/reliability.md):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import math
@@ -68,6 +69,7 @@ from binarize_cli.core.errors import (
     RunDirError,
 )
 from binarize_cli.core.files import check_writable_dir
+from binarize_cli.core.heap import retained_heap
 from binarize_cli.core.metadata import RunAccuracy, RunMetadata, RunTimings, StageAccuracy
 from binarize_cli.core.rundir import (
     DEFAULT_RUNS_ROOT,
@@ -1199,7 +1201,10 @@ def run_convert(
     mkldnn_deterministic = torch.backends.mkldnn.deterministic
     torch.backends.mkldnn.deterministic = True
     created: list[Path] = []
+    heap = contextlib.ExitStack()
     try:
+        # the CPU's training steps reuse freed memory instead of faulting in fresh pages
+        heap.enter_context(retained_heap(torch.device(ctx.device).type == "cpu"))
         inputs = _load_and_say(settings, plan, rep)
         rep.stage(describe_execution(execution(settings, ctx)))  # after bad input is ruled out
         rep.stage("full-precision baseline")
@@ -1274,5 +1279,6 @@ def run_convert(
             _remove_if_empty(created[:-1])
         raise
     finally:
+        heap.close()
         torch.backends.mkldnn.deterministic = mkldnn_deterministic
         distributed.teardown(ctx)

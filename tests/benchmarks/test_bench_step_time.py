@@ -86,3 +86,12 @@ def test_unfused_steps_run_with_the_fused_kernels_off(bench, monkeypatch):
         seen.append(fused.enabled(torch.zeros(fused.MIN_NUMEL)))
     assert seen == [False, True]
     assert fused.ENV not in __import__("os").environ  # restored
+
+
+def test_the_table_says_which_heap_the_steps_ran_on(bench):
+    labels = [row[0] for row in bench.rows(False)]
+    times = dict(zip(labels, [1.0, 1.2, 1.4], strict=True))
+    cpu = torch.device("cpu")
+    kept = bench.markdown({32: times}, 64, "python bench", cpu, False, False, "retained")
+    assert "- C heap: retained\n" in kept
+    assert "- C heap: glibc defaults\n" in bench.markdown({32: times}, 64, "x", cpu, False)

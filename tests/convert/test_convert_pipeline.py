@@ -169,6 +169,35 @@ def test_recipe_layers_pin_per_layer_bases(tmp_path):
     assert type(modules["layer2.0.downsample.1"]).__name__ == "Conv2d"
 
 
+def test_a_cpu_conversion_runs_with_the_heap_retained_and_restores_it(tmp_path, monkeypatch):
+    import contextlib
+
+    from binarize_cli.convert import pipeline
+
+    seen: list[str] = []
+
+    @contextlib.contextmanager
+    def spy(enabled: bool = True):
+        seen.append(f"enter {enabled}")
+        try:
+            yield enabled
+        finally:
+            seen.append("exit")
+
+    monkeypatch.setattr(pipeline, "retained_heap", spy)
+    run_convert(merge_settings(None, {**TINY, "scheme": "pa", "M": 2, "N": 2}), out_dir=tmp_path)
+    assert seen == ["enter True", "exit"]
+    seen.clear()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "calibrate_student", boom)
+    with pytest.raises(RuntimeError, match="boom"):  # a failing run leaves it too
+        run_convert(merge_settings(None, {**TINY, "scheme": "pa"}), out_dir=tmp_path / "bad")
+    assert seen == ["enter True", "exit"]
+
+
 def test_a_layers_regex_matching_nothing_fails_before_training(tmp_path):
     from binarize_cli.core.errors import BadInputError
 
