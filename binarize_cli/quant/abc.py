@@ -411,7 +411,7 @@ def _weight_levels_body(
 ) -> torch.Tensor:
     """One loop for the per-bucket counts and sums of eq. 3's normal equations, then
     ``alpha`` (:func:`_solve_gram`) and the level ``sum_m alpha_m B_m`` of every bucket."""
-    counts, sums = fused.bucket_counts_sums(w - mean, edges, w)
+    counts, sums = fused.bucket_counts_sums(w, edges, w, mean)
     table = _plane_table(cuts, edges)
     signed = table.to(torch.float64) * 2.0 - 1.0
     alpha = _solve_gram((signed * counts) @ signed.T, signed @ sums).to(w.dtype)
