@@ -395,42 +395,52 @@ def search_activation_shifts(
 # --------------------------------------------------------------------------------------
 
 
-def _weight_edges_body(
+def _weight_forward_body(
     w: torch.Tensor, shifts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One loop over a flat float32 weight: ``mean``, ``std`` and the cuts of eq. 4
-    (plane ``m`` is +1 iff ``W - mean >= cuts[m] = -u_m std``), with the cuts sorted."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 1-5 on a flat float32 weight in one graph of three loops: ``mean`` and ``std``,
+    the per-bucket counts and sums of eq. 3's normal equations over the sorted cuts of eq. 4
+    (plane ``m`` is +1 iff ``W - mean >= cuts[m] = -u_m std``), then ``alpha``
+    (:func:`_solve_gram`), the level ``sum_m alpha_m B_m`` of every bucket and the lookup of
+    ``W_hat``.  Returns ``W_hat`` (flat), ``mean`` and ``std`` (for the straight-through
+    mask).  The tables between the loops are materialised: inductor would otherwise
+    recompute them per vector of weights."""
     mean, std = fused.mean_std(w)
     cuts = -shifts.to(w.dtype) * std
     edges, _ = torch.sort(cuts)
-    return tuple(fused.materialize(t) for t in (mean, std, cuts, edges))  # type: ignore[return-value]
-
-
-def _weight_levels_body(
-    w: torch.Tensor, mean: torch.Tensor, cuts: torch.Tensor, edges: torch.Tensor
-) -> torch.Tensor:
-    """One loop for the per-bucket counts and sums of eq. 3's normal equations, then
-    ``alpha`` (:func:`_solve_gram`) and the level ``sum_m alpha_m B_m`` of every bucket."""
+    mean, cuts, edges = (fused.materialize(t) for t in (mean, cuts, edges))
     counts, sums = fused.bucket_counts_sums(w, edges, w, mean)
     table = _plane_table(cuts, edges)
     signed = table.to(torch.float64) * 2.0 - 1.0
     alpha = _solve_gram((signed * counts) @ signed.T, signed @ sums).to(w.dtype)
-    return fused.materialize(_table_levels(alpha, table))
+    levels = fused.materialize(_table_levels(alpha, table))
+    out = fused.select(w - mean, edges, levels)
+    return out, mean, fused.materialize(std, output=True)
 
 
-_WEIGHT_EDGES = fused.Kernel(_weight_edges_body)
-_WEIGHT_LEVELS = fused.Kernel(_weight_levels_body)
+_WEIGHT_FORWARD = fused.Kernel(_weight_forward_body)
+
+
+_SHIFTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _shifts(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``u_m`` of eq. 4 as a tensor: made once per M, dtype and device in eager mode (a
+    constant of the graph under ``torch.compile``)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(weight_shifts(m), dtype=dtype, device=device)
+    key = (m, dtype, device)
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.tensor(weight_shifts(m), dtype=dtype, device=device)
+    return _SHIFTS[key]
 
 
 def _fused_weight(w: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``W_hat`` through the fused kernels (:mod:`binarize_cli.quant.fused`): three loops
-    (statistics, per-bucket sums, lookup) instead of one pass per threshold.  Also returns
-    ``mean`` and ``std`` for the straight-through mask."""
-    flat = fused.flat(w)
-    shifts = torch.tensor(weight_shifts(m), dtype=w.dtype, device=w.device)
-    mean, std, cuts, edges = _WEIGHT_EDGES(flat, shifts)
-    levels = _WEIGHT_LEVELS(flat, mean, cuts, edges)
-    return fused.lookup(w, edges, levels, mean), mean, std
+    (statistics, per-bucket sums, lookup) in one compiled call instead of one pass per
+    threshold.  Also returns ``mean`` and ``std`` for the straight-through mask."""
+    out, mean, std = _WEIGHT_FORWARD(fused.flat(w), _shifts(m, w.dtype, w.device))
+    return out.view(w.shape), mean, std
 
 
 class ABCWeightSTE(torch.autograd.Function):
@@ -462,17 +472,22 @@ class ABCWeightSTE(torch.autograd.Function):
         return torch.where(mask, grad, 0.0), None, None
 
 
-def _activation_tables_body(
-    v: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype
+def _activation_forward_body(
+    x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:class:`_ActivationTables` as one small compiled graph: the sorted edges (in the
-    input's dtype), the forward level and backward slope of every bucket, the window and
-    sign tables (float64) that turn per-bucket gradient sums into ``dC/dv``, ``dC/dbeta``."""
-    tables = _ActivationTables(v, beta, dtype)
+    """Eq. 6-8's forward on a flat input in one graph: :class:`_ActivationTables` (the
+    sorted edges in the input's dtype, the forward level of every bucket) and one loop of
+    lookups.  Returns ``A_hat`` (flat), the edges, and the backward's tables: the slope of
+    every bucket and the window and sign tables (float64) that turn per-bucket gradient
+    sums into ``dC/dv``, ``dC/dbeta``."""
+    tables = _ActivationTables(v, beta, x.dtype)
+    edges = fused.materialize(tables.edges)
+    levels = fused.materialize(tables.levels(x.dtype))
     windows = tables.windows.to(torch.float64)
     signs = tables.signs.to(torch.float64) * 2.0 - 1.0
-    out = (tables.edges, tables.levels(dtype), tables.slopes(dtype), windows, signs)
-    return tuple(fused.materialize(t) for t in out)  # type: ignore[return-value]
+    rest = (tables.slopes(x.dtype), windows, signs)
+    out = fused.select(x, edges, levels)
+    return (out, edges, *(fused.materialize(t, output=True) for t in rest))  # type: ignore[return-value]
 
 
 def _activation_backward_body(
@@ -492,7 +507,7 @@ def _activation_backward_body(
     return grad_x, beta.to(torch.float64) * (windows @ per_bucket), signs @ per_bucket
 
 
-_ACTIVATION_TABLES = fused.Kernel(_activation_tables_body)
+_ACTIVATION_FORWARD = fused.Kernel(_activation_forward_body)
 _ACTIVATION_BACKWARD = fused.Kernel(_activation_backward_body)
 
 
@@ -507,11 +522,12 @@ class ABCActivationSTE(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.fused = fused.enabled(x)
         if ctx.fused:  # the input is saved, its bucket recomputed in the backward's loop
-            tables = _ACTIVATION_TABLES(v.detach(), beta.detach(), x.dtype)
-            edges, levels, slopes, windows, signs = tables
+            out, edges, slopes, windows, signs = _ACTIVATION_FORWARD(
+                fused.flat(x), v.detach(), beta.detach()
+            )
             ctx.v_dtype = v.dtype
             ctx.save_for_backward(x, beta, edges, slopes, windows, signs)
-            return fused.lookup(x, edges, levels)
+            return out.view(x.shape)
         tables = _ActivationTables(v, beta, x.dtype)
         bucket = tables.bucket(x)
         small = tables.edges.numel() < 255

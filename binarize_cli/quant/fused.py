@@ -60,7 +60,6 @@ __all__ = [
     "clip_grad",
     "enabled",
     "flat",
-    "lookup",
     "lookup_grad",
     "mean_std",
     "materialize",
@@ -141,17 +140,20 @@ def _(t: torch.Tensor) -> torch.Tensor:
 _DIRECT = False
 
 
-def materialize(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself; inside a whole-model ``torch.compile`` a copy that inductor must compute
-    once.
+def materialize(t: torch.Tensor, *, output: bool = False) -> torch.Tensor:
+    """``t`` itself; inside ``torch.compile`` a copy that inductor must compute once.
 
     Inductor inlines a small pointwise result (a table of levels computed from a mean and a
     standard deviation) into every loop that reads it, so a loop over millions of weights
     would redo the table's divisions and square root per vector of 16.  An opaque custom op
-    makes the table a buffer that the loop loads instead.  A :class:`Kernel`'s own graphs
-    return their tables as outputs and skip the op (it costs 5-10 microseconds a call).
+    makes the table a buffer that the loop loads instead.  ``output=True`` marks a table
+    that the body only returns: a :class:`Kernel`'s own graph hands it back as a buffer
+    anyway and skips the op (5-10 microseconds a call); inside a whole-model compile the
+    model's later loops read it, so it is materialised there.
     """
-    return _materialize_op(t) if _compiling() and not _DIRECT else t
+    if not _compiling() or (output and _DIRECT):
+        return t
+    return _materialize_op(t)
 
 
 def _at_or_above(y: torch.Tensor, edges: torch.Tensor) -> list[torch.Tensor]:
@@ -345,25 +347,6 @@ class Kernel:
             return self.body(*args)
         finally:
             _DIRECT = False
-
-
-def _lookup_body(
-    x: torch.Tensor, edges: torch.Tensor, table: torch.Tensor, shift: torch.Tensor | None
-) -> torch.Tensor:
-    y = x if shift is None else x - shift
-    return select(y, edges, table.to(x.dtype))
-
-
-_LOOKUP = Kernel(_lookup_body)
-
-
-def lookup(
-    x: torch.Tensor, edges: torch.Tensor, table: torch.Tensor, shift: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``table[#{edges <= x - shift}]`` in one loop, shaped like ``x`` (``edges`` in ``x``'s
-    dtype, sorted; ``shift`` a 0-d tensor or None): the forward of every piecewise-constant
-    quantizer."""
-    return _LOOKUP(flat(x), edges, table, shift).view(x.shape)
 
 
 def _clip_grad_body(

@@ -444,28 +444,26 @@ def weight_surrogate(
     return _split_points(u), slopes
 
 
-def _endpoints_body(w: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
-    """``u_k = mean(W) + c_k std(W)`` (eq. 6) of a flat float32 weight, in one loop."""
-    mean, std = fused.mean_std(w)
-    return fused.materialize(mean + multipliers.to(w.dtype) * std)
-
-
-def _fused_weight_body(
-    w: torch.Tensor, u: torch.Tensor, lambda_w: float | None
+def _weight_forward_body(
+    w: torch.Tensor, multipliers: torch.Tensor, lambda_w: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 6-9's tables for a flat float32 weight and its endpoints ``u``, from one loop over
-    the weight (the per-piece counts and sums of eq. 7).  Returns the interleaved bounds
-    ``u_1, s_1, ..., u_M``, the level of each of their buckets (the forward's) and the slope
-    of each (eq. 8-9, the backward's).  Each loop reads tables computed by the previous
-    graph: inductor would otherwise recompute them per vector of weights."""
+    """Eq. 6-9 on a flat float32 weight in one graph of three loops: the mean and std
+    (``u_k = mean + c_k std``, eq. 6), the per-piece counts and sums of eq. 7 over ``u``,
+    and the lookup of ``W_hat`` over the interleaved bounds ``u_1, s_1, ..., u_M``.  Returns
+    ``W_hat`` (flat), the bounds and the slope of each of their buckets (eq. 8-9, the
+    backward's).  The tables between the loops are materialised: inductor would otherwise
+    recompute them per vector of weights."""
+    mean, std = fused.mean_std(w)
+    u = fused.materialize(mean + multipliers.to(w.dtype) * std)
     levels = _piece_levels(*fused.bucket_counts_sums(w, u, w), u)
     _, slopes = weight_surrogate(u, levels, _lambda_w(u, lambda_w))
-    tables = (_interleave(u, _split_points(u)), _pairs(levels)[1:-1], _pairs(slopes))
-    return tuple(fused.materialize(t) for t in tables)  # type: ignore[return-value]
+    bounds = fused.materialize(_interleave(u, _split_points(u)))
+    table = fused.materialize(_pairs(levels)[1:-1])
+    out = fused.select(w, bounds, table.to(w.dtype))
+    return out, bounds, fused.materialize(_pairs(slopes), output=True)
 
 
-_ENDPOINTS = fused.Kernel(_endpoints_body)
-_FUSED_WEIGHT = fused.Kernel(_fused_weight_body)
+_WEIGHT_FORWARD = fused.Kernel(_weight_forward_body)
 
 
 class PAWeightFunction(torch.autograd.Function):
@@ -490,10 +488,9 @@ class PAWeightFunction(torch.autograd.Function):
     ) -> torch.Tensor:  # type: ignore[override]
         ctx.fused = fused.enabled(weight)
         if ctx.fused:
-            w = fused.flat(weight)
-            bounds, table, slope_of_j = _FUSED_WEIGHT(w, _ENDPOINTS(w, multipliers), lambda_w)
+            out, bounds, slope_of_j = _WEIGHT_FORWARD(fused.flat(weight), multipliers, lambda_w)
             ctx.save_for_backward(weight, bounds, slope_of_j)
-            return fused.lookup(weight, bounds, table)
+            return out.view(weight.shape)
         u = weight_endpoints(weight, multipliers)
         scan, levels = _weight_scan(weight, u, _split_points(u))
         _, slopes = weight_surrogate(u, levels, _lambda_w(u, lambda_w))
@@ -624,21 +621,27 @@ def _interleave(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _activation_tables_body(
+def _activation_forward_body(
+    x: torch.Tensor,
     v: torch.Tensor,
     beta: torch.Tensor,
     k: torch.Tensor,
     lambda_a: float | None,
     lambda_delta: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tables of eq. 10-12 for sorted ``v``: the interleaved bounds
-    ``t_0, v_1, t_1, ..., v_N, t_N``, the level of each of their buckets (piece
-    ``floor(j / 2)``), the slope of each (segment ``ceil(j / 2)``) and the ``N`` slopes."""
+    """Eq. 10 on a flat input for sorted ``v``, in one graph: the tables of eq. 10-12 (the
+    interleaved bounds ``t_0, v_1, t_1, ..., v_N, t_N``, the level of each of their buckets,
+    piece ``floor(j / 2)``) and one loop of lookups.  Returns ``A_hat`` (flat), the bounds,
+    the slope of each bucket (segment ``ceil(j / 2)``, the backward's) and the ``N``
+    slopes."""
     t, slopes = activation_surrogate(v, beta, lambda_a, lambda_delta, k)
     zero = slopes.new_zeros(1)
     grad_table = torch.cat([zero, _pairs(slopes), zero])
-    tables = (_interleave(t, v), _pairs(activation_levels(beta, k)), grad_table, slopes)
-    return tuple(fused.materialize(t) for t in tables)  # type: ignore[return-value]
+    bounds = fused.materialize(_interleave(t, v))
+    levels = fused.materialize(_pairs(activation_levels(beta, k)))
+    out = fused.select(x, bounds, levels.to(x.dtype))
+    tables = (grad_table, slopes)
+    return (out, bounds, *(fused.materialize(t, output=True) for t in tables))  # type: ignore[return-value]
 
 
 def _activation_backward_body(
@@ -659,7 +662,7 @@ def _activation_backward_body(
     return grad_x, -slopes * (sums[1:-1:2] + sums[2::2]), grad_b
 
 
-_ACTIVATION_TABLES = fused.Kernel(_activation_tables_body)
+_ACTIVATION_FORWARD = fused.Kernel(_activation_forward_body)
 _ACTIVATION_BACKWARD = fused.Kernel(_activation_backward_body)
 
 
@@ -698,10 +701,10 @@ class PAActivationFunction(torch.autograd.Function):
         ctx.dtypes = (v.dtype, beta.dtype)
         ctx.fused = fused.enabled(x)
         if ctx.fused:
-            tables = _ACTIVATION_TABLES(v.detach(), beta.detach(), k, lambda_a, lambda_delta)
-            bounds, levels, grad_table, slopes = tables
+            args = (fused.flat(x), v.detach(), beta.detach(), k, lambda_a, lambda_delta)
+            out, bounds, grad_table, slopes = _ACTIVATION_FORWARD(*args)
             ctx.save_for_backward(x, bounds, grad_table, slopes, k)
-            return fused.lookup(x, bounds, levels)
+            return out.view(x.shape)
         t, slopes = activation_surrogate(v.detach(), beta.detach(), lambda_a, lambda_delta, k)
         bounds = _interleave(t, v.detach())
         levels = activation_levels(beta.detach(), k)

@@ -66,7 +66,7 @@ def test_lookup_kernels_equal_the_eager_scan(fused_everywhere, n):
     table = torch.randn(EDGES.numel() + 1)
     j = threshold_scan(x, EDGES).int_index()
     expected = take(table, j)
-    assert torch.equal(fused.lookup(x, EDGES, table), expected)
+    assert torch.equal(fused.Kernel(fused.select)(x, EDGES, table), expected)
     assert torch.equal(fused.lookup_grad(x, EDGES, table, g), take(table, j, g))
     sums = fused.Kernel(fused.bucket_sums)(x, EDGES, g)
     zeros = torch.zeros(table.numel(), dtype=torch.float64)
@@ -117,7 +117,7 @@ def test_non_contiguous_input_is_read_in_logical_order(fused_everywhere):
     torch.manual_seed(1)
     x = torch.randn(6, 5, 7).transpose(0, 2)  # not contiguous
     table = torch.randn(EDGES.numel() + 1)
-    out = fused.lookup(x, EDGES, table)
+    out = fused.Kernel(fused.select)(fused.flat(x), EDGES, table).view(x.shape)
     assert out.shape == x.shape
     assert torch.equal(out, take(table, threshold_scan(x, EDGES).int_index()).reshape(x.shape))
 
@@ -235,8 +235,9 @@ def test_one_compile_serves_every_layer_shape(fused_everywhere):
         w = torch.randn(shape, requires_grad=True)
         q(w).sum().backward()
     assert not counters["recompiles"]
-    # endpoints, tables, lookup, backward lookup: one graph each for all four shapes
-    assert counters["stats"]["unique_graphs"] == 4
+    # the forward (statistics, per-piece sums and lookup in one graph) and the backward
+    # lookup: one graph each for all four shapes
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_many_table_sizes_do_not_exhaust_the_recompile_limit(fused_everywhere):
@@ -246,13 +247,13 @@ def test_many_table_sizes_do_not_exhaust_the_recompile_limit(fused_everywhere):
 
     torch._dynamo.reset()
     counters.clear()
-    kernel = fused.Kernel(fused._lookup_body)
+    kernel = fused.Kernel(fused.select)
     x = torch.randn(1000)
     for k in range(1, 13):
         edges = torch.linspace(-1.0, 1.0, k)
         table = torch.randn(k + 1)
         expected = take(table, threshold_scan(x, edges).int_index())
-        assert torch.equal(kernel(x, edges, table, None), expected)
+        assert torch.equal(kernel(x, edges, table), expected)
     assert len(kernel.compiled) == 12
     assert not counters["recompiles"]
     assert counters["stats"]["unique_graphs"] == 12
