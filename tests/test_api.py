@@ -211,6 +211,23 @@ def test_finetune_bad_input() -> None:
         binarize_cli.finetune(model, batches(1), attention_weight=-1.0)
 
 
+def test_finetune_on_the_cpu_keeps_freed_memory_while_it_trains(monkeypatch) -> None:
+    import contextlib
+
+    seen: list[object] = []
+
+    @contextlib.contextmanager
+    def spy(enabled: bool = True):
+        seen.append(enabled)
+        yield enabled
+        seen.append("exit")
+
+    monkeypatch.setattr(api, "retained_heap", spy)
+    model = binarize_cli.binarize(TinyNet(), "pa", 4, 5).model
+    binarize_cli.finetune(model, batches(1), epochs=1)
+    assert seen == [True, "exit"]
+
+
 def test_finetune_progressive_with_attention_distillation() -> None:
     torch.manual_seed(0)
     teacher = TinyNet().eval()

@@ -24,8 +24,8 @@ returned and faulted in again.
 
 Nothing happens (the block runs as is) when the C library is not glibc (macOS, musl), when
 ``BINARIZE_RETAIN_HEAP=0``, or when the user chose the allocator's behaviour already: any
-``MALLOC_*`` tuning variable in the environment, or jemalloc / tcmalloc / mimalloc in
-``LD_PRELOAD``. Calls nest (only the outermost block changes anything). Standard library only.
+``MALLOC_*`` variable or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``, or jemalloc /
+tcmalloc / mimalloc in ``LD_PRELOAD``. Calls nest (only the outermost block changes anything). Standard library only.
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ def why_not() -> str | None:
     """Why :func:`retained_heap` would leave the allocator alone here (None: it would not)."""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         return f"{ENV}=0"
-    tuned = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    tuned = sorted(k for k in os.environ if k.startswith("MALLOC_"))
     if tuned:
         return f"{tuned[0]} is set"
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES sets glibc.malloc"
     preload = os.environ.get("LD_PRELOAD", "")
     for name in _CUSTOM_ALLOCATORS:
         if name in preload:

@@ -85,7 +85,9 @@ def test_nesting_changes_the_allocator_once_and_restores_it() -> None:
     ("name", "value", "reason"),
     [
         (heap.ENV, "0", f"{heap.ENV}=0"),
-        ("MALLOC_ARENA_MAX_", "2", "MALLOC_ARENA_MAX_ is set"),
+        ("MALLOC_ARENA_MAX", "2", "MALLOC_ARENA_MAX is set"),
+        ("MALLOC_TRIM_THRESHOLD_", "0", "MALLOC_TRIM_THRESHOLD_ is set"),
+        ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0", "GLIBC_TUNABLES sets glibc.malloc"),
         ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "jemalloc is preloaded"),
     ],
 )
