@@ -89,7 +89,8 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def _apply(lib: ctypes.CDLL, settings: tuple[tuple[int, int], ...]) -> bool:
-    return all(lib.mallopt(param, value) == 1 for param, value in settings)
+    """Every setting, even after one is refused; whether glibc accepted them all."""
+    return all([lib.mallopt(param, value) == 1 for param, value in settings])
 
 
 @contextlib.contextmanager
@@ -115,7 +116,7 @@ def retained_heap(enabled: bool = True) -> Iterator[bool]:
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0 and _active:
+            if _depth == 0:  # also after a partly refused change: nothing stays half-set
                 _apply(lib, _RELEASE)
                 lib.malloc_trim(0)
                 _active = False
