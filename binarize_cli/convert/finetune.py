@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,12 +93,22 @@ class FinetuneState:
     kept_epoch: int | None = None
     #: Seconds per full-precision training step, timed in this process (the pipeline sets it).
     fp_step_s: float | None = None
+    #: Seconds and number of the first steps this process ran (at most
+    #: :data:`~binarize_cli.convert.training.WARMUP_STEPS` per :func:`finetune` call): they
+    #: compile and load the fused quantizer kernels, so :attr:`step_s` leaves them out, as the
+    #: full-precision reference leaves out its own first steps.
+    warmup_s: float = 0.0
+    warmup_steps: int = 0
 
     @property
     def step_s(self) -> float | None:
-        """Mean seconds per fine-tune step over the epochs of this process's record."""
+        """Mean seconds per fine-tune step over the epochs of this state's record, without the
+        warm-up steps (all steps when nothing else ran)."""
         steps = sum(int(row.get("steps", 0)) for row in self.epoch_stats)
-        return sum(self.epoch_seconds) / steps if steps else None
+        seconds = sum(self.epoch_seconds)
+        if steps > self.warmup_steps:
+            return (seconds - self.warmup_s) / (steps - self.warmup_steps)
+        return seconds / steps if steps else None
 
 
 @dataclass
@@ -344,7 +355,7 @@ def finetune(
     Raises:
         TrainingDivergedError: non-finite loss or weights; the last good checkpoint is kept.
     """
-    from binarize_cli.convert.training import Execution, train_one_epoch
+    from binarize_cli.convert.training import WARMUP_STEPS, Execution, train_one_epoch
 
     net = model if train_module is None else train_module
     first_loader = make_train_loader(0)
@@ -356,8 +367,13 @@ def finetune(
         resume_state = load_checkpoint(work_dir)
     state, best = _start(resume_state, model, optimizer, scheduler, lr, total_steps, work_dir)
     scaler = Execution(device, amp=amp).grad_scaler()
+    first_epoch = state.epochs_done
     for epoch in range(state.epochs_done, len(plan)):
         loader = first_loader if epoch == 0 else make_train_loader(epoch)
+        warmup_mark: list[float] = []
+        step_callback = on_step
+        if epoch == first_epoch:
+            step_callback = _marking(on_step, WARMUP_STEPS, warmup_mark)
         if on_epoch_start is not None:
             on_epoch_start(epoch, len(plan), plan[epoch])
         first_lr = float(optimizer.param_groups[0]["lr"])
@@ -377,17 +393,21 @@ def finetune(
                     distill_weight=distill_weight if teacher is not None else 0.0,
                     temperature=temperature,
                     device=device,
-                    on_step=on_step,
+                    on_step=step_callback,
                     amp=amp,
                     scaler=scaler,
                     attention=bound,
                 )
+            ended = time.perf_counter()
             check_finite_state(model)
         except TrainingDivergedError as exc:
             where = work_dir if is_main else None
             raise TrainingDivergedError(_diverged(exc, epoch, state.epochs_done, where)) from None
         state.epochs_done = epoch + 1
         state.epoch_seconds.append(float(stats.seconds))
+        if warmup_mark and stats.steps > WARMUP_STEPS:
+            state.warmup_s = float(stats.seconds) - (ended - warmup_mark[0])
+            state.warmup_steps = WARMUP_STEPS
         row = {**stats.summary(), "seconds": stats.seconds, "steps": stats.steps, "lr": first_lr}
         best = _score_epoch(model, epoch + 1, row, validate, select, best)
         state.epoch_stats.append(row)
@@ -397,6 +417,20 @@ def finetune(
             )
     _end_on_best(model, state, best)
     return state
+
+
+def _marking(
+    on_step: Callable[..., None] | None, step: int, mark: list[float]
+) -> Callable[..., None]:
+    """``on_step`` that also appends the time at which step ``step`` ended to ``mark``."""
+
+    def callback(done: int, *args: Any) -> None:
+        if done == step and not mark:
+            mark.append(time.perf_counter())
+        if on_step is not None:
+            on_step(done, *args)
+
+    return callback
 
 
 def _score_epoch(

@@ -959,15 +959,16 @@ def _reference_step_s(
     attention: AttentionSpec | None = None,
 ) -> float | None:
     """Seconds per training step of a copy of the full-precision model: :data:`REFERENCE_STEPS`
-    steps after 2 untimed ones, with the fine-tune's loss, distillation, data, device,
-    ``--amp`` and ``--compile``."""
+    steps after :data:`~binarize_cli.convert.training.WARMUP_STEPS` untimed ones (the
+    fine-tune's step time leaves out as many), with the fine-tune's loss, distillation, data,
+    device, ``--amp`` and ``--compile``."""
     from binarize_cli.convert.finetune import LimitedLoader
-    from binarize_cli.convert.training import time_training_steps
+    from binarize_cli.convert.training import WARMUP_STEPS, time_training_steps
 
     run = execution(settings, ctx)
     return time_training_steps(
         fp_model,
-        LimitedLoader(loader, REFERENCE_STEPS + 2),
+        LimitedLoader(loader, REFERENCE_STEPS + WARMUP_STEPS),
         lr=settings.lr,
         teacher=teacher,
         distill_weight=settings.distill_weight,

@@ -143,6 +143,8 @@ def progressive_finetune(
         for row in state.epoch_stats:
             combined.epoch_stats.append({**row, "stage": stage.number})
         combined.epoch_seconds.extend(state.epoch_seconds)
+        combined.warmup_s += state.warmup_s
+        combined.warmup_steps += state.warmup_steps
         combined.epochs_done += state.epochs_done
         if stage.number == 3 and state.kept_epoch is not None:
             combined.kept_epoch = offset + state.kept_epoch

@@ -52,6 +52,7 @@ from binarize_cli.core.modes import evaluating
 
 __all__ = [
     "AMP_DTYPES",
+    "WARMUP_STEPS",
     "Accuracy",
     "EpochStats",
     "Execution",
@@ -73,6 +74,10 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+
+#: Untimed first steps of a step-time measurement, on both sides of the ratio (the fine-tune's
+#: first steps in a process also compile and load the fused quantizer kernels).
+WARMUP_STEPS = 2
 
 #: The backend :func:`compiled` hands to ``torch.compile`` (tests set a cheaper one).
 COMPILE_BACKEND = "inductor"
@@ -342,7 +347,7 @@ def time_training_steps(
     loader: Iterable[Any],
     *,
     lr: float,
-    warmup: int = 2,
+    warmup: int = WARMUP_STEPS,
     teacher: nn.Module | None = None,
     distill_weight: float = 0.0,
     temperature: float = 1.0,

@@ -56,7 +56,9 @@ def test_convert_writes_the_contract(tmp_path, top1_recount):
     # the step-time ratio's two sides, both timed in this process
     assert timings["fp_step_s"] > 0 and timings["finetune_step_s"] > 0
     steps = meta["finetune_epochs"][0]["steps"]
-    assert timings["finetune_step_s"] == pytest.approx(timings["finetune_epoch_s"][0] / steps)
+    # the mean over the steps after the first two (which also load the fused kernels)
+    assert steps > 2
+    assert 0 < timings["finetune_step_s"] < timings["finetune_epoch_s"][0] / (steps - 2)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["binarize.json", "metrics.csv", "model.safetensors"]
     assert not work_dir_for(out).exists()

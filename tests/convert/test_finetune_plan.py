@@ -128,3 +128,29 @@ def test_accuracy_warnings():
     (worse,) = accuracy_warnings(95.0, 90.0, 85.5, 10)
     assert "from 90.00% (calibrated) to 85.50%" in worse
     assert accuracy_warnings(0.15, 0.1, None, 1000)[0].startswith("the full-precision baseline")
+
+
+def test_the_step_time_leaves_out_the_first_steps_of_the_process():
+    # the first two steps load the fused kernels (seconds, once): the full-precision reference
+    # leaves out its first two as well, so the ratio compares steady steps with steady steps
+    state = FinetuneState(epoch_seconds=[10.0, 4.0], warmup_s=7.0, warmup_steps=2)
+    state.epoch_stats = [{"steps": 4}, {"steps": 4}]
+    assert state.step_s == (14.0 - 7.0) / 6
+    state.warmup_steps, state.warmup_s = 0, 0.0  # nothing recorded: every step
+    assert state.step_s == 14.0 / 8
+    too_short = FinetuneState(epoch_seconds=[3.0], warmup_s=3.0, warmup_steps=2)
+    too_short.epoch_stats = [{"steps": 2}]
+    assert too_short.step_s == 1.5  # no step after the warm-up: the mean of all
+    seen: list[int] = []
+    torch.manual_seed(0)
+    run = finetune(
+        nn.Linear(3, 2),
+        make_train_loader=_toy_loader,
+        epochs=2,
+        lr=0.05,
+        on_step=lambda step, *_: seen.append(step),
+    )
+    assert seen == [1, 2, 3, 4, 1, 2, 3, 4]  # the caller's callback still sees every step
+    assert run.warmup_steps == 2 and 0 < run.warmup_s < run.epoch_seconds[0]
+    steady = (sum(run.epoch_seconds) - run.warmup_s) / 6
+    assert run.step_s is not None and abs(run.step_s - steady) < 1e-12
