@@ -209,20 +209,18 @@ def blocked_sums(terms: Callable[..., list[torch.Tensor]], *xs: torch.Tensor) ->
 
 
 def _ge_terms(
-    edges: torch.Tensor, shift: torch.Tensor | None, values: bool, counts: bool
+    edges: torch.Tensor, shift: torch.Tensor | None, counts: bool
 ) -> Callable[..., list[torch.Tensor]]:
     """The elementwise terms of the per-edge ``>=`` sums: for ``(y, v)`` and ``z = y - shift``,
-    the total of ``v`` (when ``values``), then per edge ``[z >= edge]`` (when ``counts``) and
-    ``v [z >= edge]`` (when ``values``)."""
+    the total of ``v``, then per edge ``[z >= edge]`` (when ``counts``) and ``v [z >= edge]``."""
 
     def terms(y: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         z = y if shift is None else y - shift
-        out = [v] if values else []
+        out = [v]
         for mask in _at_or_above(z, edges):
             if counts:
                 out.append(torch.where(mask, 1.0, 0.0))
-            if values:
-                out.append(torch.where(mask, v, 0.0))
+            out.append(torch.where(mask, v, 0.0))
         return out
 
     return terms
@@ -232,7 +230,7 @@ def bucket_sums(y: torch.Tensor, edges: torch.Tensor, values: torch.Tensor) -> t
     """float64 ``[K + 1]``: the sum of ``values`` over each bucket ``#{edges <= y} == k``
     (``edges`` sorted), from the sums over ``y >= edges[k]`` (:func:`blocked_sums`) and their
     differences."""
-    sums = blocked_sums(_ge_terms(edges, None, values=True, counts=False), y, values)
+    sums = blocked_sums(_ge_terms(edges, None, counts=False), y, values)
     return _per_bucket(sums[0], list(sums[1:]))
 
 
@@ -246,7 +244,7 @@ def bucket_counts_sums(
     :data:`BLOCK`) and sums of ``values`` per bucket ``#{edges <= y - shift} == k``, from one
     set of comparisons.  ``y`` and ``values`` are the kernel's own 1-D inputs: the shift is
     applied inside the loop (inductor cannot block a computed tensor of dynamic size)."""
-    sums = blocked_sums(_ge_terms(edges, shift, values=True, counts=True), y, values)
+    sums = blocked_sums(_ge_terms(edges, shift, counts=True), y, values)
     total = torch.full((), y.shape[0], dtype=torch.float64, device=y.device)
     counts = _per_bucket(total, list(sums[1::2]))
     return counts, _per_bucket(sums[0], list(sums[2::2]))
