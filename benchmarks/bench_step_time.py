@@ -9,9 +9,12 @@ Eager rows train the binarized models as ``convert`` does without ``--compile``:
 quantizers run their fused kernels (``binarize_cli.quant.fused``). ``--unfused`` adds rows
 with ``BINARIZE_FUSED=0`` (the eager quantizer path, one pass per threshold) for the same
 models in the same process, so the kernels' gain is measured, not remembered.
-``--compile`` adds a ``torch.compile`` (inductor, ``fullgraph=True``, ``dynamic=False``) row
-beside each eager one, the full-precision model compiled too: compiled rows are compared
-with compiled full precision, eager with eager. ``--device cuda`` (or ``cuda:N``) runs on a
+``--compile`` adds a ``torch.compile`` (inductor, ``fullgraph=True``, ``dynamic=False``, the
+inductor options of ``convert --compile``: ``binarize_cli.convert.training.compile_options``)
+row beside each eager one, the full-precision model compiled too: compiled rows are compared
+with compiled full precision, eager with eager. A further row compiles full precision with
+inductor's default options, for comparison (on the CPU ``convert --compile`` turns inductor's
+layout optimisation off). ``--device cuda`` (or ``cuda:N``) runs on a
 GPU, synchronising around every timed step; the default is the CPU.
 
 On the CPU the whole process runs as ``convert`` and ``binarize_cli.api.finetune`` train:
@@ -45,6 +48,7 @@ from _cmdline import shown_args
 
 from binarize_cli.convert.calibrate import calibrate_model
 from binarize_cli.convert.surgery import binarize_model
+from binarize_cli.convert.training import compile_options
 from binarize_cli.core.heap import retained_heap
 from binarize_cli.quant import fused
 
@@ -106,19 +110,28 @@ def unfused_quantizers(on: bool):
             os.environ[fused.ENV] = old
 
 
+#: How a row runs its model: eager, compiled as ``convert --compile`` compiles, or compiled
+#: with inductor's default options.
+EAGER, COMPILED, INDUCTOR_DEFAULTS = "eager", "compiled", "compiled, inductor defaults"
+
+
 def step_fn(
     model: torch.nn.Module,
     size: int,
     batch: int,
     device: torch.device,
-    compiled: bool,
+    mode: str,
     unfused: bool = False,
 ) -> Callable[[], float]:
     """A timed training step (seconds) of ``model`` on a fixed random batch on ``device``
-    (with the eager quantizer path when ``unfused``)."""
+    (``mode`` one of :data:`EAGER`, :data:`COMPILED`, :data:`INDUCTOR_DEFAULTS`; the eager
+    quantizer path when ``unfused``)."""
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    forward = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+    forward = model
+    if mode != EAGER:
+        options = compile_options(device) if mode == COMPILED else {}
+        forward = torch.compile(model, fullgraph=True, dynamic=False, options=options or None)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -140,19 +153,29 @@ def step_fn(
     return step
 
 
-Row = tuple[str, str | None, int, int, bool, bool]
+Row = tuple[str, str | None, int, int, str, bool]
 
 
 def rows(compile_too: bool, unfused_too: bool = False) -> list[Row]:
-    """``(label, scheme, M, N, compiled, unfused)`` for every timed configuration."""
+    """``(label, scheme, M, N, mode, unfused)`` for every timed configuration."""
     out: list[Row] = []
-    for compiled in (False, True) if compile_too else (False,):
+    for mode in (EAGER, COMPILED) if compile_too else (EAGER,):
         for name, scheme, m, n in CONFIGS:
             label = name if scheme is None else f"{name} (M={m}, N={n})"
-            out.append((label + (", compiled" if compiled else ""), scheme, m, n, compiled, False))
-            if unfused_too and scheme is not None and not compiled:
-                out.append((label + ", unfused", scheme, m, n, False, True))
+            out.append((label + ("" if mode == EAGER else f", {mode}"), scheme, m, n, mode, False))
+            if unfused_too and scheme is not None and mode == EAGER:
+                out.append((label + ", unfused", scheme, m, n, EAGER, True))
+    if compile_too:
+        out.append((f"full precision, {INDUCTOR_DEFAULTS}", None, 0, 0, INDUCTOR_DEFAULTS, False))
     return out
+
+
+def reference(label: str, mode: str) -> str:
+    """The label of the full-precision row a row's ratio is taken against (the row itself for
+    full precision compiled with inductor's defaults)."""
+    if mode == INDUCTOR_DEFAULTS:
+        return label
+    return "full precision" + ("" if mode == EAGER else f", {mode}")
 
 
 def measure(
@@ -166,8 +189,8 @@ def measure(
 ) -> dict[str, float]:
     """Median step time per configuration label (warm-up steps also compile)."""
     steps = {
-        label: step_fn(build(s, m, n, size, batch), size, batch, device, compiled, unfused)
-        for label, s, m, n, compiled, unfused in rows(compile_too, unfused_too)
+        label: step_fn(build(s, m, n, size, batch), size, batch, device, mode, unfused)
+        for label, s, m, n, mode, unfused in rows(compile_too, unfused_too)
     }
     for step in steps.values():
         for _ in range(warmup):
@@ -205,16 +228,17 @@ def markdown(
         f"- command: `{command}`",
         f"- C heap: {heap}",
         "- target: binarized step <= 1.3x (PA) / 1.5x (ABC) the full-precision step, same "
-        "process, interleaved; compiled rows against compiled full precision; unfused rows "
-        "(BINARIZE_FUSED=0, the eager quantizer path) for comparison, no target",
+        "process, interleaved; compiled rows against full precision compiled with the same "
+        "inductor options (those of `convert --compile`); unfused rows (BINARIZE_FUSED=0, the "
+        "eager quantizer path) and full precision with inductor's default options for "
+        "comparison, no target",
         "",
         "| input | batch | configuration | median step (s) | ratio to FP | target met |",
         "|---|---|---|---|---|---|",
     ]
     for size, res in results.items():
-        for label, scheme, _m, _n, compiled, unfused in rows(compile_too, unfused_too):
-            fp = res["full precision" + (", compiled" if compiled else "")]
-            ratio = res[label] / fp
+        for label, scheme, _m, _n, mode, unfused in rows(compile_too, unfused_too):
+            ratio = res[label] / res[reference(label, mode)]
             target = scheme is not None and not unfused
             met = "" if not target else ("yes" if ratio <= TARGETS[str(scheme)] else "no")
             lines.append(

@@ -32,8 +32,14 @@ BENCHMARKS: dict[str, list[list[str]]] = {
             *("--sizes", "32", "224", "--batch", "64", "--rounds", "9"),
             "--unfused",
         ],
-        ["benchmarks/bench_step_time.py", "--sizes", "32", "--batch", "64", "--compile"],
-        ["benchmarks/bench_step_time.py", "--sizes", "224", "--batch", "64", "--compile"],
+        [
+            "benchmarks/bench_step_time.py",
+            *("--sizes", "32", "--batch", "64", "--rounds", "9", "--compile"),
+        ],
+        [
+            "benchmarks/bench_step_time.py",
+            *("--sizes", "224", "--batch", "64", "--rounds", "9", "--compile"),
+        ],
         [
             "benchmarks/bench_step_time.py",
             *("--sizes", "32", "224", "--batch", "64", "--rounds", "9"),

@@ -418,7 +418,7 @@ def _weight_forward_body(
     return out, mean, fused.materialize(std, output=True)
 
 
-_WEIGHT_FORWARD = fused.Kernel(_weight_forward_body)
+_WEIGHT_FORWARD = fused.Kernel(_weight_forward_body, own_graph=True)
 
 
 _SHIFTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}

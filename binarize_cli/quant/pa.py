@@ -463,7 +463,7 @@ def _weight_forward_body(
     return out, bounds, fused.materialize(_pairs(slopes), output=True)
 
 
-_WEIGHT_FORWARD = fused.Kernel(_weight_forward_body)
+_WEIGHT_FORWARD = fused.Kernel(_weight_forward_body, own_graph=True)
 
 
 class PAWeightFunction(torch.autograd.Function):

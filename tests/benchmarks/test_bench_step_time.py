@@ -48,14 +48,32 @@ def test_compiled_rows_are_held_against_compiled_full_precision(bench):
         "full precision, compiled",
         "PA (M=4, N=5), compiled",
         "ABC (M=5, N=5), compiled",
+        "full precision, compiled, inductor defaults",
     ]
-    times = dict(zip(labels, [1.0, 1.2, 1.6, 0.5, 0.7, 0.7], strict=True))
+    times = dict(zip(labels, [1.0, 1.2, 1.6, 0.5, 0.7, 0.7, 0.4], strict=True))
     text = bench.markdown({32: times}, 64, "python bench", torch.device("cpu"), True)
     assert "| 32x32 | 64 | PA (M=4, N=5) | 1.200 | 1.20x | yes |" in text
     assert "| 32x32 | 64 | ABC (M=5, N=5) | 1.600 | 1.60x | no |" in text
     assert "| 32x32 | 64 | PA (M=4, N=5), compiled | 0.700 | 1.40x | no |" in text
     assert "| 32x32 | 64 | ABC (M=5, N=5), compiled | 0.700 | 1.40x | yes |" in text
+    # shown beside the others, without a target
+    assert "| 32x32 | 64 | full precision, compiled, inductor defaults | 0.400 | 1.00x |  |" in text
     assert [row[0] for row in bench.rows(False)] == labels[:3]
+
+
+def test_compiled_rows_compile_as_convert_does(bench, monkeypatch):
+    from binarize_cli.convert.training import compile_options
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    cpu = torch.device("cpu")
+    for mode in (bench.EAGER, bench.COMPILED, bench.INDUCTOR_DEFAULTS):
+        bench.step_fn(torch.nn.Conv2d(3, 2, 3), 8, 2, cpu, mode)
+    assert calls == [
+        {"fullgraph": True, "dynamic": False, "options": compile_options(cpu)},
+        {"fullgraph": True, "dynamic": False, "options": None},
+    ]
+    assert compile_options(cpu) == {"layout_optimization": False}
 
 
 def test_unfused_rows_are_compared_without_a_target(bench):

@@ -122,6 +122,28 @@ def test_compiled_wraps_only_when_asked_and_shares_the_weights(monkeypatch):
     assert torch.equal(wrapper(x), module(x))
 
 
+def test_compiled_turns_inductor_layout_optimisation_off_on_the_cpu(monkeypatch):
+    from binarize_cli.convert import training
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: calls.append(kw) or module)
+    compiled(nn.Linear(3, 2))
+    assert calls == [{"backend": "inductor", "options": {"layout_optimization": False}}]
+    assert training.compile_options("cuda:0") == {}  # inductor's defaults (not measured)
+    monkeypatch.setattr(training, "COMPILE_BACKEND", "eager")  # other backends take no options
+    compiled(nn.Linear(3, 2))
+    assert calls[1] == {"backend": "eager"}
+
+
+def test_inductor_accepts_the_cpu_options():
+    import torch._inductor.config as inductor_config
+
+    from binarize_cli.convert.training import CPU_COMPILE_OPTIONS
+
+    for key, value in CPU_COMPILE_OPTIONS.items():
+        assert hasattr(inductor_config, key) and type(getattr(inductor_config, key)) is type(value)
+
+
 # --------------------------------------------------------------------------- --amp
 
 

@@ -124,3 +124,76 @@ def test_pa_layout_follows_its_buffer_without_a_host_read():
         y.sum().backward()
     assert mode.reads == []
     assert torch.equal(y.detach(), torch.tensor([-0.8, 0.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("scheme", "m", "n"), [("pa", 4, 3), ("abc", 3, 3)])
+def test_a_large_weight_forward_runs_its_own_graph_inside_a_compiled_model(scheme, m, n):
+    """On the CPU a weight of at least ``MIN_NUMEL`` elements goes through the opaque
+    ``binarize::kernel`` op (the kernel's own compiled graph, as in eager mode): the model
+    still compiles to one graph, matches eager, and the kernel's graph serves both eager and
+    compiled calls without a recompile."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
+
+    from binarize_cli.quant import fused
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    assert conv.weight.numel() >= fused.MIN_NUMEL
+    layer = BinarizedConv2d.from_conv(conv, get_scheme(scheme), m, n)
+    x = torch.rand(2, 64, 6, 6)
+    with torch.no_grad():
+        layer.activation_quantizer.calibrate(x.flatten())
+    eager = nn.Sequential(layer, nn.Flatten(), nn.Linear(64 * 36, 3)).train()
+    model = copy.deepcopy(eager)
+    ref_out, ref_grads = training_grads(eager, x)  # compiles the kernels eagerly first
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)  # inductor: the op runs from its generated code
+
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    for _ in range(2):
+        out, grads = training_grads(compiled, x)
+    training_grads(eager, x)  # eager again: its kernel graph still serves it
+    assert len(graphs) == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    code = graphs[0].print_readable(print_output=False)
+    assert code.count("torch.ops.binarize.kernel") == 1
+    assert torch.allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert ref_grads.keys() == grads.keys()
+    for k, g in ref_grads.items():
+        scale = float(g.abs().max())  # inductor's convolutions round in another order
+        assert torch.allclose(grads[k], g, rtol=1e-4, atol=1e-5 * scale), k
+
+
+def test_a_kernel_compiles_once_for_an_autograd_function_and_for_the_op():
+    """The op ``binarize::kernel`` runs under another dispatch state than an autograd
+    function's forward (no autograd keys, grad mode on); the kernel's graph guards on both,
+    so the kernel sets one state for every call: no second graph."""
+    from torch._dynamo.utils import counters
+
+    from binarize_cli.quant import fused, pa
+
+    w = torch.randn(64 * 64 * 9, requires_grad=True)
+    multipliers = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+    kernel = pa._WEIGHT_FORWARD
+
+    class Through(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):  # type: ignore[no-untyped-def]
+            return kernel(fused.flat(w), multipliers, None)[0]
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[no-untyped-def]
+            return g
+
+    first = Through.apply(w)  # compiles the kernel's graph, or finds it
+    graphs = counters["stats"]["unique_graphs"]
+    via_op = torch.ops.binarize.kernel(kernel.name, [w.detach(), multipliers], [], "ttn")[0]
+    again = Through.apply(w)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(first, via_op) and torch.equal(first, again)
