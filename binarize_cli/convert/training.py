@@ -146,11 +146,11 @@ def compiled(module: nn.Module, enabled: bool = True) -> nn.Module:
     built on ``module`` trains it; call the wrapper for training steps only."""
     if not enabled:
         return module
-    if COMPILE_BACKEND != "inductor":
-        return torch.compile(module, backend=COMPILE_BACKEND)  # type: ignore[return-value]
     param = next(module.parameters(), None)
-    options = compile_options(param.device if param is not None else "cpu")
-    return torch.compile(module, backend=COMPILE_BACKEND, options=options or None)  # type: ignore[return-value]
+    device = param.device if param is not None else torch.device("cpu")
+    options = compile_options(device) if COMPILE_BACKEND == "inductor" else {}
+    extra = {"options": options} if options else {}
+    return torch.compile(module, backend=COMPILE_BACKEND, **extra)  # type: ignore[return-value]
 
 
 @dataclass

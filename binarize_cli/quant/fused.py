@@ -344,7 +344,7 @@ class Kernel:
     for every layer shape); traced inline under an enclosing ``torch.compile``; the body run
     eagerly after a failed compile (one warning per process).
 
-    ``own_graph=True``: under an enclosing ``torch.compile``, float32 CPU inputs of at least
+    ``own_graph=True``: under an enclosing ``torch.compile``, CPU inputs of at least
     :data:`MIN_NUMEL` elements go through the opaque op ``binarize::kernel`` instead, which
     runs the body's own compiled graph as eager mode does.  For the weight forwards: three
     dependent loops (statistics; per-piece sums; lookup) whose tables inductor, traced into the
