@@ -449,18 +449,22 @@ def _weight_forward_body(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 6-9 on a flat float32 weight in one graph of three loops: the mean and std
     (``u_k = mean + c_k std``, eq. 6), the per-piece counts and sums of eq. 7 over ``u``,
-    and the lookup of ``W_hat`` over the interleaved bounds ``u_1, s_1, ..., u_M``.  Returns
-    ``W_hat`` (flat), the bounds and the slope of each of their buckets (eq. 8-9, the
-    backward's).  The tables between the loops are materialised: inductor would otherwise
-    recompute them per vector of weights."""
+    and the lookup of ``W_hat`` over ``u`` (piece ``#{u <= W}``, eq. 6).  Returns ``W_hat``
+    (flat), the split points ``s`` and the ``M`` slopes of eq. 8-9 (the backward's: segment
+    ``#{s <= W}``).  The tables between the loops are materialised: inductor would otherwise
+    recompute them per vector of weights.
+
+    The lookups compare each weight with the ``M`` endpoints here and the ``M - 1`` split
+    points in the backward, not with the ``2M - 1`` interleaved bounds of the eager path
+    (:func:`_weight_scan`): ``#{u <= W} = ceil(j / 2)`` and ``#{s <= W} = floor(j / 2)`` for
+    ``j`` the count over the interleaved bounds, so the levels are the same, with fewer
+    comparisons per weight."""
     mean, std = fused.mean_std(w)
     u = fused.materialize(mean + multipliers.to(w.dtype) * std)
     levels = _piece_levels(*fused.bucket_counts_sums(w, u, w), u)
-    _, slopes = weight_surrogate(u, levels, _lambda_w(u, lambda_w))
-    bounds = fused.materialize(_interleave(u, _split_points(u)))
-    table = fused.materialize(_pairs(levels)[1:-1])
-    out = fused.select(w, bounds, table.to(w.dtype))
-    return out, bounds, fused.materialize(_pairs(slopes), output=True)
+    s, slopes = weight_surrogate(u, levels, _lambda_w(u, lambda_w))
+    out = fused.select(w, u, fused.materialize(levels).to(w.dtype))
+    return out, *(fused.materialize(t, output=True) for t in (s, slopes))  # type: ignore[return-value]
 
 
 _WEIGHT_FORWARD = fused.Kernel(_weight_forward_body, own_graph=True)
@@ -478,8 +482,9 @@ class PAWeightFunction(torch.autograd.Function):
     also yields the per-piece counts and sums of eq. 7).  The piece of eq. 6 is
     ``ceil(j / 2)`` and the segment of eq. 8-9 is ``floor(j / 2)``, so the forward is one
     table lookup and the backward another on the saved ``j`` (one uint8 per weight).  With
-    the fused kernels (:func:`binarize_cli.quant.fused.enabled`) the backward recomputes
-    ``j`` from the saved weight instead, inside the same loop as the lookup.
+    the fused kernels (:func:`binarize_cli.quant.fused.enabled`) the forward looks the piece
+    up as ``#{u <= W}`` and the backward recomputes the segment ``#{s <= W}`` from the saved
+    weight instead, inside the same loop as the product with the gradient.
     """
 
     @staticmethod
@@ -488,8 +493,8 @@ class PAWeightFunction(torch.autograd.Function):
     ) -> torch.Tensor:  # type: ignore[override]
         ctx.fused = fused.enabled(weight)
         if ctx.fused:
-            out, bounds, slope_of_j = _WEIGHT_FORWARD(fused.flat(weight), multipliers, lambda_w)
-            ctx.save_for_backward(weight, bounds, slope_of_j)
+            out, splits, slopes = _WEIGHT_FORWARD(fused.flat(weight), multipliers, lambda_w)
+            ctx.save_for_backward(weight, splits, slopes)
             return out.view(weight.shape)
         u = weight_endpoints(weight, multipliers)
         scan, levels = _weight_scan(weight, u, _split_points(u))
@@ -502,9 +507,9 @@ class PAWeightFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        if ctx.fused:
-            weight, bounds, slope_of_j = ctx.saved_tensors
-            return fused.lookup_grad(weight, bounds, slope_of_j, grad_out), None, None
+        if ctx.fused:  # the slope of segment #{s <= W} (eq. 8-9)
+            weight, splits, slopes = ctx.saved_tensors
+            return fused.lookup_grad(weight, splits, slopes, grad_out), None, None
         j, slope_of_j = ctx.saved_tensors
         return take(slope_of_j.to(grad_out.dtype), j, grad_out), None, None
 
@@ -629,19 +634,20 @@ def _activation_forward_body(
     lambda_a: float | None,
     lambda_delta: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 10 on a flat input for sorted ``v``, in one graph: the tables of eq. 10-12 (the
-    interleaved bounds ``t_0, v_1, t_1, ..., v_N, t_N``, the level of each of their buckets,
-    piece ``floor(j / 2)``) and one loop of lookups.  Returns ``A_hat`` (flat), the bounds,
-    the slope of each bucket (segment ``ceil(j / 2)``, the backward's) and the ``N``
-    slopes."""
+    """Eq. 10 on a flat input for sorted ``v``, in one graph: the tables of eq. 10-12 and one
+    loop of lookups (piece ``#{v <= A}``, eq. 10).  Returns ``A_hat`` (flat), the interleaved
+    bounds ``t_0, v_1, t_1, ..., v_N, t_N`` (the backward's per-bucket sums), the slope of
+    each segment ``#{t <= A}`` (0 outside ``[t_0, t_N)``, eq. 11) and the ``N`` slopes.
+    Over the interleaved bounds' count ``j`` the piece is ``floor(j / 2)`` and the segment
+    ``ceil(j / 2)``: the lookups compare with ``v`` or ``t`` alone, fewer comparisons per
+    element for the same levels."""
     t, slopes = activation_surrogate(v, beta, lambda_a, lambda_delta, k)
     zero = slopes.new_zeros(1)
-    grad_table = torch.cat([zero, _pairs(slopes), zero])
-    bounds = fused.materialize(_interleave(t, v))
-    levels = fused.materialize(_pairs(activation_levels(beta, k)))
-    out = fused.select(x, bounds, levels.to(x.dtype))
-    tables = (grad_table, slopes)
-    return (out, bounds, *(fused.materialize(t, output=True) for t in tables))  # type: ignore[return-value]
+    grad_table = torch.cat([zero, slopes, zero])
+    levels = fused.materialize(activation_levels(beta, k))
+    out = fused.select(x, v, levels.to(x.dtype))
+    tables = (_interleave(t, v), grad_table, slopes)
+    return (out, *(fused.materialize(t, output=True) for t in tables))  # type: ignore[return-value]
 
 
 def _activation_backward_body(
@@ -655,8 +661,9 @@ def _activation_backward_body(
     """Eq. 11-14 in one loop over the flat saved input and upstream gradient ``g``:
     ``dA_hat/dA * g`` and the per-bucket sums of ``g`` over the interleaved bounds, which give
     ``dC/dbeta`` (eq. 13: pieces pair buckets ``2p, 2p + 1``) and ``dC/dv`` (eq. 14: segments
-    pair ``2i - 1, 2i``), as :class:`PAActivationFunction`'s eager backward."""
-    grad_x = fused.select(x, bounds, grad_table.to(g.dtype)) * g
+    pair ``2i - 1, 2i``), as :class:`PAActivationFunction`'s eager backward.  ``grad_table``
+    holds the slope of each segment ``#{t <= A}``, ``t = bounds[0::2]``."""
+    grad_x = fused.select(x, bounds[0::2], grad_table.to(g.dtype)) * g
     sums = fused.bucket_sums(x, bounds, g).to(slopes.dtype)
     grad_b = _drop_zero_piece(sums[0::2] + sums[1::2], k)
     return grad_x, -slopes * (sums[1:-1:2] + sums[2::2]), grad_b
@@ -722,7 +729,7 @@ class PAActivationFunction(torch.autograd.Function):
                 grad_x, grad_v, grad_b = _ACTIVATION_BACKWARD(*args)
                 grad_x = grad_x.view(x.shape)
             else:
-                grad_x = fused.lookup_grad(x, bounds, grad_table, grad_out)
+                grad_x = fused.lookup_grad(x, bounds[0::2].contiguous(), grad_table, grad_out)
                 grad_v = grad_b = None
             return (
                 grad_x if need_x else None,

@@ -259,6 +259,67 @@ def test_many_table_sizes_do_not_exhaust_the_recompile_limit(fused_everywhere):
     assert counters["stats"]["unique_graphs"] == 12
 
 
+def _select_reference(x: torch.Tensor, edges: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return take(table, threshold_scan(x, edges).int_index())
+
+
+def test_a_kernel_calls_its_graph_directly_once_dynamo_has_run_it(fused_everywhere, monkeypatch):
+    """After dynamo has run a kernel's one graph for a size, later calls of that size call
+    inductor's graph themselves (no frame evaluation, no guards), with the same results; a
+    ``torch._dynamo.reset()`` sends the next call through dynamo again."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    kernel = fused.Kernel(fused.select)
+    edges, table = torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([0.5, 1.5, 2.5, 3.5])
+    x = torch.randn(5000)
+    assert torch.equal(kernel(x, edges, table), _select_reference(x, edges, table))
+    (graph,) = kernel.compiled.values()
+    assert len(graph.direct) == 1  # this torch's dynamo records where each input came from
+
+    def no_dynamo(*args):
+        raise AssertionError("dynamo entered")
+
+    through_dynamo = graph.dynamo
+    monkeypatch.setattr(graph, "dynamo", no_dynamo)
+    for _ in range(2):
+        y = torch.randn(5000)
+        assert torch.equal(kernel(y, edges, table), _select_reference(y, edges, table))
+    with pytest.raises(AssertionError, match="dynamo entered"):
+        kernel(torch.randn(6000), edges, table)  # a new size: dynamo checks its guards first
+    monkeypatch.setattr(graph, "dynamo", through_dynamo)
+    z = torch.randn(5000)
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(kernel(z, edges, table), _select_reference(z, edges, table))
+    assert counters["stats"]["unique_graphs"] == 1  # compiled again after the reset
+
+
+def test_a_kernel_that_needs_two_graphs_for_one_key_keeps_every_result(fused_everywhere):
+    """1000 elements (no full block of the blocked sums) and 70,001 share a key but not a
+    graph: once dynamo holds two, every call goes through its guards."""
+    kernel = fused.Kernel(fused.mean_std)
+    for n in (1000, 70_001, 1000, 70_001):
+        x = torch.randn(n) + 3.0
+        mean, std = kernel(x)
+        assert torch.allclose(mean, x.double().mean().float())
+        assert torch.allclose(std, x.double().std(correction=0).float())
+    (graph,) = kernel.compiled.values()
+    assert fused._cache_entries(graph.code) == 2
+
+
+def test_a_kernel_given_one_tensor_twice_and_then_two_keeps_them_apart(fused_everywhere):
+    """Dynamo merges an input passed twice into one graph input: that call has its own key."""
+    kernel = fused.Kernel(fused._lookup_grad_body)
+    edges, table = torch.tensor([0.0]), torch.tensor([1.0, 2.0])
+    x, g = torch.randn(5000), torch.randn(5000)
+    for _ in range(2):
+        assert torch.equal(kernel(x, edges, table, x), _select_reference(x, edges, table) * x)
+        assert torch.equal(kernel(x, edges, table, g), _select_reference(x, edges, table) * g)
+    assert len(kernel.compiled) == 2
+
+
 def test_a_failed_compile_falls_back_to_eager_with_one_warning(fused_everywhere, monkeypatch):
     from torch._dynamo.exc import TorchDynamoException
 
