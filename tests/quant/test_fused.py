@@ -265,8 +265,9 @@ def _select_reference(x: torch.Tensor, edges: torch.Tensor, table: torch.Tensor)
 
 def test_a_kernel_calls_its_graph_directly_once_dynamo_has_run_it(fused_everywhere, monkeypatch):
     """After dynamo has run a kernel's one graph for a size, later calls of that size call
-    inductor's graph themselves (no frame evaluation, no guards), with the same results; a
-    ``torch._dynamo.reset()`` sends the next call through dynamo again."""
+    inductor's compiled code themselves (no frame evaluation, no guards, no AOT autograd
+    runtime wrapper), with the same results; a ``torch._dynamo.reset()`` sends the next call
+    through dynamo again, and a graph from inductor's cache is called directly too."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -277,6 +278,8 @@ def test_a_kernel_calls_its_graph_directly_once_dynamo_has_run_it(fused_everywhe
     assert torch.equal(kernel(x, edges, table), _select_reference(x, edges, table))
     (graph,) = kernel.compiled.values()
     assert len(graph.direct) == 1  # this torch's dynamo records where each input came from
+    ((_, _, boxed),) = graph.direct.values()
+    assert boxed  # inductor's own call, without AOT autograd's runtime wrapper
 
     def no_dynamo(*args):
         raise AssertionError("dynamo entered")
@@ -294,6 +297,8 @@ def test_a_kernel_calls_its_graph_directly_once_dynamo_has_run_it(fused_everywhe
     counters.clear()
     assert torch.equal(kernel(z, edges, table), _select_reference(z, edges, table))
     assert counters["stats"]["unique_graphs"] == 1  # compiled again after the reset
+    # from inductor's cache this time, and still called directly, without the wrapper
+    assert [boxed for _, _, boxed in graph.direct.values()] == [True]
 
 
 def test_a_kernel_that_needs_two_graphs_for_one_key_keeps_every_result(fused_everywhere):
