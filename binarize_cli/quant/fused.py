@@ -34,9 +34,13 @@ path: a weight within rounding of an endpoint can fall in the other piece when t
 standard deviation are summed in another order, and those must agree exactly.  One
 compile per kernel serves every layer (dynamic shapes on a flat view; a few seconds each the
 first time, then from inductor's disk cache).  Once dynamo has run a kernel's graph for a
-layer's sizes, later calls for those sizes call inductor's graph directly, without dynamo's
-frame evaluation and guards (:class:`_Graph`): per call that was most of the cost on the
-small layers of a 32x32 training step.
+layer's sizes, later calls for those sizes call inductor's compiled code directly, without
+dynamo's frame evaluation and guards or AOT autograd's runtime wrapper (:class:`_Graph`): per
+call that was most of the cost on the small layers of a 32x32 training step.  For the same
+reason the bodies keep the compiled wrapper short: every intermediate table is a buffer that
+the wrapper allocates in Python per call, so per-bucket values are vector operations on one
+buffer (:func:`_per_bucket`) and a length that is a multiple of :data:`BLOCK` has no tail
+sums at all.
 If compilation fails (no C++ compiler, an unsupported platform) the quantizers fall back to
 the eager path with one warning. Inside a whole-model ``torch.compile`` the same bodies are
 traced inline, on any device and size, their small tables behind :func:`materialize`; a
@@ -167,12 +171,12 @@ def _at_or_above(y: torch.Tensor, edges: torch.Tensor) -> list[torch.Tensor]:
     return [y >= edges[k] for k in range(edges.shape[0])]
 
 
-def _per_bucket(total: torch.Tensor, at_or_above: list[torch.Tensor]) -> torch.Tensor:
-    """Per-bucket values from a total and the values at or above each sorted edge:
-    bucket ``k`` holds ``above[k - 1] - above[k]`` (``above[-1]`` the total, the last
-    ``above`` the top bucket)."""
-    cumulative = torch.stack([total, *at_or_above])
-    return torch.cat([cumulative[:-1] - cumulative[1:], cumulative[-1:]])
+def _per_bucket(at_or_above: torch.Tensor) -> torch.Tensor:
+    """Per-bucket values from the values at or above each sorted edge, the total first:
+    bucket ``k`` holds ``above[k] - above[k + 1]``, the last bucket ``above[-1]``.  Vector
+    ops (a shifted copy through ``pad``), so that a compiled body keeps the ``K + 1`` values
+    in one buffer instead of one per edge."""
+    return at_or_above - torch.nn.functional.pad(at_or_above[1:], (0, 1))
 
 
 def select(y: torch.Tensor, edges: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -203,14 +207,19 @@ def blocked_sums(terms: Callable[..., list[torch.Tensor]], *xs: torch.Tensor) ->
     reach, and counts of a 0/1 term are exact.  A float64 accumulator per term costs twice the
     vector work (a conversion and two double adds per term and vector) and made the weights'
     per-bucket sums 2.4x slower (584 against 248 microseconds on a 2.4M-element weight).
+
+    The tail (the last ``n % BLOCK`` elements) is summed apart, and not at all when ``n`` is a
+    multiple of :data:`BLOCK` (every binarized weight and input of resnet18 at batch 64): a
+    compiled body then has no tail buffers for its wrapper to allocate per call.
     """
     f64 = torch.float64
     n = xs[0].shape[0]
     m = n - n % BLOCK
     heads = [x[:m].view(-1, BLOCK) for x in xs]
-    tails = [x[m:] for x in xs]
     head = torch.stack([t.sum(1) for t in terms(*heads)]).sum(1, dtype=f64)
-    tail = torch.stack([t.sum() for t in terms(*tails)]).to(f64)
+    if n % BLOCK == 0:  # no tail (a size class of its own: Kernel._key)
+        return head
+    tail = torch.stack([t.sum() for t in terms(*(x[m:] for x in xs))]).to(f64)
     return head + tail
 
 
@@ -237,7 +246,7 @@ def bucket_sums(y: torch.Tensor, edges: torch.Tensor, values: torch.Tensor) -> t
     (``edges`` sorted), from the sums over ``y >= edges[k]`` (:func:`blocked_sums`) and their
     differences."""
     sums = blocked_sums(_ge_terms(edges, None, counts=False), y, values)
-    return _per_bucket(sums[0], list(sums[1:]))
+    return _per_bucket(sums)
 
 
 def bucket_counts_sums(
@@ -252,8 +261,10 @@ def bucket_counts_sums(
     applied inside the loop (inductor cannot block a computed tensor of dynamic size)."""
     sums = blocked_sums(_ge_terms(edges, shift, counts=True), y, values)
     total = torch.full((), y.shape[0], dtype=torch.float64, device=y.device)
-    counts = _per_bucket(total, list(sums[1::2]))
-    return counts, _per_bucket(sums[0], list(sums[2::2]))
+    k = edges.shape[0]
+    pad = torch.nn.functional.pad
+    counts = _per_bucket(pad(sums[1::2], (1, 0)) + pad(total.reshape(1), (0, k)))
+    return counts, _per_bucket(sums[0::2])
 
 
 def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -529,8 +540,9 @@ class Kernel:
         large inputs are dynamic), and everything else dynamo guards on for these bodies, so
         that each key compiles once (:class:`_Graph`): every tensor's type, dtype, device,
         ``requires_grad`` and which earlier argument it is, if any; a large input's
-        length modulo :data:`BLOCK` as 0, 1 or more (the blocked sums' tail, whose sizes 0
-        and 1 dynamo specialises); every other argument's value."""
+        length modulo :data:`BLOCK` as 0, 1 or more (the blocked sums' tail: none at 0, where
+        :func:`blocked_sums` skips it; dynamo specialises the size 1); every other argument's
+        value."""
         key: list[Any] = []
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
