@@ -431,7 +431,9 @@ class _Graph:
     captured through ``compile_fx``'s ``inner_compile``), skipping AOT autograd's runtime
     wrapper, whose Python (a chain of wrapper functions per call) cost as much inside a step
     as the kernels of a small layer.  That call is checked against dynamo's outputs as well,
-    and the wrapped graph is kept where it differs or cannot be called so.  AOT autograd's
+    and the wrapped graph is kept where it differs or cannot be called so.  (Both checks call
+    the body's graph a second time, and the raw call would not write back an input that a
+    graph mutates: kernel bodies are pure functions of their inputs.)  AOT autograd's
     own disk cache is off for these compiles (it returns the wrapped graph without calling
     ``inner_compile``); inductor's FX graph cache still spares the C++ compile (with a warm
     disk cache, a process's first PA training step took 4.3 s against 3.0 s).  Measured

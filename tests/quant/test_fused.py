@@ -298,6 +298,7 @@ def test_a_kernel_calls_its_graph_directly_once_dynamo_has_run_it(fused_everywhe
     assert torch.equal(kernel(z, edges, table), _select_reference(z, edges, table))
     assert counters["stats"]["unique_graphs"] == 1  # compiled again after the reset
     # from inductor's cache this time, and still called directly, without the wrapper
+    assert counters["inductor"]["fxgraph_cache_hit"] == 1
     assert [boxed for _, _, boxed in graph.direct.values()] == [True]
 
 
