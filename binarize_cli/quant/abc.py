@@ -12,13 +12,13 @@ restated in seeds 000/001/004. Both approximations read their bits as {-1,+1}
     W_hat = sum_m alpha_m B_m
 
 ``sign(0) = +1``; bit ``m`` is evaluated as ``W_c >= -u_m std`` (the threshold form; the
-stored planes make this exact for every consumer). ``alpha`` is the closed-form M x M
-least-squares solution, recomputed from the current latent weight on every forward (nothing
-is cached). It is solved on the normal equations in float64 through an eigendecomposition,
-keeping the *minimum-norm* solution, so duplicate or constant bases (tiny tensors, a
-constant weight) give finite, optimal scales. One ``alpha`` per layer (the paper
+stored planes make this exact for every consumer). ``alpha`` is the least-squares solution,
+recomputed from the current latent weight on every forward (nothing is cached), in float64
+and in closed form over the buckets below (:func:`_nested_scales`: no eigendecomposition,
+so no host synchronisation on a GPU), keeping the *minimum-norm* solution, so duplicate or
+constant bases (tiny tensors, a constant weight) give finite, optimal scales. One ``alpha`` per layer (the paper
 "approximates weights as a whole"), scales shape ``[M]``. The bases are nested thresholds,
-so each weight falls in one of ``M + 1`` buckets: the Gram matrix comes from per-bucket
+so each weight falls in one of ``M + 1`` buckets: the fit comes from per-bucket
 counts and sums and ``W_hat`` is a table lookup (a few passes over the weight, not ``M``
 planes' worth of arithmetic).
 
@@ -154,6 +154,57 @@ def _solve_gram(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return (evecs @ (inv * proj).unsqueeze(-1)).squeeze(-1)
 
 
+def _nested_scales(table: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """ABC eq. 3 for nested thresholds, in closed form: the minimum-norm ``alpha`` (float64
+    ``[M]``) of ``min_a sum_i counts_i (sums_i / counts_i - L_i(a))^2``, where bucket ``i``'s
+    level is ``L_i = sum_m a_m (+1 if table[m, i] else -1)`` (``table`` bool ``[M, M + 1]``
+    from :func:`_plane_table`: plane ``m`` is on from bucket ``f_m >= 1`` up).
+
+    The same solution as :func:`_solve_gram` on the Gram matrix of these planes (3e-13
+    relative at worst over 4,800 random and degenerate cases, scratch), without an
+    eigendecomposition: ``torch.linalg.eigh`` synchronises a CUDA device with the host on
+    every call, once per ABC layer per training step.  Derivation: ``L_0 = -sum a_m`` and
+    ``L_M = sum a_m``, so ``L_0 = -L_M``, and the jump at boundary ``i`` is ``L_i - L_{i-1}
+    = 2 sum_{f_m = i} a_m``; planes map one to one onto level vectors with ``L_0 = -L_M``.
+    The least squares fit is therefore every non-empty interior bucket's mean, and for the
+    end pair ``L_M = (sums_M - sums_0) / (counts_0 + counts_M)``.  Minimum norm: ``k_i``
+    planes that step at the same boundary (tied cuts, a constant weight) share its jump
+    equally (``a_m = jump / (2 k_i)``, norm ``jump^2 / (4 k_i)``), so a run of empty buckets
+    between two fitted levels spreads the difference in proportion to ``k`` (linear
+    interpolation in the cumulative ``k``), and when both end buckets are empty ``L_M = -t``
+    with ``t`` minimising ``(L_p - t)^2 / K_L + (t + L_q)^2 / K_R`` (``p``, ``q`` the first and
+    last non-empty buckets, ``K_L``, ``K_R`` the planes stepping before ``p`` and after
+    ``q``).  No data-dependent control flow: every case is a ``where``.
+    """
+    m, size = table.shape
+    n = counts.to(torch.float64)
+    s = sums.to(torch.float64)
+    idx = torch.arange(size, device=n.device)
+    first = (~table).sum(1)  # the boundary each plane steps at, 1..M
+    k = (first[:, None] == idx[None, :]).to(torch.float64).sum(0)
+    kc = torch.cumsum(k, 0)
+    one = torch.ones_like(n)
+    inner = (n > 0) & (idx > 0) & (idx < m)
+    mean = s / torch.where(n > 0, n, one)
+    ends = n[0] + n[m]
+    fitted_top = (s[m] - s[0]) / torch.where(ends > 0, ends, one[0])
+    # first and last non-empty interior buckets, as 1-element index tensors (no host read)
+    p = torch.where(inner, idx, size).amin().clamp_max(m).reshape(1)
+    q = torch.where(inner, idx, -1).amax().clamp_min(0).reshape(1)
+    k_left, k_right = kc[p], kc[m] - kc[q]
+    t = ((mean[p] * k_right - mean[q] * k_left) / (k_left + k_right)).squeeze(0)
+    top = torch.where(ends > 0, fitted_top, -t)
+    known = inner | (idx == 0) | (idx == m)
+    value = torch.where(inner, mean, torch.where(idx == m, top, -top))
+    prev = torch.cummax(torch.where(known, idx, 0), 0).values
+    after = torch.flip(torch.cummin(torch.flip(torch.where(known, idx, m), [0]), 0).values, [0])
+    span = kc[after] - kc[prev]
+    frac = (kc - kc[prev]) / torch.where(span > 0, span, one)
+    levels = torch.where(known, value, value[prev] + (value[after] - value[prev]) * frac)
+    jumps = levels[1:] - levels[:-1]  # at boundaries 1..M
+    return jumps[first - 1] / (2.0 * k[first])
+
+
 def least_squares_scales(planes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``argmin_c ||target - sum_p c_p (2 planes_p - 1)||^2`` (minimum-norm), float64 ``[P]``.
 
@@ -234,9 +285,7 @@ class _WeightDecomposition:
         scan = threshold_scan(self.centered, edges, stats=range(m), values=w)
         self.bucket = scan.int_index()
         self.table = _plane_table(cuts, edges)  # [M, M + 1]
-        signed = self.table.to(torch.float64) * 2.0 - 1.0  # [M, M + 1]
-        gram = (signed * scan.counts) @ signed.T
-        self.alpha = _solve_gram(gram, signed @ scan.sums).to(w.dtype)
+        self.alpha = _nested_scales(self.table, scan.counts, scan.sums).to(w.dtype)
 
     def planes(self) -> torch.Tensor:
         bucket = self.bucket.reshape(self.shape)
@@ -399,9 +448,9 @@ def _weight_forward_body(
     w: torch.Tensor, shifts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 1-5 on a flat float32 weight in one graph of three loops: ``mean`` and ``std``,
-    the per-bucket counts and sums of eq. 3's normal equations over the sorted cuts of eq. 4
+    the per-bucket counts and sums of eq. 3's least squares over the sorted cuts of eq. 4
     (plane ``m`` is +1 iff ``W - mean >= cuts[m] = -u_m std``), then ``alpha``
-    (:func:`_solve_gram`), the level ``sum_m alpha_m B_m`` of every bucket and the lookup of
+    (:func:`_nested_scales`), the level ``sum_m alpha_m B_m`` of every bucket and the lookup of
     ``W_hat``.  Returns ``W_hat`` (flat), ``mean`` and ``std`` (for the straight-through
     mask).  The tables between the loops are materialised: inductor would otherwise
     recompute them per vector of weights."""
@@ -411,8 +460,7 @@ def _weight_forward_body(
     mean, cuts, edges = (fused.materialize(t) for t in (mean, cuts, edges))
     counts, sums = fused.bucket_counts_sums(w, edges, w, mean)
     table = _plane_table(cuts, edges)
-    signed = table.to(torch.float64) * 2.0 - 1.0
-    alpha = _solve_gram((signed * counts) @ signed.T, signed @ sums).to(w.dtype)
+    alpha = _nested_scales(table, counts, sums).to(w.dtype)
     levels = fused.materialize(_table_levels(alpha, table))
     out = fused.select(w - mean, edges, levels)
     return out, mean, fused.materialize(std, output=True)

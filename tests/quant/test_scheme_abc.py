@@ -133,6 +133,36 @@ def test_alpha_is_robust_to_degenerate_bases() -> None:
     torch.testing.assert_close(ABCWeightQuantizer(3)(w), w)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_nested_scales_are_the_minimum_norm_fit_for_any_empty_buckets(m: int) -> None:
+    """The closed form (no eigendecomposition) against numpy's SVD least squares on the
+    weighted design: every pattern of empty buckets (both ends empty, runs of empty interior
+    buckets), and tied cuts (every plane stepping at one boundary, as a constant weight
+    gives)."""
+    from binarize_cli.quant.abc import _nested_scales, _plane_table
+
+    gen = torch.Generator().manual_seed(m)
+    distinct = _plane_table(torch.arange(m, dtype=torch.float64), torch.arange(m + 0.0))
+    tied = _plane_table(torch.zeros(m, dtype=torch.float64), torch.zeros(m, dtype=torch.float64))
+    patterns = [[bool(b >> i & 1) for i in range(m + 1)] for b in range(1, 2 ** (m + 1))]
+    ends = [
+        [i == 0 and a or i == m and b for i in range(m + 1)] for a, b in [(1, 0), (0, 1), (1, 1)]
+    ]
+    # tied cuts leave the buckets between them empty: only the two ends can hold weights
+    for table, cases in ((distinct, patterns[:: max(1, len(patterns) // 64)]), (tied, ends)):
+        for full in cases:
+            counts = torch.tensor(full, dtype=torch.float64) * torch.randint(
+                1, 50, (m + 1,), generator=gen
+            )
+            sums = counts * torch.randn(m + 1, generator=gen, dtype=torch.float64)
+            got = _nested_scales(table, counts, sums)
+            rows = counts > 0  # min sum_i n_i (mu_i - L_i)^2: rows sqrt(n_i) * signed column i
+            design = (table.double() * 2 - 1).T[rows] * counts[rows].sqrt()[:, None]
+            target = sums[rows] / counts[rows].sqrt()
+            ref, *_ = np.linalg.lstsq(design.numpy(), target.numpy(), rcond=None)
+            np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
 def test_least_squares_scales_matches_numpy_on_random_planes() -> None:
     planes = torch.rand(4, 50) > 0.5
     planes[3] = planes[1]  # a duplicate plane
