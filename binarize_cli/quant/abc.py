@@ -165,7 +165,8 @@ def _nested_scales(table: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor
     eigendecomposition: ``torch.linalg.eigh`` synchronises a CUDA device with the host on
     every call, once per ABC layer per training step.  Derivation: ``L_0 = -sum a_m`` and
     ``L_M = sum a_m``, so ``L_0 = -L_M``, and the jump at boundary ``i`` is ``L_i - L_{i-1}
-    = 2 sum_{f_m = i} a_m``; planes map one to one onto level vectors with ``L_0 = -L_M``.
+    = 2 sum_{f_m = i} a_m``: the levels reachable are exactly those with ``L_0 = -L_M`` and
+    no jump where no plane steps (between tied cuts, buckets that no weight can fall in).
     The least squares fit is therefore every non-empty interior bucket's mean, and for the
     end pair ``L_M = (sums_M - sums_0) / (counts_0 + counts_M)``.  Minimum norm: ``k_i``
     planes that step at the same boundary (tied cuts, a constant weight) share its jump
