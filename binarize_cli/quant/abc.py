@@ -16,11 +16,11 @@ stored planes make this exact for every consumer). ``alpha`` is the least-square
 recomputed from the current latent weight on every forward (nothing is cached), in float64
 and in closed form over the buckets below (:func:`_nested_scales`: no eigendecomposition,
 so no host synchronisation on a GPU), keeping the *minimum-norm* solution, so duplicate or
-constant bases (tiny tensors, a constant weight) give finite, optimal scales. One ``alpha`` per layer (the paper
-"approximates weights as a whole"), scales shape ``[M]``. The bases are nested thresholds,
-so each weight falls in one of ``M + 1`` buckets: the fit comes from per-bucket
-counts and sums and ``W_hat`` is a table lookup (a few passes over the weight, not ``M``
-planes' worth of arithmetic).
+constant bases (tiny tensors, a constant weight) give finite, optimal scales. One ``alpha``
+per layer (the paper "approximates weights as a whole"), scales shape ``[M]``. The bases are
+nested thresholds, so each weight falls in one of ``M + 1`` buckets: the fit comes from
+per-bucket counts and sums and ``W_hat`` is a table lookup (a few passes over the weight,
+not ``M`` planes' worth of arithmetic).
 
 *Backward.* The seeds' ``dC/dW = sum_m alpha_m dC/dB_m`` is ambiguous: read literally with
 ``dC/dB_m = alpha_m dC/dW_hat`` it scales the gradient by ``sum_m alpha_m^2`` (~ var(W),

@@ -393,6 +393,12 @@ def _inputs(plan: list[Any], args: tuple[Any, ...]) -> list[Any]:
     return out
 
 
+def _run(fn: Callable[..., Any], boxed: bool, inputs: list[Any]) -> Any:
+    """Call a compiled graph on its inputs: as one list (inductor's own ``call``, which
+    empties it) when ``boxed``, else as arguments (the graph as AOT autograd wraps it)."""
+    return fn(inputs) if boxed else fn(*inputs)
+
+
 def _cache_entries(code: types.CodeType) -> int:
     """How many graphs dynamo holds for ``code`` (0 after ``torch._dynamo.reset()``)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -480,7 +486,7 @@ class _Graph:
             self.captured.clear()
         elif entries == 1 and (hit := self.direct.get(sizes)) is not None:
             graph, plan, boxed = hit
-            out = graph(_inputs(plan, args)) if boxed else graph(*_inputs(plan, args))
+            out = _run(graph, boxed, _inputs(plan, args))
             return out[0] if self.single else tuple(out)
         out = self.dynamo(*args)
         self._adopt(sizes, args, out)
@@ -499,7 +505,7 @@ class _Graph:
         candidates = [] if runner is None else [(runner, True)]
         for fn, boxed in [*candidates, (graph, False)]:
             try:
-                got = fn(_inputs(plan, args)) if boxed else fn(*_inputs(plan, args))
+                got = _run(fn, boxed, _inputs(plan, args))
             except Exception:  # noqa: BLE001 - a graph that cannot be called so stays behind dynamo
                 continue
             if _same(expected, got):

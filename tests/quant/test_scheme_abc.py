@@ -136,9 +136,9 @@ def test_alpha_is_robust_to_degenerate_bases() -> None:
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
 def test_nested_scales_are_the_minimum_norm_fit_for_any_empty_buckets(m: int) -> None:
     """The closed form (no eigendecomposition) against numpy's SVD least squares on the
-    weighted design: every pattern of empty buckets (both ends empty, runs of empty interior
-    buckets), and tied cuts (every plane stepping at one boundary, as a constant weight
-    gives)."""
+    weighted design: patterns of empty buckets (every one up to M = 5, every seventh at
+    M = 8: both ends empty, runs of empty interior buckets), and tied cuts (every plane
+    stepping at one boundary, as a constant weight gives)."""
     from binarize_cli.quant.abc import _nested_scales, _plane_table
 
     gen = torch.Generator().manual_seed(m)
